@@ -1,0 +1,314 @@
+"""Put CAT on a model: one PEFT adapter `default` holding every skill, plus the coefficients."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .config import CatConfig
+from .errors import CatError
+from .layer import CatLinearVariant
+from .skills import Skill, SkillModule, load_skills
+
+LOG = logging.getLogger(__name__)
+ADAPTER = "default"
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass
+class CatMetadata:
+    """What the export needs to know beyond the layers' own tensors."""
+
+    skills: list[dict]
+    granularity: str
+    parametrization: str
+    base_model: str | None
+    target_modules: list[str] | str
+    fan_in_fan_out: bool
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class _ModulePlan:
+    name: str
+    blocks: list[tuple[int, SkillModule]]  # (skill index, factors), in skill order
+
+    @property
+    def rank(self) -> int:
+        return sum(factors.rank for _, factors in self.blocks)
+
+
+def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
+    """Wrap `model` in a PeftModel whose only trainable parameters are CAT coefficients."""
+    if isinstance(model, PeftModel):
+        raise CatError("attach_cat expects the plain base model, not a PeftModel")
+    skills = load_skills(config.skills)
+    plans = _plan(model, skills)
+    rank = max(plan.rank for plan in plans)
+    target_modules = target_modules_for([plan.name for plan in plans])
+    fan_in_fan_out = skills[0].fan_in_fan_out
+    lora_config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=target_modules,
+        lora_dropout=config.dropout,
+        fan_in_fan_out=fan_in_fan_out,
+        bias="none",
+        task_type="CAUSAL_LM",
+        # the factors are the skills': drawing random ones first would only waste time
+        init_lora_weights=False,
+    )
+    peft_model = get_peft_model(model, lora_config)
+    starting = _starting_coefficients(config, skills)
+    _install(peft_model, plans, skills, config, starting)
+    for name, param in peft_model.named_parameters():
+        param.requires_grad_(name.endswith("cat_alpha"))
+
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    peft_model.base_model.cat_metadata = CatMetadata(
+        skills=[skill.record() for skill in skills],
+        granularity=config.granularity,
+        parametrization=config.parametrization,
+        base_model=base_name,
+        target_modules=target_modules,
+        fan_in_fan_out=fan_in_fan_out,
+    )
+    _warn_on_foreign_base(skills, base_name)
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    LOG.info(
+        "CAT: %d skills on %d modules, concatenated rank %d, %d trainable coefficients "
+        "(granularity %s, parametrization %s)",
+        len(skills),
+        len(plans),
+        rank,
+        trainable,
+        config.granularity,
+        config.parametrization,
+    )
+    return peft_model
+
+
+def target_modules_for(names: list[str]) -> list[str]:
+    """PEFT target_modules for these modules: their leaf names, which every server reads.
+
+    A module the leaf names select but no skill touches (a skill limited to some layers)
+    carries zero factors, so the adapter stays exactly the union of the skills.
+    """
+    return sorted({name.rsplit(".", 1)[-1] for name in names})
+
+
+def cat_layers(model: nn.Module):
+    """(module name in the base model, layer) for every wrapped layer, in model order.
+
+    Layers that no skill touches have no `cat_alpha` and zero factors.
+    """
+    for module in model.modules():
+        if hasattr(module, "cat_module_name"):
+            yield module.cat_module_name, module
+
+
+def cat_metadata(model: nn.Module) -> CatMetadata:
+    for module in model.modules():
+        metadata = getattr(module, "cat_metadata", None)
+        if isinstance(metadata, CatMetadata):
+            return metadata
+    raise CatError("this model has no CAT adapter; build it with attach_cat first")
+
+
+def _plan(model: nn.Module, skills: list[Skill]) -> list[_ModulePlan]:
+    """Which skills touch which base module, validated against the base's shapes."""
+    base_modules = dict(model.named_modules())
+    plans: dict[str, _ModulePlan] = {}
+    for index, skill in enumerate(skills):
+        _check_target_modules(skill, base_modules)
+        if skill.fan_in_fan_out != skills[0].fan_in_fan_out:
+            raise CatError(
+                f"skill {skill.name!r}: fan_in_fan_out={skill.fan_in_fan_out} differs from skill "
+                f"{skills[0].name!r}; all skills must be trained on the same base"
+            )
+        for module_name, factors in skill.modules.items():
+            module = base_modules.get(module_name)
+            if module is None:
+                raise CatError(
+                    f"skill {skill.name!r}: module {module_name} is not in the base model; "
+                    "was the skill trained on another architecture?"
+                )
+            d_in, d_out = _in_out_features(module, skill, module_name)
+            if factors.lora_A.shape[1] != d_in or factors.lora_B.shape[0] != d_out:
+                raise CatError(
+                    f"skill {skill.name!r}: module {module_name} has lora_A "
+                    f"{tuple(factors.lora_A.shape)} and lora_B {tuple(factors.lora_B.shape)}, but "
+                    f"the base module maps {d_in} -> {d_out} features; was the skill trained on "
+                    "another base model?"
+                )
+            plans.setdefault(module_name, _ModulePlan(module_name, [])).blocks.append(
+                (index, factors)
+            )
+    position = {name: i for i, name in enumerate(base_modules)}
+    return sorted(plans.values(), key=lambda plan: position[plan.name])
+
+
+def _check_target_modules(skill: Skill, base_modules: dict[str, nn.Module]) -> None:
+    targets = skill.config.get("target_modules")
+    names = [name for name in base_modules if name]
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, name) for name in names):
+            raise CatError(
+                f"skill {skill.name!r}: target_modules regex {targets!r} matches no module of "
+                "the base model"
+            )
+    elif isinstance(targets, list):
+        for target in targets:
+            if not any(name == target or name.endswith("." + target) for name in names):
+                raise CatError(
+                    f"skill {skill.name!r}: target module {target!r} from its adapter_config.json "
+                    "is not in the base model"
+                )
+
+
+def _in_out_features(module: nn.Module, skill: Skill, module_name: str) -> tuple[int, int]:
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 style layer, weight (d_in, d_out)
+        return module.weight.shape[0], module.weight.shape[1]
+    raise CatError(
+        f"skill {skill.name!r}: module {module_name} is a {type(module).__name__}; "
+        "CAT composes LoRAs on Linear layers only"
+    )
+
+
+def _group_key(granularity: str, module_name: str) -> str:
+    if granularity == "adapter":
+        return "adapter"
+    if granularity == "layer":
+        match = _LAYER_INDEX.search(module_name)
+        return f"layer {match.group(1)}" if match else module_name
+    return module_name
+
+
+def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
+    """Load the concatenated factors and register the coefficients on every wrapped module."""
+    num_skills = len(skills)
+    rank = peft_model.peft_config[ADAPTER].r
+    rows = max(max(f.rank for _, f in plan.blocks) for plan in plans)
+    rows = rows if config.granularity == "rank" else 1
+
+    masks: dict[str, torch.Tensor] = {}
+    layouts = []
+    for plan in plans:
+        slot_index = torch.zeros(rank, dtype=torch.long)
+        slot_scale = torch.zeros(rank, dtype=torch.float32)
+        mask = torch.zeros(rows, num_skills, dtype=torch.bool)
+        offset = 0
+        for skill_index, factors in plan.blocks:
+            for component in range(factors.rank):
+                row = component if config.granularity == "rank" else 0
+                slot_index[offset + component] = row * num_skills + skill_index
+                mask[row, skill_index] = True
+            slot_scale[offset : offset + factors.rank] = factors.scaling
+            offset += factors.rank
+        group = _group_key(config.granularity, plan.name)
+        masks[group] = masks[group] | mask if group in masks else mask
+        layouts.append((plan, group, slot_index, slot_scale))
+
+    alphas: dict[str, nn.Parameter] = {}
+    model = peft_model.base_model.model
+    planned = {plan.name for plan in plans}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and ADAPTER in module.lora_A and name not in planned:
+            _load_factors(module, _ModulePlan(name, []), rank)
+            module.cat_module_name = name
+    for plan, group, slot_index, slot_scale in layouts:
+        layer = model.get_submodule(plan.name)
+        device = layer.lora_A[ADAPTER].weight.device
+        if group not in alphas:
+            alpha = _initial_alpha(config, masks[group], starting.get(plan.name), skills)
+            alphas[group] = nn.Parameter(alpha.to(device))
+        _load_factors(layer, plan, rank)
+        layer.register_parameter("cat_alpha", alphas[group])
+        layer.register_buffer("cat_group_mask", masks[group].to(device), persistent=False)
+        layer.register_buffer("cat_slot_index", slot_index.to(device), persistent=False)
+        layer.register_buffer("cat_slot_scale", slot_scale.to(device), persistent=False)
+        layer.cat_parametrization = config.parametrization
+        layer.cat_module_name = plan.name
+        layer.cat_skill_names = tuple(skill.name for skill in skills)
+        layer.lora_variant[ADAPTER] = CatLinearVariant()
+
+
+def _load_factors(layer, plan: _ModulePlan, rank: int) -> None:
+    lora_A = layer.lora_A[ADAPTER].weight
+    lora_B = layer.lora_B[ADAPTER].weight
+    with torch.no_grad():
+        lora_A.zero_()
+        lora_B.zero_()
+        offset = 0
+        for _, factors in plan.blocks:
+            lora_A[offset : offset + factors.rank] = factors.lora_A.to(lora_A)
+            lora_B[:, offset : offset + factors.rank] = factors.lora_B.to(lora_B)
+            offset += factors.rank
+
+
+def _initial_alpha(config: CatConfig, mask, previous: dict | None, skills) -> torch.Tensor:
+    if config.parametrization == "softmax":
+        alpha = torch.zeros(mask.shape, dtype=torch.float32)
+    else:
+        alpha = torch.full(mask.shape, float(config.init), dtype=torch.float32)
+    if previous:
+        for skill_index, skill in enumerate(skills):
+            if skill.name not in previous:
+                continue
+            values = torch.as_tensor(previous[skill.name], dtype=torch.float32).reshape(-1)
+            rows = min(len(values), mask.shape[0])
+            values = values[:rows]
+            if config.parametrization == "softmax":
+                # softmax(log c) = c when the present skills' c sum to 1, as a softmax export does
+                values = values.clamp_min(1e-12).log()
+            alpha[:rows, skill_index] = values
+    return alpha
+
+
+def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, dict]:
+    """Per module, per skill, the coefficients a previous cat_coefficients.json recorded."""
+    if not config.coefficients_from:
+        return {}
+    path = Path(config.coefficients_from)
+    try:
+        record = json.loads(path.read_text())
+        modules = record["modules"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CatError(f"coefficients_from: cannot read {path} ({error})") from error
+    recorded = [skill.get("name") for skill in record.get("skills", [])]
+    wanted = [skill.name for skill in skills]
+    if recorded != wanted:
+        raise CatError(
+            f"coefficients_from: {path} records skills {recorded}, but this config lists {wanted}"
+        )
+    if record.get("parametrization") not in (None, config.parametrization) or record.get(
+        "granularity"
+    ) not in (None, config.granularity):
+        raise CatError(
+            f"coefficients_from: {path} was fitted with granularity {record.get('granularity')!r} "
+            f"and parametrization {record.get('parametrization')!r}; this config asks for "
+            f"{config.granularity!r} / {config.parametrization!r}"
+        )
+    return {name: entry["coefficients"] for name, entry in modules.items()}
+
+
+def _warn_on_foreign_base(skills: list[Skill], base_name: str | None) -> None:
+    for skill in skills:
+        trained_on = skill.config.get("base_model_name_or_path")
+        if base_name and trained_on and trained_on != base_name:
+            LOG.warning(
+                "skill %r was trained on %r, not on %r; its shapes fit, but check that it is the "
+                "same base",
+                skill.name,
+                trained_on,
+                base_name,
+            )

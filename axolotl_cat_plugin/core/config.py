@@ -1,0 +1,105 @@
+"""`CatConfig`: what to combine and how the coefficients are shaped.
+
+Plain dataclasses (no pydantic) so the core stays free of Axolotl; the Axolotl
+integration maps its YAML block onto this one to one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CatError
+
+GRANULARITIES = ("module", "layer", "adapter", "rank")
+PARAMETRIZATIONS = ("free", "softmax")
+
+
+@dataclass(frozen=True)
+class SkillSpec:
+    """One skill LoRA: a local folder or a Hub repo id, and the name it goes by."""
+
+    path: str
+    name: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, entry: Any, position: int) -> SkillSpec:
+        if isinstance(entry, SkillSpec):
+            return entry
+        if isinstance(entry, (str, Path)):
+            entry = {"path": str(entry)}
+        if not isinstance(entry, dict):
+            raise CatError(
+                f"cat_merge.adapters[{position}]: expected a path or a mapping with 'path', "
+                f"got {type(entry).__name__}"
+            )
+        unknown = set(entry) - {"path", "name", "revision"}
+        if unknown:
+            raise CatError(
+                f"cat_merge.adapters[{position}]: unknown key(s) {sorted(unknown)}; "
+                "allowed: path, name, revision"
+            )
+        path = entry.get("path")
+        if not isinstance(path, (str, Path)) or not str(path).strip():
+            raise CatError(f"cat_merge.adapters[{position}].path: must be a non-empty string")
+        name = entry.get("name") or default_skill_name(str(path))
+        if not isinstance(name, str):
+            raise CatError(f"cat_merge.adapters[{position}].name: must be a string")
+        revision = entry.get("revision")
+        if revision is not None and not isinstance(revision, str):
+            raise CatError(f"cat_merge.adapters[{position}].revision: must be a string")
+        return cls(path=str(path), name=name, revision=revision)
+
+
+def default_skill_name(path: str) -> str:
+    """The folder or repo name: './skills/math' -> 'math', 'org/code-lora' -> 'code-lora'."""
+    return Path(path.rstrip("/")).name or path
+
+
+@dataclass
+class CatConfig:
+    """How to combine skill LoRAs with CAT.
+
+    adapters: the skills, as paths, dicts ({"path", "name", "revision"}) or SkillSpecs.
+    granularity: one coefficient per skill per `module` (the paper), per decoder `layer`,
+        for the whole `adapter`, or per `rank`-1 component of each skill.
+    parametrization: `free` (c = alpha, starts at `init`) or `softmax` (c = softmax of alpha
+        over the skills in each group, starts uniform).
+    dropout: dropout on the adapter input, as LoRA's lora_dropout.
+    coefficients_from: a previous cat_coefficients.json to start from (resume, re-export).
+    """
+
+    adapters: list[Any]
+    granularity: str = "module"
+    parametrization: str = "free"
+    init: float = 1.0
+    dropout: float = 0.0
+    coefficients_from: str | None = None
+    skills: list[SkillSpec] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.adapters, (list, tuple)) or not self.adapters:
+            raise CatError("cat_merge.adapters: list at least one skill LoRA (path or Hub id)")
+        self.skills = [SkillSpec.parse(entry, i) for i, entry in enumerate(self.adapters)]
+        names = [skill.name for skill in self.skills]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise CatError(
+                f"cat_merge.adapters: duplicate skill name(s) {duplicates}; give each a distinct 'name'"
+            )
+        if self.granularity not in GRANULARITIES:
+            raise CatError(
+                f"cat_merge.granularity: {self.granularity!r} is not one of {list(GRANULARITIES)}"
+            )
+        if self.parametrization not in PARAMETRIZATIONS:
+            raise CatError(
+                f"cat_merge.parametrization: {self.parametrization!r} is not one of "
+                f"{list(PARAMETRIZATIONS)}"
+            )
+        if not isinstance(self.init, (int, float)) or not math.isfinite(self.init):
+            raise CatError(f"cat_merge.init: must be a finite number, got {self.init!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise CatError(f"cat_merge.dropout: must be in [0, 1), got {self.dropout!r}")

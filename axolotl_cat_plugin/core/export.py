@@ -1,0 +1,119 @@
+"""Write a folded CAT adapter as a standard PEFT LoRA folder; the one place that knows the format.
+
+The folder holds adapter_config.json, adapter_model.safetensors (PEFT's key names),
+cat_coefficients.json, and, when given, a model card and a coefficient plot. PEFT, vLLM
+and `axolotl merge-lora` read it without this package.
+
+Writing is crash-safe: everything is written to a temporary folder first; then the old
+adapter_config.json goes, the other files are moved in, and the new adapter_config.json
+comes last. A loader needs adapter_config.json, so at any instant the folder holds either
+a complete export or none, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from .attach import ADAPTER, cat_layers
+from .fold import FoldedAdapter, fold, peft_key
+
+LOG = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+COEFFICIENTS_FILE = "cat_coefficients.json"
+CARD_FILE = "README.md"
+PLOT_FILE = "cat_coefficients.png"
+# adapter_config.json last: it is what makes the folder loadable
+EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FILE)
+
+
+def export_cat(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    prune_threshold: float | None = None,
+) -> Path:
+    """Fold the model's CAT coefficients and write one standard LoRA adapter to output_dir."""
+    return write_export(fold(model, rank=rank, prune_threshold=prune_threshold), output_dir)
+
+
+def write_export(
+    folded: FoldedAdapter,
+    output_dir: str | os.PathLike,
+    *,
+    card: str | None = None,
+    plot: bytes | None = None,
+) -> Path:
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".cat-export-", dir=output_dir))
+    try:
+        save_file(folded.tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        (staging / COEFFICIENTS_FILE).write_text(json.dumps(folded.record, indent=2) + "\n")
+        if card is not None:
+            (staging / CARD_FILE).write_text(card)
+        if plot is not None:
+            (staging / PLOT_FILE).write_bytes(plot)
+        folded.config.save_pretrained(str(staging))
+        for path in staging.iterdir():
+            _fsync(path)
+
+        (output_dir / CONFIG_FILE).unlink(missing_ok=True)
+        for name in EXPORT_FILES:
+            if (staging / name).exists():
+                os.replace(staging / name, output_dir / name)
+            elif name != CARD_FILE:  # a user's own README.md stays when we write no card
+                (output_dir / name).unlink(missing_ok=True)
+        _fsync(output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    LOG.info("CAT: wrote a rank-%d LoRA adapter to %s", folded.rank, output_dir)
+    return output_dir
+
+
+def apply_export(model: nn.Module, folded: FoldedAdapter) -> None:
+    """Turn a CAT model, in place, into the plain LoRA model that `folded` describes.
+
+    After this, PEFT's own save_pretrained / push_to_hub write exactly the export.
+    """
+    peft_model = next(m for m in model.modules() if hasattr(m, "peft_config"))
+    for name, layer in list(cat_layers(model)):
+        lora_A = layer.lora_A[ADAPTER].weight
+        lora_B = layer.lora_B[ADAPTER].weight
+        new_A = folded.tensors[peft_key(name, "A")].to(lora_A.device, lora_A.dtype)
+        new_B = folded.tensors[peft_key(name, "B")].to(lora_B.device, lora_B.dtype)
+        layer.lora_A[ADAPTER] = _frozen_linear(new_A)
+        layer.lora_B[ADAPTER] = _frozen_linear(new_B)
+        layer.r[ADAPTER] = folded.rank
+        layer.lora_alpha[ADAPTER] = folded.rank
+        layer.scaling[ADAPTER] = 1.0
+        layer.lora_variant.pop(ADAPTER, None)
+        for name in ("cat_alpha", "cat_group_mask", "cat_slot_index", "cat_slot_scale"):
+            if hasattr(layer, name):
+                delattr(layer, name)
+    peft_model.peft_config[ADAPTER] = folded.config
+
+
+def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
+    linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
+    return linear
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,171 @@
+"""Fold learned coefficients into plain LoRA factors, optionally pruned or SVD-compressed.
+
+Folding is exact: B diag(w) A = B (diag(w) A), so the exported lora_A is the
+concatenated A with every row scaled by its slot weight w, lora_B is unchanged and the
+export's scaling is 1 (lora_alpha = r). Nothing here modifies the model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig
+from tqdm.auto import tqdm
+
+from .attach import ADAPTER, cat_layers, cat_metadata
+from .errors import CatError
+from .layer import effective_coefficients
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class FoldedAdapter:
+    """A standard PEFT LoRA adapter (config + tensors) and the cat_coefficients.json record."""
+
+    config: LoraConfig
+    tensors: dict[str, torch.Tensor]
+    record: dict
+
+    @property
+    def rank(self) -> int:
+        return self.config.r
+
+
+def peft_key(module_name: str, factor: str) -> str:
+    """The tensor name PEFT saves for a factor ('A' or 'B') of a module."""
+    return f"base_model.model.{module_name}.lora_{factor}.weight"
+
+
+def fold(model, rank: int | None = None, prune_threshold: float | None = None) -> FoldedAdapter:
+    metadata = cat_metadata(model)
+    layers = list(cat_layers(model))
+    concatenated_rank = layers[0][1].lora_A[ADAPTER].weight.shape[0]
+    if rank is not None and not 1 <= rank <= concatenated_rank:
+        raise CatError(
+            f"export_rank: must be between 1 and the concatenated rank {concatenated_rank}, got {rank}"
+        )
+    if prune_threshold is not None and not prune_threshold >= 0:
+        raise CatError(f"prune_threshold: must be >= 0, got {prune_threshold}")
+
+    factors, modules = {}, {}
+    for name, layer in tqdm(layers, desc="Folding CAT coefficients", disable=len(layers) < 64):
+        lora_A, lora_B, entry = _fold_layer(layer, prune_threshold)
+        if rank is not None:
+            lora_A, lora_B, entry["svd_relative_error"] = compress(lora_A, lora_B, rank)
+        factors[name] = (lora_A, lora_B)
+        modules[name] = entry
+
+    exported_rank = rank or max(lora_A.shape[0] for lora_A, _ in factors.values())
+    if exported_rank == 0:
+        raise CatError(f"prune_threshold {prune_threshold} removes every skill from every module")
+    tensors = {}
+    for name, (lora_A, lora_B) in factors.items():
+        missing = exported_rank - lora_A.shape[0]
+        tensors[peft_key(name, "A")] = _pad_rows(lora_A, missing).contiguous()
+        tensors[peft_key(name, "B")] = _pad_rows(lora_B.t(), missing).t().contiguous()
+
+    config = LoraConfig(
+        r=exported_rank,
+        lora_alpha=exported_rank,
+        target_modules=metadata.target_modules,
+        fan_in_fan_out=metadata.fan_in_fan_out,
+        use_rslora=False,
+        use_dora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=metadata.base_model,
+    )
+    record = {
+        "format_version": FORMAT_VERSION,
+        "skills": metadata.skills,
+        "granularity": metadata.granularity,
+        "parametrization": metadata.parametrization,
+        "base_model": metadata.base_model,
+        "concatenated_rank": concatenated_rank,
+        "exported_rank": exported_rank,
+        "export_rank": rank,
+        "prune_threshold": prune_threshold,
+        **metadata.extra,
+        "modules": modules,
+    }
+    return FoldedAdapter(config, tensors, record)
+
+
+def _fold_layer(layer, prune_threshold):
+    """Folded factors of one layer and its record: coefficients per skill, what was pruned."""
+    if not hasattr(layer, "cat_alpha"):  # wrapped, but no skill touches it
+        lora_A, lora_B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        return lora_A.new_zeros(0, lora_A.shape[1]).float(), lora_B.new_zeros(lora_B.shape[0], 0).float(), {
+            "coefficients": {},
+            "rank": 0,
+        }
+    with torch.no_grad():
+        alpha = _full(layer.cat_alpha).float()
+        c = effective_coefficients(alpha, layer.cat_group_mask, layer.cat_parametrization)
+        if not torch.isfinite(c).all():
+            raise CatError(
+                f"module {layer.cat_module_name}: coefficients are not finite ({c.tolist()}); "
+                "training diverged, refusing to export"
+            )
+        slot_c = c.flatten()[layer.cat_slot_index]
+        lora_A = _full(layer.lora_A[ADAPTER].weight).float()
+        lora_B = _full(layer.lora_B[ADAPTER].weight).float()
+        num_skills = len(layer.cat_skill_names)
+        present = layer.cat_slot_scale != 0
+        keep = present.clone()
+        if prune_threshold is not None:
+            keep &= slot_c.abs() >= prune_threshold
+        scaled_A = (slot_c * layer.cat_slot_scale)[keep, None] * lora_A[keep]
+
+        coefficients: dict[str, list[float]] = {}
+        pruned: dict[str, list[int]] = {}
+        skill_of_slot = (layer.cat_slot_index % num_skills).tolist()
+        for slot in present.nonzero().flatten().tolist():
+            skill = layer.cat_skill_names[skill_of_slot[slot]]
+            component = len(coefficients.setdefault(skill, []))
+            coefficients[skill].append(float(slot_c[slot]))
+            if not keep[slot]:
+                pruned.setdefault(skill, []).append(component)
+
+    if layer.cat_group_mask.shape[0] == 1:  # one coefficient per skill: report the scalar
+        coefficients = {skill: values[0] for skill, values in coefficients.items()}
+    entry = {"coefficients": coefficients, "rank": int(keep.sum())}
+    if pruned:
+        entry["pruned"] = pruned
+    return scaled_A, lora_B[:, keep], entry
+
+
+def compress(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int):
+    """Best rank-`rank` factors of ΔW = B A, and the relative Frobenius error.
+
+    QR of both factors and an SVD of the small r x r core: the d_out x d_in matrix is never
+    formed, so an 8B model's modules compress in seconds.
+    """
+    if lora_A.shape[0] == 0:
+        return lora_A, lora_B, 0.0
+    q_B, r_B = torch.linalg.qr(lora_B.double())
+    q_A, r_A = torch.linalg.qr(lora_A.double().t())
+    u, s, vh = torch.linalg.svd(r_B @ r_A.t())
+    k = min(rank, s.shape[0])
+    root = s[:k].sqrt()
+    new_B = (q_B @ u[:, :k]) * root
+    new_A = root[:, None] * (vh[:k] @ q_A.t())
+    total = float(s.square().sum())
+    error = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
+    return new_A.float(), new_B.float(), error
+
+
+def _pad_rows(matrix: torch.Tensor, missing: int) -> torch.Tensor:
+    if missing <= 0:
+        return matrix
+    return torch.cat([matrix, matrix.new_zeros(missing, matrix.shape[1])])
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on this rank, also when FSDP2 shards it as a DTensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

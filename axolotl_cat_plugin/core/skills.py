@@ -1,0 +1,263 @@
+"""Find, read and validate skill LoRAs (local folders or Hub repos).
+
+A skill is read into plain tensors keyed by the wrapped module's name in the base
+model, with its scaling resolved per module. Everything a skill can get wrong that
+does not need the base model is refused here, before any weight is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import SkillSpec
+from .errors import CatError
+
+LOG = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+# PEFT saves `base_model.model.<module>.lora_A.weight`; some tools keep the adapter name.
+_FACTOR_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
+)
+_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+
+
+@dataclass
+class SkillModule:
+    """One skill's factors on one wrapped module: ΔW = scaling · lora_B @ lora_A."""
+
+    lora_A: torch.Tensor  # (r, d_in)
+    lora_B: torch.Tensor  # (d_out, r)
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return self.lora_A.shape[0]
+
+
+@dataclass
+class Skill:
+    spec: SkillSpec
+    folder: Path
+    config: dict
+    weights_file: Path
+    sha256: str
+    modules: dict[str, SkillModule]
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    def record(self) -> dict:
+        """What cat_coefficients.json says about this skill."""
+        return {
+            "name": self.name,
+            "source": self.spec.path,
+            "revision": self.spec.revision,
+            "rank": self.config.get("r"),
+            "alpha": self.config.get("lora_alpha"),
+            "use_rslora": bool(self.config.get("use_rslora", False)),
+            "rank_pattern": self.config.get("rank_pattern") or {},
+            "alpha_pattern": self.config.get("alpha_pattern") or {},
+            "weights_sha256": self.sha256,
+        }
+
+
+def skill_scaling(config: dict, module_name: str) -> tuple[int, float]:
+    """The rank and scaling PEFT gives this skill on this module.
+
+    The one place that knows LoRA's scaling: lora_alpha / r, or lora_alpha / sqrt(r) with
+    rsLoRA, each taken from rank_pattern / alpha_pattern where a pattern matches the module
+    (PEFT's own matching rule).
+    """
+    from peft.utils.other import get_pattern_key
+
+    rank_pattern = config.get("rank_pattern") or {}
+    alpha_pattern = config.get("alpha_pattern") or {}
+    rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module_name), config["r"])
+    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), config["lora_alpha"])
+    root = math.sqrt(rank) if config.get("use_rslora") else rank
+    return int(rank), float(alpha) / root
+
+
+def load_skills(specs: list[SkillSpec]) -> list[Skill]:
+    skills = []
+    for spec in tqdm(specs, desc="Reading skill LoRAs", unit="skill", disable=len(specs) < 4):
+        skills.append(load_skill(spec))
+    return skills
+
+
+def load_skill(spec: SkillSpec) -> Skill:
+    folder, weights_file = _locate(spec)
+    config = _read_config(spec, folder / CONFIG_NAME)
+    _check_config(spec, config)
+    tensors = _read_weights(spec, weights_file)
+    modules = _factors_by_module(spec, config, tensors, weights_file)
+    LOG.info(
+        "skill %r: %d modules, r=%s, lora_alpha=%s%s from %s",
+        spec.name,
+        len(modules),
+        config.get("r"),
+        config.get("lora_alpha"),
+        ", rsLoRA" if config.get("use_rslora") else "",
+        folder,
+    )
+    return Skill(spec, folder, config, weights_file, _sha256(weights_file), modules)
+
+
+def _locate(spec: SkillSpec) -> tuple[Path, Path]:
+    """The local folder holding the skill and its weights file, downloading from the Hub if needed."""
+    folder = Path(spec.path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise CatError(f"skill {spec.name!r}: {spec.path} is a file; give the adapter's folder")
+        if not (folder / CONFIG_NAME).is_file():
+            raise CatError(
+                f"skill {spec.name!r}: no {CONFIG_NAME} in {folder}; is this a PEFT adapter folder?"
+            )
+        for weights_name in (SAFETENSORS_NAME, BIN_NAME):
+            if (folder / weights_name).is_file():
+                return folder, folder / weights_name
+        raise CatError(
+            f"skill {spec.name!r}: {folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME} or {BIN_NAME}"
+        )
+    if spec.path.startswith((".", "/", "~")) or not _REPO_ID.match(spec.path):
+        raise CatError(f"skill {spec.name!r}: path {spec.path} does not exist")
+    return _download(spec)
+
+
+def _download(spec: SkillSpec) -> tuple[Path, Path]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(spec.path, filename, revision=spec.revision))
+
+    where = f"Hub repo {spec.path!r}" + (f" at revision {spec.revision!r}" if spec.revision else "")
+    try:
+        config_file = fetch(CONFIG_NAME)
+        try:
+            weights_file = fetch(SAFETENSORS_NAME)
+        except EntryNotFoundError:
+            weights_file = fetch(BIN_NAME)
+    except Exception as error:  # noqa: BLE001 - every Hub failure becomes one clear message
+        raise CatError(
+            f"skill {spec.name!r}: no local folder {spec.path!r}, and could not download it from the "
+            f"{where}; offline? ({type(error).__name__}: {error})"
+        ) from error
+    return config_file.parent, weights_file
+
+
+def _read_config(spec: SkillSpec, path: Path) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CatError(f"skill {spec.name!r}: {path} is not valid JSON ({error})") from error
+    if not isinstance(config, dict):
+        raise CatError(f"skill {spec.name!r}: {path} must hold a JSON object")
+    return config
+
+
+def _check_config(spec: SkillSpec, config: dict) -> None:
+    where = f"skill {spec.name!r} ({spec.path})"
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise CatError(
+            f"{where}: peft_type is {peft_type!r}; CAT combines LoRA adapters only (peft_type LORA)"
+        )
+    if config.get("use_dora"):
+        raise CatError(
+            f"{where}: use_dora is true; DoRA's magnitude vector does not compose linearly, "
+            "so CAT would silently change the skill. Use plain LoRA skills."
+        )
+    if config.get("modules_to_save"):
+        raise CatError(
+            f"{where}: modules_to_save {config['modules_to_save']} trains full modules, which "
+            "CAT cannot weight per skill. Retrain the skill without modules_to_save."
+        )
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise CatError(
+            f"{where}: trained biases (bias={config.get('bias')!r}, lora_bias="
+            f"{config.get('lora_bias')!r}) are not supported; use bias: none"
+        )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise CatError(f"{where}: {key} must be a positive number, got {value!r}")
+
+
+def _read_weights(spec: SkillSpec, path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        # weights_only: a pickle from a stranger must not run code
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - corrupt or truncated files surface many ways
+        raise CatError(
+            f"skill {spec.name!r}: could not read {path} ({type(error).__name__}: {error}); "
+            "is the file truncated or corrupt?"
+        ) from error
+
+
+def _factors_by_module(
+    spec: SkillSpec, config: dict, tensors: dict[str, torch.Tensor], path: Path
+) -> dict[str, SkillModule]:
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        match = _FACTOR_KEY.match(key)
+        if not match:
+            raise CatError(
+                f"skill {spec.name!r}: unexpected tensor {key!r} in {path}; CAT composes plain LoRA "
+                "factors only (no modules_to_save, trained biases, DoRA or embedding LoRAs)"
+            )
+        if not torch.isfinite(tensor).all():
+            raise CatError(f"skill {spec.name!r}: tensor {key!r} in {path} holds NaN or Inf")
+        factors.setdefault(match["module"], {})[match["which"]] = tensor
+    if not factors:
+        raise CatError(f"skill {spec.name!r}: {path} holds no LoRA factors")
+
+    modules = {}
+    for module_name, pair in sorted(factors.items()):
+        if set(pair) != {"A", "B"}:
+            missing = ({"A", "B"} - set(pair)).pop()
+            raise CatError(f"skill {spec.name!r}: module {module_name} has no lora_{missing} in {path}")
+        lora_A, lora_B = pair["A"], pair["B"]
+        if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
+            raise CatError(
+                f"skill {spec.name!r}: module {module_name} has lora_A {tuple(lora_A.shape)} and "
+                f"lora_B {tuple(lora_B.shape)}; expected (r, d_in) and (d_out, r)"
+            )
+        rank, scaling = skill_scaling(config, module_name)
+        if rank != lora_A.shape[0]:
+            raise CatError(
+                f"skill {spec.name!r}: module {module_name} has rank {lora_A.shape[0]} in {path}, "
+                f"but adapter_config.json gives it r={rank}"
+            )
+        modules[module_name] = SkillModule(lora_A, lora_B, scaling)
+    return modules
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,18 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from fixtures import build_base, build_skills  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A tiny Llama base and three skill LoRAs of different ranks, alphas and targets."""
+    root = tmp_path_factory.mktemp("world")
+    base = build_base(root / "base")
+    skills = build_skills(base, root / "skills")
+    return {"base": base, "skills": skills, "root": root}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,6 +52,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         raise CatError("attach_cat expects the plain base model, not a PeftModel")
     skills = load_skills(config.skills)
     plans = _plan(model, skills)
+    starting = _starting_coefficients(config, skills)  # refuse a bad record before wrapping
     rank = max(plan.rank for plan in plans)
     target_modules = target_modules_for([plan.name for plan in plans])
     fan_in_fan_out = skills[0].fan_in_fan_out
@@ -66,7 +68,6 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         init_lora_weights=False,
     )
     peft_model = get_peft_model(model, lora_config)
-    starting = _starting_coefficients(config, skills)
     _install(peft_model, plans, skills, config, starting)
     for name, param in peft_model.named_parameters():
         param.requires_grad_(name.endswith("cat_alpha"))
@@ -80,6 +81,8 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         target_modules=target_modules,
         fan_in_fan_out=fan_in_fan_out,
     )
+    # any save (a trainer's checkpoint, a Ctrl-C handler) must write a correct adapter
+    peft_model.save_pretrained = types.MethodType(_save_folded, peft_model)
     _warn_on_foreign_base(skills, base_name)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     LOG.info(
@@ -93,6 +96,17 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         config.parametrization,
     )
     return peft_model
+
+
+def _save_folded(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+    """save_pretrained of a CAT model: the folded standard adapter, exactly as export_cat writes it.
+
+    The unfolded adapter would be a plain sum of unscaled skills, loadable but wrong.
+    """
+    from .export import export_cat
+
+    if is_main_process:
+        export_cat(self, save_directory)
 
 
 def target_modules_for(names: list[str]) -> list[str]:
@@ -159,7 +173,14 @@ def _check_target_modules(skill: Skill, base_modules: dict[str, nn.Module]) -> N
     targets = skill.config.get("target_modules")
     names = [name for name in base_modules if name]
     if isinstance(targets, str):
-        if not any(re.fullmatch(targets, name) for name in names):
+        try:
+            pattern = re.compile(targets)
+        except re.error as error:
+            raise CatError(
+                f"skill {skill.name!r}: target_modules {targets!r} from its adapter_config.json "
+                f"is not a valid regular expression ({error})"
+            ) from error
+        if not any(pattern.fullmatch(name) for name in names):
             raise CatError(
                 f"skill {skill.name!r}: target_modules regex {targets!r} matches no module of "
                 "the base model"
@@ -282,9 +303,9 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
     try:
         record = json.loads(path.read_text())
         modules = record["modules"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CatError(f"coefficients_from: cannot read {path} ({error})") from error
-    recorded = [skill.get("name") for skill in record.get("skills", [])]
+        recorded = [skill.get("name") for skill in record.get("skills", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CatError(f"coefficients_from: cannot read {path} ({error!r})") from error
     wanted = [skill.name for skill in skills]
     if recorded != wanted:
         raise CatError(
@@ -298,7 +319,22 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
             f"and parametrization {record.get('parametrization')!r}; this config asks for "
             f"{config.granularity!r} / {config.parametrization!r}"
         )
-    return {name: entry["coefficients"] for name, entry in modules.items()}
+    # modules sharing coefficients (granularity layer / adapter) each record only the skills
+    # they carry: a group starts from the union of what its modules recorded
+    by_group: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        for name, entry in modules.items():
+            group = by_group.setdefault(_group_key(config.granularity, name), {})
+            for skill, value in entry["coefficients"].items():
+                value = torch.as_tensor(value, dtype=torch.float32)
+                if not torch.isfinite(value).all():
+                    raise ValueError(f"module {name}, skill {skill!r}: {value.tolist()}")
+                group.setdefault(skill, value)
+    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CatError(
+            f"coefficients_from: {path} holds no usable coefficients ({error!r})"
+        ) from error
+    return {name: by_group[_group_key(config.granularity, name)] for name in modules}
 
 
 def _warn_on_foreign_base(skills: list[Skill], base_name: str | None) -> None:

@@ -88,7 +88,8 @@ class CatConfig:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise CatError(
-                f"cat_merge.adapters: duplicate skill name(s) {duplicates}; give each a distinct 'name'"
+                f"cat_merge.adapters: duplicate skill name(s) {duplicates}; "
+                "give each a distinct 'name'"
             )
         if self.granularity not in GRANULARITIES:
             raise CatError(

@@ -103,6 +103,7 @@ def apply_export(model: nn.Module, folded: FoldedAdapter) -> None:
             if hasattr(layer, name):
                 delattr(layer, name)
     peft_model.peft_config[ADAPTER] = folded.config
+    peft_model.__dict__.pop("save_pretrained", None)  # PEFT's own save now writes the export
 
 
 def _frozen_linear(weight: torch.Tensor) -> nn.Linear:

@@ -8,6 +8,7 @@ export's scaling is 1 (lora_alpha = r). Nothing here modifies the model.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -43,24 +44,36 @@ def fold(model, rank: int | None = None, prune_threshold: float | None = None) -
     metadata = cat_metadata(model)
     layers = list(cat_layers(model))
     concatenated_rank = layers[0][1].lora_A[ADAPTER].weight.shape[0]
-    if rank is not None and not 1 <= rank <= concatenated_rank:
-        raise CatError(
-            f"export_rank: must be between 1 and the concatenated rank {concatenated_rank}, got {rank}"
-        )
-    if prune_threshold is not None and not prune_threshold >= 0:
-        raise CatError(f"prune_threshold: must be >= 0, got {prune_threshold}")
+    if rank is not None:
+        if (
+            not isinstance(rank, numbers.Integral)
+            or isinstance(rank, bool)
+            or not 1 <= rank <= concatenated_rank
+        ):
+            raise CatError(
+                f"export_rank: must be a whole number between 1 and the concatenated rank "
+                f"{concatenated_rank}, got {rank!r}"
+            )
+        rank = int(rank)
+    if prune_threshold is not None and (
+        not isinstance(prune_threshold, (int, float))
+        or isinstance(prune_threshold, bool)
+        or not 0 <= prune_threshold < math.inf
+    ):
+        raise CatError(f"prune_threshold: must be a finite number >= 0, got {prune_threshold!r}")
 
     factors, modules = {}, {}
     for name, layer in tqdm(layers, desc="Folding CAT coefficients", disable=len(layers) < 64):
-        lora_A, lora_B, entry = _fold_layer(layer, prune_threshold)
-        if rank is not None:
-            lora_A, lora_B, entry["svd_relative_error"] = compress(lora_A, lora_B, rank)
+        lora_A, lora_B, modules[name] = _fold_layer(layer, prune_threshold)
         factors[name] = (lora_A, lora_B)
-        modules[name] = entry
+    if not any(lora_A.shape[0] for lora_A, _ in factors.values()):
+        raise CatError(f"prune_threshold {prune_threshold} removes every skill from every module")
+    if rank is not None:
+        for name, (lora_A, lora_B) in factors.items():
+            lora_A, lora_B, modules[name]["svd_relative_error"] = compress(lora_A, lora_B, rank)
+            factors[name] = (lora_A, lora_B)
 
     exported_rank = rank or max(lora_A.shape[0] for lora_A, _ in factors.values())
-    if exported_rank == 0:
-        raise CatError(f"prune_threshold {prune_threshold} removes every skill from every module")
     tensors = {}
     for name, (lora_A, lora_B) in factors.items():
         missing = exported_rank - lora_A.shape[0]
@@ -96,14 +109,28 @@ def fold(model, rank: int | None = None, prune_threshold: float | None = None) -
     return FoldedAdapter(config, tensors, record)
 
 
+def skill_coefficients(model) -> dict[str, list[float]]:
+    """Every effective coefficient of each skill across the model (for logs and model cards)."""
+    values: dict[str, list[float]] = {}
+    with torch.no_grad():
+        for _, layer in cat_layers(model):
+            if not hasattr(layer, "cat_alpha"):
+                continue
+            alpha = _full(layer.cat_alpha).float()
+            c = effective_coefficients(alpha, layer.cat_group_mask, layer.cat_parametrization)
+            for skill_index, skill in enumerate(layer.cat_skill_names):
+                present = layer.cat_group_mask[:, skill_index]
+                values.setdefault(skill, []).extend(c[present, skill_index].tolist())
+    return values
+
+
 def _fold_layer(layer, prune_threshold):
     """Folded factors of one layer and its record: coefficients per skill, what was pruned."""
     if not hasattr(layer, "cat_alpha"):  # wrapped, but no skill touches it
         lora_A, lora_B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        return lora_A.new_zeros(0, lora_A.shape[1]).float(), lora_B.new_zeros(lora_B.shape[0], 0).float(), {
-            "coefficients": {},
-            "rank": 0,
-        }
+        empty_A = lora_A.new_zeros(0, lora_A.shape[1], dtype=torch.float32)
+        empty_B = lora_B.new_zeros(lora_B.shape[0], 0, dtype=torch.float32)
+        return empty_A, empty_B, {"coefficients": {}, "rank": 0}
     with torch.no_grad():
         alpha = _full(layer.cat_alpha).float()
         c = effective_coefficients(alpha, layer.cat_group_mask, layer.cat_parametrization)

@@ -32,6 +32,18 @@ _FACTOR_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
 )
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+# init_lora_weights values that move the principal part of W into the factors (PEFT warns
+# that such adapters must not be combined with others until converted to plain LoRA)
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# LoraConfig options whose adapter is not ΔW = scaling * B A on the targeted Linear layers
+_OTHER_COMPUTATIONS = (
+    "use_qalora",  # pools the input before lora_A
+    "alora_invocation_tokens",  # activated LoRA: only applies after the invocation tokens
+    "layer_replication",  # duplicates decoder layers
+    "target_parameters",  # LoRA on raw parameters (MoE experts), not on Linear modules
+    "trainable_token_indices",  # trains embedding rows next to the LoRA
+    "arrow_config",  # routes between several LoRAs per token
+)
 
 
 @dataclass
@@ -91,7 +103,9 @@ def skill_scaling(config: dict, module_name: str) -> tuple[int, float]:
     rank_pattern = config.get("rank_pattern") or {}
     alpha_pattern = config.get("alpha_pattern") or {}
     rank = rank_pattern.get(get_pattern_key(rank_pattern.keys(), module_name), config["r"])
-    alpha = alpha_pattern.get(get_pattern_key(alpha_pattern.keys(), module_name), config["lora_alpha"])
+    alpha = alpha_pattern.get(
+        get_pattern_key(alpha_pattern.keys(), module_name), config["lora_alpha"]
+    )
     root = math.sqrt(rank) if config.get("use_rslora") else rank
     return int(rank), float(alpha) / root
 
@@ -122,7 +136,7 @@ def load_skill(spec: SkillSpec) -> Skill:
 
 
 def _locate(spec: SkillSpec) -> tuple[Path, Path]:
-    """The local folder holding the skill and its weights file, downloading from the Hub if needed."""
+    """The local folder holding the skill and its weights file, fetched from the Hub if need be."""
     folder = Path(spec.path).expanduser()
     if folder.exists():
         if not folder.is_dir():
@@ -135,7 +149,8 @@ def _locate(spec: SkillSpec) -> tuple[Path, Path]:
             if (folder / weights_name).is_file():
                 return folder, folder / weights_name
         raise CatError(
-            f"skill {spec.name!r}: {folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME} or {BIN_NAME}"
+            f"skill {spec.name!r}: {folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME} or "
+            f"{BIN_NAME}"
         )
     if spec.path.startswith((".", "/", "~")) or not _REPO_ID.match(spec.path):
         raise CatError(f"skill {spec.name!r}: path {spec.path} does not exist")
@@ -143,7 +158,7 @@ def _locate(spec: SkillSpec) -> tuple[Path, Path]:
 
 
 def _download(spec: SkillSpec) -> tuple[Path, Path]:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     def fetch(filename: str) -> Path:
@@ -157,9 +172,13 @@ def _download(spec: SkillSpec) -> tuple[Path, Path]:
         except EntryNotFoundError:
             weights_file = fetch(BIN_NAME)
     except Exception as error:  # noqa: BLE001 - every Hub failure becomes one clear message
+        if constants.HF_HUB_OFFLINE:
+            why = "HF_HUB_OFFLINE is set (offline mode) and it is not in the local Hub cache"
+        else:
+            why = "offline, gated, private or misspelled?"
         raise CatError(
-            f"skill {spec.name!r}: no local folder {spec.path!r}, and could not download it from the "
-            f"{where}; offline? ({type(error).__name__}: {error})"
+            f"skill {spec.name!r}: no local folder {spec.path!r}, and could not download it "
+            f"from the {where}: {why} ({type(error).__name__}: {error})"
         ) from error
     return config_file.parent, weights_file
 
@@ -196,6 +215,19 @@ def _check_config(spec: SkillSpec, config: dict) -> None:
             f"{where}: trained biases (bias={config.get('bias')!r}, lora_bias="
             f"{config.get('lora_bias')!r}) are not supported; use bias: none"
         )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise CatError(
+            f"{where}: init_lora_weights is {init!r}, which rewrites the base weights, so the "
+            "skill's factors only hold on that modified base. Convert it to a plain LoRA first "
+            "(PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+        )
+    for key in _OTHER_COMPUTATIONS:
+        if config.get(key):
+            raise CatError(
+                f"{where}: {key} is set ({config[key]!r}); that LoRA variant computes something "
+                "other than W + scaling * B A, which CAT cannot combine. Use plain LoRA skills."
+            )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -207,14 +239,28 @@ def _read_weights(spec: SkillSpec, path: Path) -> dict[str, torch.Tensor]:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            return load_file(str(path))
-        # weights_only: a pickle from a stranger must not run code
-        return torch.load(path, map_location="cpu", weights_only=True)
+            tensors = load_file(str(path))
+        else:
+            # weights_only: a pickle from a stranger must not run code
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - corrupt or truncated files surface many ways
         raise CatError(
             f"skill {spec.name!r}: could not read {path} ({type(error).__name__}: {error}); "
             "is the file truncated or corrupt?"
         ) from error
+    # weights_only still lets a pickle hold lists, numbers or strings: only name -> tensor counts
+    if not isinstance(tensors, dict):
+        raise CatError(
+            f"skill {spec.name!r}: {path} holds a {type(tensors).__name__}, not a mapping of "
+            "tensor names to tensors"
+        )
+    for key, tensor in tensors.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise CatError(
+                f"skill {spec.name!r}: entry {key!r} in {path} is a {type(tensor).__name__}, "
+                "not a tensor named by a string"
+            )
+    return tensors
 
 
 def _factors_by_module(
@@ -225,8 +271,8 @@ def _factors_by_module(
         match = _FACTOR_KEY.match(key)
         if not match:
             raise CatError(
-                f"skill {spec.name!r}: unexpected tensor {key!r} in {path}; CAT composes plain LoRA "
-                "factors only (no modules_to_save, trained biases, DoRA or embedding LoRAs)"
+                f"skill {spec.name!r}: unexpected tensor {key!r} in {path}; CAT composes plain "
+                "LoRA factors only (no modules_to_save, trained biases, DoRA or embedding LoRAs)"
             )
         if not torch.isfinite(tensor).all():
             raise CatError(f"skill {spec.name!r}: tensor {key!r} in {path} holds NaN or Inf")
@@ -238,7 +284,9 @@ def _factors_by_module(
     for module_name, pair in sorted(factors.items()):
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
-            raise CatError(f"skill {spec.name!r}: module {module_name} has no lora_{missing} in {path}")
+            raise CatError(
+                f"skill {spec.name!r}: module {module_name} has no lora_{missing} in {path}"
+            )
         lora_A, lora_B = pair["A"], pair["B"]
         if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
             raise CatError(

@@ -1,0 +1,1 @@
+"""Axolotl integration: the `cat_merge` config block, the plugin hooks and the trainer."""

@@ -1,0 +1,114 @@
+"""The `cat_merge:` block of an Axolotl YAML, validated when Axolotl validates the config."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ..core.config import CatConfig, SkillSpec
+
+LOG = logging.getLogger(__name__)
+LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+
+
+class CatSkill(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, description="Local adapter folder or Hub repo id")
+    name: str | None = Field(default=None, description="Default: the folder or repo name")
+    revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit)")
+
+
+class CatMergeConfig(BaseModel):
+    """Which skill LoRAs to combine with CAT and how the coefficients are shaped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    adapters: list[str | CatSkill] = Field(
+        min_length=1, description="The skill LoRAs, all trained on base_model"
+    )
+    granularity: Literal["module", "layer", "adapter", "rank"] = "module"
+    parametrization: Literal["free", "softmax"] = "free"
+    init: float = Field(default=1.0, description="Starting coefficient (free only)")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    learning_rate: float | None = Field(
+        default=None, gt=0.0, description="Default: the config's learning_rate"
+    )
+    export_rank: int | None = Field(
+        default=None, ge=1, description="Compress the export to this rank with an exact SVD"
+    )
+    prune_threshold: float | None = Field(
+        default=None, ge=0.0, description="Drop a skill from a module where |coefficient| < this"
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @model_validator(mode="after")
+    def _skills_are_distinct(self):
+        self.to_core()  # names, duplicates: the core's own rules, one place
+        return self
+
+    def to_core(self) -> CatConfig:
+        adapters = [
+            entry if isinstance(entry, str) else entry.model_dump(exclude_none=True)
+            for entry in self.adapters
+        ]
+        return CatConfig(
+            adapters=adapters,
+            granularity=self.granularity,
+            parametrization=self.parametrization,
+            init=self.init,
+            dropout=self.dropout,
+        )
+
+    def skills(self) -> list[SkillSpec]:
+        return self.to_core().skills
+
+
+class CatMergeArgs(BaseModel):
+    """Mixed into Axolotl's config class by `CatMergePlugin.get_input_args`."""
+
+    cat_merge: CatMergeConfig | None = None
+    # `axolotl inference` sets this key; a key no model declares is dropped after validation
+    inference: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_cat_merge_usage(cls, data):
+        if not isinstance(data, dict):
+            return data
+        adapter = data.get("adapter")
+        block = data.get("cat_merge")
+        if adapter == "cat_merge" and not block:
+            raise ValueError(
+                "adapter: cat_merge needs a `cat_merge:` block listing the skill LoRAs "
+                "(cat_merge.adapters)"
+            )
+        if block and adapter != "cat_merge":
+            raise ValueError(
+                f"a `cat_merge:` block is set but adapter is {adapter!r}; set adapter: cat_merge "
+                "or remove the block"
+            )
+        if adapter != "cat_merge":
+            return data
+        if data.get("load_in_4bit") or data.get("load_in_8bit") or data.get("gptq"):
+            raise ValueError(
+                "adapter: cat_merge does not support a quantized base (load_in_4bit, load_in_8bit, "
+                "gptq): folding needs the skills' exact factors on a full-precision base. Load the "
+                "base in bf16/fp16 instead."
+            )
+        kernels_on = [key for key in LORA_KERNELS if data.get(key)]
+        if kernels_on:
+            LOG.warning(
+                "cat_merge: turning off %s; the fused LoRA kernels bypass the CAT forward",
+                ", ".join(kernels_on),
+            )
+        return {**data, **{key: False for key in LORA_KERNELS}}

@@ -1,0 +1,90 @@
+"""Axolotl's SFT trainer, fitting only the CAT coefficients.
+
+- the optimiser holds the coefficients alone, without weight decay, at their own learning rate;
+- the logs carry each skill's coefficient mean/min/max (so W&B and TensorBoard plot them);
+- checkpoints hold the folded adapter (PEFT-loadable) plus the raw coefficients in a
+  sidecar, from which `resume_from_checkpoint` continues exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from axolotl.core.trainers.base import AxolotlTrainer
+from safetensors.torch import load_file, save_file
+
+from ..core.fold import skill_coefficients
+
+LOG = logging.getLogger(__name__)
+COEFFICIENTS_SIDECAR = "cat_alpha.safetensors"
+
+
+def coefficient_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """The trainable coefficients by name (a coefficient shared by several layers appears once)."""
+    return {name: p for name, p in model.named_parameters() if name.endswith("cat_alpha")}
+
+
+class CatTrainer(AxolotlTrainer):
+    cat_learning_rate: float | None = None
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            coefficients = list(coefficient_parameters(opt_model).values())
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs = dict(optimizer_kwargs)
+            learning_rate = self.cat_learning_rate or self.args.learning_rate
+            optimizer_kwargs["lr"] = learning_rate
+            self.optimizer = optimizer_cls(
+                [{"params": coefficients, "weight_decay": 0.0}], **optimizer_kwargs
+            )
+            LOG.info(
+                "CAT: optimising %d coefficients (%d tensors) with %s, lr %g, no weight decay",
+                sum(p.numel() for p in coefficients),
+                len(coefficients),
+                optimizer_cls.__name__,
+                learning_rate,
+            )
+        return self.optimizer
+
+    def log(self, logs, *args, **kwargs):
+        if "loss" in logs:
+            for skill, values in skill_coefficients(self.model).items():
+                logs[f"cat/{skill}/mean"] = sum(values) / len(values)
+                logs[f"cat/{skill}/min"] = min(values)
+                logs[f"cat/{skill}/max"] = max(values)
+        return super().log(logs, *args, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        # the model's save_pretrained writes the folded adapter; the raw coefficients go beside it
+        super()._save(output_dir=output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        raw = {
+            name: p.detach().float().cpu().contiguous()
+            for name, p in coefficient_parameters(self.model).items()
+        }
+        if raw:
+            save_file(raw, os.path.join(output_dir, COEFFICIENTS_SIDECAR), metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # the checkpoint's adapter files are folded; loading them would apply coefficients twice
+        model = self.model if model is None else model
+        sidecar = os.path.join(resume_from_checkpoint, COEFFICIENTS_SIDECAR)
+        if not os.path.isfile(sidecar):
+            raise FileNotFoundError(
+                f"{resume_from_checkpoint} has no {COEFFICIENTS_SIDECAR}; it was not written by a "
+                "cat_merge run, so its coefficients cannot be restored"
+            )
+        saved = load_file(sidecar)
+        parameters = coefficient_parameters(model)
+        if set(saved) != set(parameters):
+            raise ValueError(
+                f"{sidecar} holds coefficients for other modules than this model; was it written "
+                "with other skills or another granularity?"
+            )
+        with torch.no_grad():
+            for name, param in parameters.items():
+                param.copy_(saved[name])
+        LOG.info("CAT: restored %d coefficient tensors from %s", len(saved), sidecar)

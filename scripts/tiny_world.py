@@ -1,0 +1,37 @@
+"""Build the tiny CPU world the example YAMLs use: a base, three skill LoRAs and a data mix.
+
+    python scripts/tiny_world.py demo_out/tiny
+
+Everything is made locally (character tokenizer, random tiny Llama, random skills); nothing
+is downloaded. The builders are the test suite's own (tests/fixtures.py).
+"""
+
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from fixtures import build_base, build_skills, write_jsonl  # noqa: E402
+
+
+def mix_rows(count: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rows.append({"text": f"Q: what is {a} + {b}? A: {a} + {b} = {a + b}"})
+        rows.append({"text": f"Write a program for {a} + {b}. def solution(): return {a} + {b}"})
+    return rows
+
+
+def main(root: str) -> None:
+    root_path = Path(root)
+    base = build_base(root_path / "base")
+    build_skills(base, root_path / "skills")
+    write_jsonl(root_path / "data" / "mix.jsonl", mix_rows(32))
+    print(f"tiny world ready in {root_path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "demo_out/tiny")

@@ -1,0 +1,123 @@
+"""The `cat_merge:` YAML block: what Axolotl's own config validation accepts and refuses.
+
+Runs Axolotl's validate_config in process (offline, no model loaded), as `axolotl train`
+does before anything else.
+"""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from axolotl.integrations.base import PluginManager
+from axolotl.utils.config import prepare_plugins, validate_config
+from axolotl.utils.dict import DictDefault
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from axolotl_cat_plugin.integration.args import CatMergeConfig
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = sorted((REPO / "example_yamls").rglob("*.yml"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_plugin_manager():
+    PluginManager._instance = None
+    yield
+    PluginManager._instance = None
+
+
+def validate(config: dict):
+    cfg = DictDefault(config)
+    prepare_plugins(cfg)
+    return validate_config(cfg)
+
+
+def example(**overrides) -> dict:
+    config = yaml.safe_load((REPO / "example_yamls" / "tiny-cpu" / "cat.yml").read_text())
+    config.update(overrides)
+    return config
+
+
+def with_block(**block) -> dict:
+    config = example()
+    config["cat_merge"] = {**config["cat_merge"], **block}
+    return config
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_example_yaml_passes_axolotls_validation(path):
+    validate(yaml.safe_load(path.read_text()))
+
+
+def test_defaults_fill_the_block():
+    block = validate(example(cat_merge={"adapters": ["./skills/a"]})).cat_merge
+    assert block["granularity"] == "module"
+    assert block["parametrization"] == "free"
+    assert block["init"] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("config", "named"),
+    [
+        (example(cat_merge=None), "cat_merge"),
+        (with_block(adapters=[]), "adapters"),
+        (with_block(granularity="tensor"), "granularity"),
+        (with_block(parametrization="sigmoid"), "parametrization"),
+        (with_block(export_rank=0), "export_rank"),
+        (with_block(prune_threshold=-1), "prune_threshold"),
+        (with_block(init=float("nan")), "init"),
+        (with_block(adapters=[{"path": "./a", "name": "x"}, {"path": "./b", "name": "x"}]), "duplicate"),
+        (with_block(adapters=[{"path": "./a", "weight": 2}]), "weight"),
+        (with_block(typo_key=1), "typo_key"),
+        (example(adapter="lora"), "adapter: cat_merge"),
+        (example(load_in_4bit=True), "quantized"),
+        (example(load_in_8bit=True), "quantized"),
+    ],
+)
+def test_config_mistakes_fail_at_validation_naming_the_key(config, named):
+    with pytest.raises((ValidationError, ValueError)) as error:
+        validate(config)
+    assert named in str(error.value)
+
+
+def test_lora_kernels_are_forced_off_for_cat_merge():
+    cfg = validate(example(lora_mlp_kernel=True, lora_qkv_kernel=True))
+    assert cfg.lora_mlp_kernel is False and cfg.lora_qkv_kernel is False
+
+
+def test_a_plain_lora_config_is_untouched_by_the_plugin():
+    lora = example(adapter="lora", cat_merge=None, lora_r=4, lora_alpha=8, lora_mlp_kernel=None)
+    without = {k: v for k, v in lora.items() if k != "plugins"}
+    with_plugin = dict(validate(lora))
+    PluginManager._instance = None
+    plain = dict(validate(without))
+    for key in ("plugins", "cat_merge", "inference"):
+        with_plugin.pop(key, None)
+        plain.pop(key, None)
+    assert with_plugin == plain
+
+
+VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.one_of(st.text(max_size=8), st.integers(), st.none()), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.one_of(st.text(max_size=6), st.integers()), max_size=3),
+)
+KEYS = st.sampled_from(
+    ["adapters", "granularity", "parametrization", "init", "dropout", "learning_rate",
+     "export_rank", "prune_threshold", "unknown"]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(KEYS, VALUES, max_size=6))
+def test_any_malformed_block_gives_a_validation_error_never_a_crash(block):
+    try:
+        CatMergeConfig.model_validate(block)
+    except ValidationError:
+        pass

@@ -5,7 +5,6 @@ os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-
 from fixtures import build_base, build_skills  # noqa: E402
 
 

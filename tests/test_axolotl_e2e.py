@@ -92,13 +92,16 @@ def trained(e2e_world, tmp_path_factory):
     """One CAT run of 4 steps that checkpoints at step 2."""
     folder = tmp_path_factory.mktemp("cat_run")
     before = {name: digests(path) for name, path in e2e_world["skills"].items()}
-    config = write_config(
-        e2e_world, folder, max_steps=4, save_strategy="steps", save_steps=2
-    )
+    config = write_config(e2e_world, folder, max_steps=4, save_strategy="steps", save_steps=2)
     result = axolotl("train", str(config), cwd=folder)
     assert result.returncode == 0, "axolotl train failed"
-    return {"folder": folder, "config": config, "out": folder / "out", "before": before,
-            "log": result.stdout + result.stderr}
+    return {
+        "folder": folder,
+        "config": config,
+        "out": folder / "out",
+        "before": before,
+        "log": result.stdout + result.stderr,
+    }
 
 
 def test_output_dir_holds_a_standard_adapter_equal_to_the_trained_cat_model(e2e_world, trained):
@@ -119,9 +122,7 @@ def test_output_dir_holds_a_standard_adapter_equal_to_the_trained_cat_model(e2e_
 
 def test_coefficients_moved_and_were_logged(trained):
     record = json.loads((trained["out"] / "cat_coefficients.json").read_text())
-    values = [
-        c for entry in record["modules"].values() for c in entry["coefficients"].values()
-    ]
+    values = [c for entry in record["modules"].values() for c in entry["coefficients"].values()]
     assert values and any(abs(c - 1.0) > 1e-4 for c in values)
     assert record["training"]["steps"] == 4
     assert "cat/math/mean" in trained["log"]
@@ -140,7 +141,9 @@ def test_checkpoints_hold_a_loadable_adapter_and_the_raw_coefficients(trained):
     assert config["r"] == config["lora_alpha"]
 
 
-def test_resume_from_checkpoint_ends_with_the_uninterrupted_coefficients(e2e_world, trained, tmp_path):
+def test_resume_from_checkpoint_ends_with_the_uninterrupted_coefficients(
+    e2e_world, trained, tmp_path
+):
     resumed_out = tmp_path / "out"
     shutil.copytree(trained["out"] / "checkpoint-2", resumed_out / "checkpoint-2")
     config = write_config(
@@ -187,7 +190,9 @@ def test_plain_lora_run_is_unchanged_by_listing_the_plugin(e2e_world, tmp_path):
     assert axolotl("train", str(without), cwd=tmp_path).returncode == 0
 
     out_with, out_without = tmp_path / "with" / "out", tmp_path / "without" / "out"
-    assert sorted(p.name for p in out_with.iterdir()) == sorted(p.name for p in out_without.iterdir())
+    assert sorted(p.name for p in out_with.iterdir()) == sorted(
+        p.name for p in out_without.iterdir()
+    )
     assert (out_with / "adapter_config.json").read_text() == (
         out_without / "adapter_config.json"
     ).read_text()

@@ -114,8 +114,10 @@ def test_all_ones_equals_peft_multi_adapter_sum(world):
 
 def test_softmax_starts_uniform_over_the_skills_present(world, tmp_path):
     record = json.loads(
-        (export_cat(cat_model(world, parametrization="softmax"), tmp_path) / "cat_coefficients.json")
-        .read_text()
+        (
+            export_cat(cat_model(world, parametrization="softmax"), tmp_path)
+            / "cat_coefficients.json"
+        ).read_text()
     )
     for entry in record["modules"].values():
         values = list(entry["coefficients"].values())
@@ -129,7 +131,9 @@ def test_layer_and_adapter_granularity_share_coefficients(world, tmp_path):
     ):
         model = cat_model(world, granularity=granularity)
         randomize(model)
-        record = json.loads((export_cat(model, tmp_path / granularity) / "cat_coefficients.json").read_text())
+        record = json.loads(
+            (export_cat(model, tmp_path / granularity) / "cat_coefficients.json").read_text()
+        )
         seen = {}
         for module_name, entry in record["modules"].items():
             for skill, c in entry["coefficients"].items():
@@ -139,8 +143,9 @@ def test_layer_and_adapter_granularity_share_coefficients(world, tmp_path):
 
 def test_rank_granularity_has_one_coefficient_per_component(world, tmp_path):
     record = json.loads(
-        (export_cat(cat_model(world, granularity="rank"), tmp_path) / "cat_coefficients.json")
-        .read_text()
+        (
+            export_cat(cat_model(world, granularity="rank"), tmp_path) / "cat_coefficients.json"
+        ).read_text()
     )
     entry = record["modules"]["model.layers.0.self_attn.k_proj"]
     assert entry["coefficients"] == {"code": [1.0, 1.0, 1.0]}  # rank_pattern gives k_proj r=3

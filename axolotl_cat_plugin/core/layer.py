@@ -64,7 +64,9 @@ class CatLinearVariant(LoraVariant):
         hidden = F.linear(module.lora_dropout[active_adapter](x), lora_A) * slot_weights(module)
         if hidden.dtype == result.dtype == lora_B.dtype:
             # addmm adds B·hidden into the base output in one kernel: no extra full-width pass
-            flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.flatten(0, -2), lora_B.t())
+            flat = torch.addmm(
+                result.reshape(-1, result.shape[-1]), hidden.flatten(0, -2), lora_B.t()
+            )
             return flat.view(result.shape)
         return result + F.linear(hidden.to(lora_B.dtype), lora_B)
 

@@ -80,7 +80,9 @@ class CatMergePlugin(BasePlugin):
         Axolotl calls this twice (before and after its save); the second call finds nothing
         left to fold.
         """
-        if not _is_cat(cfg) or not any(hasattr(layer, "cat_alpha") for _, layer in cat_layers(model)):
+        if not _is_cat(cfg) or not any(
+            hasattr(layer, "cat_alpha") for _, layer in cat_layers(model)
+        ):
             return
         block = _block(cfg)
         folded = fold(model, rank=block.export_rank, prune_threshold=block.prune_threshold)

@@ -33,7 +33,9 @@ class CatTrainer(AxolotlTrainer):
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             coefficients = list(coefficient_parameters(opt_model).values())
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(
+                self.args, opt_model
+            )
             optimizer_kwargs = dict(optimizer_kwargs)
             learning_rate = self.cat_learning_rate or self.args.learning_rate
             optimizer_kwargs["lr"] = learning_rate
@@ -66,7 +68,9 @@ class CatTrainer(AxolotlTrainer):
             for name, p in coefficient_parameters(self.model).items()
         }
         if raw:
-            save_file(raw, os.path.join(output_dir, COEFFICIENTS_SIDECAR), metadata={"format": "pt"})
+            save_file(
+                raw, os.path.join(output_dir, COEFFICIENTS_SIDECAR), metadata={"format": "pt"}
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # the checkpoint's adapter files are folded; loading them would apply coefficients twice

@@ -1,0 +1,226 @@
+"""Training a CAT model moves the fp32 coefficients and nothing else.
+
+The base weights and every skill's factors are frozen bit for bit; the only trainable
+parameters are the `cat_alpha` coefficients, fp32 whatever the base's dtype, and the loss
+reaches every coefficient of every module a skill touches. `coefficients_from` resumes
+exactly where an export left off, and refuses a record of other skills.
+"""
+
+import json
+
+import pytest
+import torch
+from fixtures import SKILL_SPECS, load_base
+
+from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
+from axolotl_cat_plugin.core import cat_layers
+
+TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70], [1, 15, 25, 35, 45, 55, 65, 75]])
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def adapters(world, names=None):
+    names = names or list(world["skills"])
+    return [{"path": str(world["skills"][name]), "name": name} for name in names]
+
+
+def cat_model(world, dtype=torch.float32, **options):
+    return attach_cat(load_base(world["base"], dtype=dtype), CatConfig(adapters(world), **options))
+
+
+def trainable(model):
+    return {name: param for name, param in model.named_parameters() if param.requires_grad}
+
+
+def backward(model):
+    model.train()
+    loss = model(input_ids=TOKENS, labels=TOKENS).loss
+    loss.backward()
+    return loss
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits.float()
+
+
+def randomize(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in trainable(model).values():
+            param.copy_(torch.randn(param.shape, generator=generator) + 0.5)
+
+
+def touched_modules():
+    """Every module some skill puts factors on, derived from the skill specs themselves."""
+    leaves = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn"}
+    leaves |= {"o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+    names = set()
+    for spec in SKILL_SPECS.values():
+        for layer in spec.get("layers_to_transform", [0, 1]):
+            for leaf in spec["target_modules"]:
+                names.add(f"model.layers.{layer}.{leaves[leaf]}.{leaf}")
+    return names
+
+
+def test_one_optimizer_step_changes_the_coefficients_and_nothing_else(world):
+    model = cat_model(world)
+    before = {
+        name: param.detach().clone()
+        for name, param in model.named_parameters(remove_duplicate=False)
+    }
+    optimizer = torch.optim.AdamW(trainable(model).values(), lr=1e-2)
+    backward(model)
+    optimizer.step()
+
+    changed = 0
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if name.endswith("cat_alpha"):
+            continue
+        assert torch.equal(param, before[name]), f"{name} moved"
+        changed += 1
+    assert changed > 0 and any(".lora_A." in name for name in before)
+    for name, layer in cat_layers(model):
+        if hasattr(layer, "cat_alpha"):
+            alpha_before = before[f"base_model.model.{name}.cat_alpha"]
+            moved = layer.cat_alpha.detach() != alpha_before
+            assert moved[layer.cat_group_mask].all(), f"{name}: a coefficient did not move"
+
+
+@pytest.mark.parametrize(
+    "granularity, tensors, shape",
+    [("module", 12, (1, 3)), ("layer", 2, (1, 3)), ("adapter", 1, (1, 3)), ("rank", 12, (4, 3))],
+)
+def test_only_fp32_cat_alpha_coefficients_are_trainable(world, granularity, tensors, shape):
+    model = cat_model(world, granularity=granularity)
+    params = trainable(model)
+    assert len(params) == tensors  # shared coefficients are one parameter, counted once
+    for name, param in params.items():
+        assert name.endswith("cat_alpha") and "lora_" not in name
+        assert param.dtype == torch.float32
+        assert param.dim() >= 1 and tuple(param.shape) == shape
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad and "lora_" in n]
+    assert frozen, "the skill factors are parameters, but frozen"
+
+
+@pytest.mark.parametrize("granularity", ["module", "rank"])
+def test_gradient_reaches_every_coefficient_of_every_touched_module(world, granularity):
+    model = cat_model(world, granularity=granularity, parametrization="free")
+    backward(model)
+    with_alpha = {name for name, layer in cat_layers(model) if hasattr(layer, "cat_alpha")}
+    assert with_alpha == touched_modules()
+    for name, layer in cat_layers(model):
+        if name not in with_alpha:
+            continue
+        grad, mask = layer.cat_alpha.grad, layer.cat_group_mask
+        assert grad is not None and grad.dtype == torch.float32
+        assert (grad[mask] != 0).all(), f"{name}: no gradient on {grad}"
+        assert (grad[~mask] == 0).all(), f"{name}: gradient on a skill that is absent"
+
+
+def test_rank_granularity_has_one_coefficient_per_component_present(world):
+    model = cat_model(world, granularity="rank")
+    layer = model.get_submodule("base_model.model.model.layers.1.self_attn.v_proj")
+    math_rank, prose_rank = SKILL_SPECS["math"]["r"], SKILL_SPECS["prose"]["r"]
+    expected = torch.zeros(4, 3, dtype=torch.bool)
+    expected[:math_rank, 0] = True
+    expected[:prose_rank, 2] = True
+    assert torch.equal(layer.cat_group_mask, expected)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_coefficients_stay_fp32_and_train_on_any_base_dtype(world, dtype):
+    model = cat_model(world, dtype=dtype)
+    base_weight = model.get_submodule("base_model.model.model.layers.0.self_attn.q_proj")
+    assert base_weight.base_layer.weight.dtype == dtype
+    optimizer = torch.optim.AdamW(trainable(model).values(), lr=1e-2)
+    loss = backward(model)
+    assert torch.isfinite(loss)
+    params = trainable(model)
+    assert params
+    for name, param in params.items():
+        assert param.dtype == torch.float32, name
+        assert param.grad is not None and param.grad.dtype == torch.float32, name
+        assert torch.isfinite(param.grad).all(), name
+    assert any(param.grad.abs().sum() > 0 for param in params.values())
+    optimizer.step()
+    assert all(param.dtype == torch.float32 for param in trainable(model).values())
+    assert torch.isfinite(logits(model)).all()
+
+
+@pytest.mark.parametrize(
+    "granularity, parametrization",
+    [
+        ("module", "free"),
+        ("module", "softmax"),
+        ("rank", "free"),
+        ("rank", "softmax"),
+        ("layer", "softmax"),
+        ("adapter", "free"),
+    ],
+)
+def test_coefficients_from_an_export_resumes_the_same_model(
+    world, tmp_path, granularity, parametrization
+):
+    options = dict(granularity=granularity, parametrization=parametrization)
+    trained = cat_model(world, **options)
+    randomize(trained)
+    record = export_cat(trained, tmp_path / "export") / "cat_coefficients.json"
+
+    resumed = cat_model(world, coefficients_from=str(record), **options)
+    assert (logits(resumed) - logits(trained)).abs().max() <= 1e-5
+    assert (logits(resumed) - logits(cat_model(world, **options))).abs().max() > 1e-3
+
+
+def refuse_coefficients(world, names, record, *named, **options):
+    """attach_cat refuses this coefficients_from before wrapping or changing the base."""
+    model = load_base(world["base"])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    modules_before = [name for name, _ in model.named_modules()]
+    config = CatConfig(adapters(world, names), coefficients_from=str(record), **options)
+    with pytest.raises(CatError) as info:
+        attach_cat(model, config)
+    for name in named:
+        assert name in str(info.value), f"{name!r} not named in: {info.value}"
+    assert [name for name, _ in model.named_modules()] == modules_before
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+@pytest.fixture(scope="module")
+def exported_record(world, tmp_path_factory):
+    model = cat_model(world)
+    randomize(model)
+    return export_cat(model, tmp_path_factory.mktemp("record")) / "cat_coefficients.json"
+
+
+@pytest.mark.parametrize(
+    "names", [["math", "code"], ["code", "math", "prose"]], ids=["fewer", "reordered"]
+)
+def test_coefficients_from_with_other_skills_is_refused(world, exported_record, names):
+    refuse_coefficients(world, names, exported_record, "coefficients_from", str(names))
+
+
+def test_coefficients_from_with_other_granularity_is_refused(world, exported_record):
+    refuse_coefficients(
+        world, None, exported_record, "coefficients_from", "'rank'", granularity="rank"
+    )
+
+
+def test_coefficients_from_missing_or_malformed_is_refused(world, exported_record, tmp_path):
+    refuse_coefficients(world, None, tmp_path / "missing.json", str(tmp_path / "missing.json"))
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    refuse_coefficients(world, None, broken, str(broken))
+
+    record = json.loads(exported_record.read_text())
+    del next(iter(record["modules"].values()))["coefficients"]
+    no_values = tmp_path / "no-values.json"
+    no_values.write_text(json.dumps(record))
+    refuse_coefficients(world, None, no_values, str(no_values))
+
+    record = json.loads(exported_record.read_text())
+    record["modules"]["model.layers.0.self_attn.q_proj"]["coefficients"]["math"] = "NaN"
+    not_numbers = tmp_path / "not-numbers.json"
+    not_numbers.write_text(json.dumps(record))
+    refuse_coefficients(world, None, not_numbers, str(not_numbers))

@@ -6,85 +6,33 @@ so they take a few minutes; they are what tells us the plugin works inside Axolo
 
 import hashlib
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from fixtures import load_base, write_jsonl
+from axolotl_runner import axolotl, write_config
+from fixtures import load_base
 from peft import PeftModel
-from safetensors.torch import load_file
 
 from axolotl_cat_plugin import CatConfig, attach_cat
 
 pytestmark = pytest.mark.e2e
-REPO = Path(__file__).resolve().parent.parent
-EXAMPLE = REPO / "example_yamls" / "tiny-cpu" / "cat.yml"
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70]])
-
-
-def axolotl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """Run the axolotl CLI as a user would, with this venv's bin on PATH (for accelerate)."""
-    bin_dir = str(Path(sys.executable).parent)
-    env = {
-        **os.environ,
-        "PATH": bin_dir + os.pathsep + os.environ["PATH"],
-        "HF_HUB_OFFLINE": "1",
-        "AXOLOTL_DO_NOT_TRACK": "1",
-    }
-    result = subprocess.run(
-        [os.path.join(bin_dir, "axolotl"), *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if result.returncode != 0:
-        print(result.stdout[-6000:], result.stderr[-6000:], sep="\n")
-    return result
-
-
-def write_config(world, folder: Path, **overrides) -> Path:
-    """The example YAML pointed at this test's world, with overrides."""
-    config = yaml.safe_load(EXAMPLE.read_text())
-    config["base_model"] = str(world["base"])
-    config["cat_merge"]["adapters"] = [
-        {"path": str(world["skills"]["math"]), "name": "math"},
-        {"path": str(world["skills"]["code"]), "name": "code"},
-        str(world["skills"]["prose"]),
-    ]
-    config["datasets"][0]["path"] = str(world["mix"])
-    config["dataset_prepared_path"] = str(folder / "prepared")
-    config["output_dir"] = str(folder / "out")
-    for key, value in overrides.items():
-        if value is None:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
 
+def adapter_config(folder: Path) -> dict:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = sorted(config["target_modules"])  # saved from a set
+    return config
+
+
 def logits(model):
     with torch.no_grad():
         return model(input_ids=TOKENS).logits
-
-
-@pytest.fixture(scope="module")
-def e2e_world(world, tmp_path_factory):
-    rows = [{"text": f"Q: {a} + {b}? A: {a} + {b} = {a + b}"} for a in range(8) for b in range(4)]
-    return {**world, "mix": write_jsonl(tmp_path_factory.mktemp("data") / "mix.jsonl", rows)}
 
 
 @pytest.fixture(scope="module")
@@ -141,28 +89,6 @@ def test_checkpoints_hold_a_loadable_adapter_and_the_raw_coefficients(trained):
     assert config["r"] == config["lora_alpha"]
 
 
-def test_resume_from_checkpoint_ends_with_the_uninterrupted_coefficients(
-    e2e_world, trained, tmp_path
-):
-    resumed_out = tmp_path / "out"
-    shutil.copytree(trained["out"] / "checkpoint-2", resumed_out / "checkpoint-2")
-    config = write_config(
-        e2e_world,
-        tmp_path,
-        max_steps=4,
-        save_strategy="steps",
-        save_steps=2,
-        resume_from_checkpoint=str(resumed_out / "checkpoint-2"),
-    )
-    assert axolotl("train", str(config), cwd=tmp_path).returncode == 0
-
-    uninterrupted = load_file(trained["out"] / "checkpoint-4" / "cat_alpha.safetensors")
-    resumed = load_file(resumed_out / "checkpoint-4" / "cat_alpha.safetensors")
-    assert uninterrupted.keys() == resumed.keys()
-    for name, value in uninterrupted.items():
-        assert (value - resumed[name]).abs().max() <= 1e-6, name
-
-
 def test_merge_lora_equals_base_plus_adapter(e2e_world, trained):
     result = axolotl("merge-lora", str(trained["config"]), cwd=trained["folder"])
     assert result.returncode == 0
@@ -193,7 +119,5 @@ def test_plain_lora_run_is_unchanged_by_listing_the_plugin(e2e_world, tmp_path):
     assert sorted(p.name for p in out_with.iterdir()) == sorted(
         p.name for p in out_without.iterdir()
     )
-    assert (out_with / "adapter_config.json").read_text() == (
-        out_without / "adapter_config.json"
-    ).read_text()
+    assert adapter_config(out_with) == adapter_config(out_without)
     assert "CAT:" not in run_with.stdout + run_with.stderr

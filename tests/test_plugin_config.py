@@ -5,6 +5,7 @@ does before anything else.
 """
 
 import contextlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,24 @@ def fresh_plugin_manager():
     PluginManager._instance = None
 
 
+@pytest.fixture(autouse=True)
+def in_a_world(world, tmp_path, monkeypatch):
+    """Run from a folder where the example YAMLs' relative skill paths exist."""
+    skills = tmp_path / "demo_out" / "tiny" / "skills"
+    for name, folder in world["skills"].items():
+        shutil.copytree(folder, skills / name)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def provide_local_skills(config: dict, world) -> None:
+    """Create every local skill folder a YAML names (a real tiny adapter), as a user would have."""
+    for entry in (config.get("cat_merge") or {}).get("adapters", []):
+        path = entry if isinstance(entry, str) else entry["path"]
+        if (path.startswith((".", "/")) or path.count("/") > 1) and not Path(path).exists():
+            shutil.copytree(world["skills"]["math"], path)
+
+
 def validate(config: dict):
     cfg = DictDefault(config)
     prepare_plugins(cfg)
@@ -48,12 +67,14 @@ def with_block(**block) -> dict:
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: str(p.relative_to(REPO)))
-def test_every_example_yaml_passes_axolotls_validation(path):
-    validate(yaml.safe_load(path.read_text()))
+def test_every_example_yaml_passes_axolotls_validation(path, world):
+    config = yaml.safe_load(path.read_text())
+    provide_local_skills(config, world)
+    validate(config)
 
 
 def test_defaults_fill_the_block():
-    block = validate(example(cat_merge={"adapters": ["./skills/a"]})).cat_merge
+    block = validate(example(cat_merge={"adapters": ["demo_out/tiny/skills/math"]})).cat_merge
     assert block["granularity"] == "module"
     assert block["parametrization"] == "free"
     assert block["init"] == 1.0
@@ -78,6 +99,8 @@ def test_defaults_fill_the_block():
         (example(adapter="lora"), "adapter: cat_merge"),
         (example(load_in_4bit=True), "quantized"),
         (example(load_in_8bit=True), "quantized"),
+        (with_block(adapters=["./no/such/skill"]), "./no/such/skill"),
+        (with_block(adapters=["demo_out"]), "adapter_config.json"),
     ],
 )
 def test_config_mistakes_fail_at_validation_naming_the_key(config, named):

@@ -3,7 +3,7 @@
 from .attach import attach_cat, cat_layers, cat_metadata
 from .config import CatConfig, SkillSpec
 from .errors import CatError
-from .export import apply_export, export_cat, write_export
+from .export import apply_export, export_cat, retire_previous_export, write_export
 from .fold import FoldedAdapter, fold
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "cat_metadata",
     "export_cat",
     "fold",
+    "retire_previous_export",
     "write_export",
 ]

@@ -24,7 +24,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .attach import ADAPTER, cat_layers
+from .card import model_card
 from .fold import FoldedAdapter, fold, peft_key
+from .plot import coefficient_heatmap
 
 LOG = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 COEFFICIENTS_FILE = "cat_coefficients.json"
 CARD_FILE = "README.md"
 PLOT_FILE = "cat_coefficients.png"
+STAGING_PREFIX = ".cat-export-"
 # adapter_config.json last: it is what makes the folder loadable
 EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FILE)
 
@@ -44,8 +47,16 @@ def export_cat(
     rank: int | None = None,
     prune_threshold: float | None = None,
 ) -> Path:
-    """Fold the model's CAT coefficients and write one standard LoRA adapter to output_dir."""
-    return write_export(fold(model, rank=rank, prune_threshold=prune_threshold), output_dir)
+    """Fold the model's CAT coefficients and write one standard LoRA adapter to output_dir,
+    with its model card and coefficient plot."""
+    folded = fold(model, rank=rank, prune_threshold=prune_threshold)
+    plot = coefficient_heatmap(folded.record)
+    card = model_card(
+        folded.record,
+        config=folded.config.to_dict(),
+        plot_file=PLOT_FILE if plot is not None else None,
+    )
+    return write_export(folded, output_dir, card=card, plot=plot)
 
 
 def write_export(
@@ -57,7 +68,9 @@ def write_export(
 ) -> Path:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".cat-export-", dir=output_dir))
+    for stale in output_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed export
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
     try:
         save_file(folded.tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / COEFFICIENTS_FILE).write_text(json.dumps(folded.record, indent=2) + "\n")
@@ -80,6 +93,25 @@ def write_export(
         shutil.rmtree(staging, ignore_errors=True)
     LOG.info("CAT: wrote a rank-%d LoRA adapter to %s", folded.rank, output_dir)
     return output_dir
+
+
+def retire_previous_export(output_dir: str | os.PathLike) -> Path | None:
+    """Move an export already in output_dir to output_dir/previous_export/, before a new run.
+
+    Trainers write into output_dir while they run (Axolotl pre-saves its adapter config),
+    which would otherwise sit beside the old export's weights: a mix of old and new.
+    """
+    output_dir = Path(output_dir)
+    if not (output_dir / COEFFICIENTS_FILE).exists():
+        return None
+    previous = output_dir / "previous_export"
+    shutil.rmtree(previous, ignore_errors=True)
+    previous.mkdir()
+    for name in (CONFIG_FILE, *EXPORT_FILES):  # the config first: what is left never loads
+        if (output_dir / name).exists():
+            os.replace(output_dir / name, previous / name)
+    LOG.warning("CAT: %s held an export; moved it to %s", output_dir, previous)
+    return previous
 
 
 def apply_export(model: nn.Module, folded: FoldedAdapter) -> None:

@@ -135,6 +135,22 @@ def load_skill(spec: SkillSpec) -> Skill:
     return Skill(spec, folder, config, weights_file, _sha256(weights_file), modules)
 
 
+def preflight(spec: SkillSpec) -> None:
+    """The checks that need no weights, cheap enough for config validation (before any compute).
+
+    A Hub id is left for load time, when it is downloaded and checked in full.
+    """
+    if _is_hub_id(spec.path):
+        return
+    folder, _ = _locate(spec)
+    _check_config(spec, _read_config(spec, folder / CONFIG_NAME))
+
+
+def _is_hub_id(path: str) -> bool:
+    looks_local = path.startswith((".", "/", "~")) or not _REPO_ID.match(path)
+    return not looks_local and not Path(path).expanduser().exists()
+
+
 def _locate(spec: SkillSpec) -> tuple[Path, Path]:
     """The local folder holding the skill and its weights file, fetched from the Hub if need be."""
     folder = Path(spec.path).expanduser()
@@ -152,7 +168,7 @@ def _locate(spec: SkillSpec) -> tuple[Path, Path]:
             f"skill {spec.name!r}: {folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME} or "
             f"{BIN_NAME}"
         )
-    if spec.path.startswith((".", "/", "~")) or not _REPO_ID.match(spec.path):
+    if not _is_hub_id(spec.path):
         raise CatError(f"skill {spec.name!r}: path {spec.path} does not exist")
     return _download(spec)
 

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..core.config import CatConfig, SkillSpec
+from ..core.skills import preflight
 
 LOG = logging.getLogger(__name__)
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
@@ -52,8 +53,10 @@ class CatMergeConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _skills_are_distinct(self):
-        self.to_core()  # names, duplicates: the core's own rules, one place
+    def _skills_are_usable(self):
+        # the core's own rules (names, duplicates, adapter configs), before any compute
+        for skill in self.to_core().skills:
+            preflight(skill)
         return self
 
     def to_core(self) -> CatConfig:

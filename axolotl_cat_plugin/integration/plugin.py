@@ -7,12 +7,24 @@ never changes another run.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
 from peft import PeftModel
 
-from ..core import CatError, apply_export, attach_cat, cat_layers, fold, write_export
+from ..core import (
+    CatError,
+    apply_export,
+    attach_cat,
+    cat_layers,
+    fold,
+    retire_previous_export,
+    write_export,
+)
+from ..core.card import model_card
+from ..core.export import CARD_FILE, PLOT_FILE
+from ..core.plot import coefficient_heatmap
 from .args import CatMergeConfig
 
 LOG = logging.getLogger(__name__)
@@ -30,6 +42,7 @@ class CatMergePlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self._trainer = None
+        self._card = None  # the export's README.md, rewritten after Axolotl replaces it
         # our logger is no child of "axolotl": give it Axolotl's level so INFO lines show
         logging.getLogger("axolotl_cat_plugin").setLevel(
             logging.getLogger("axolotl").getEffectiveLevel()
@@ -40,6 +53,10 @@ class CatMergePlugin(BasePlugin):
 
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
         return [AdapterCapabilities(name="cat_merge", lora_like=False)]
+
+    def pre_model_load(self, cfg):
+        if _is_cat(cfg) and not cfg.lora_model_dir and _is_main_process():
+            retire_previous_export(cfg.output_dir)
 
     def load_adapter(self, model, cfg, inference=False, config_only=False):
         if not _is_cat(cfg):
@@ -77,18 +94,33 @@ class CatMergePlugin(BasePlugin):
     def post_train(self, cfg, model):
         """Fold the coefficients before Axolotl saves, so its own save writes the export.
 
-        Axolotl calls this twice (before and after its save); the second call finds nothing
-        left to fold.
+        Axolotl calls this twice: right after training, and again after its save, its model
+        card and (with hub_model_id) its push. In between, the HF Trainer's create_model_card
+        would replace our README.md, and a push would upload that one: so the trainer writes
+        our card instead, and the second call, with nothing left to fold, puts our card back
+        in case anything else replaced it.
         """
-        if not _is_cat(cfg) or not any(
-            hasattr(layer, "cat_alpha") for _, layer in cat_layers(model)
-        ):
+        if not _is_cat(cfg):
+            return
+        if not any(hasattr(layer, "cat_alpha") for _, layer in cat_layers(model)):
+            if self._card is not None and _is_main_process():
+                _write_card(cfg.output_dir, self._card)
             return
         block = _block(cfg)
         folded = fold(model, rank=block.export_rank, prune_threshold=block.prune_threshold)
         folded.record["training"] = self._training_record(cfg)
         if _is_main_process():
-            write_export(folded, cfg.output_dir)
+            plot = coefficient_heatmap(folded.record)
+            card = model_card(
+                folded.record,
+                config=folded.config.to_dict(),
+                hub_model_id=cfg.hub_model_id,
+                plot_file=PLOT_FILE if plot is not None else None,
+            )
+            write_export(folded, cfg.output_dir, card=card, plot=plot)
+            self._card = card
+            if self._trainer is not None:
+                self._trainer.cat_model_card = card
         apply_export(model, folded)
 
     def _training_record(self, cfg) -> dict:
@@ -104,6 +136,10 @@ class CatMergePlugin(BasePlugin):
             "micro_batch_size": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         }
+
+
+def _write_card(output_dir, card: str) -> None:
+    Path(output_dir, CARD_FILE).write_text(card)
 
 
 def _block(cfg) -> CatMergeConfig:

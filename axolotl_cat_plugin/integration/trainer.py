@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from safetensors.torch import load_file, save_file
 
+from ..core.errors import CatError
 from ..core.fold import skill_coefficients
 
 LOG = logging.getLogger(__name__)
@@ -26,7 +28,19 @@ def coefficient_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if name.endswith("cat_alpha")}
 
 
-class CatTrainer(AxolotlTrainer):
+class CatModelCardMixin:
+    """Trainer.push_to_hub writes the Trainer's own card right before uploading output_dir;
+    ours describes the skills and coefficients, so it is the one that must go up."""
+
+    cat_model_card: str | None = None  # set by the plugin once the export is written
+
+    def create_model_card(self, *args, **kwargs):
+        if self.cat_model_card is None:
+            return super().create_model_card(*args, **kwargs)
+        Path(self.args.output_dir, "README.md").write_text(self.cat_model_card)
+
+
+class CatTrainer(CatModelCardMixin, AxolotlTrainer):
     cat_learning_rate: float | None = None
 
     def create_optimizer(self, model=None):
@@ -50,6 +64,16 @@ class CatTrainer(AxolotlTrainer):
                 learning_rate,
             )
         return self.optimizer
+
+    def training_step(self, model, inputs, *args, **kwargs):
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        if not torch.isfinite(loss).all():
+            # stop here: an export of diverged coefficients would be a broken adapter
+            raise CatError(
+                f"CAT: the loss became {loss.item()} at step {self.state.global_step + 1}; "
+                "stopping without exporting. Lower cat_merge.learning_rate (or learning_rate)."
+            )
+        return loss
 
     def log(self, logs, *args, **kwargs):
         if "loss" in logs:

@@ -1,0 +1,154 @@
+"""`axolotl-cat`: inspect a CAT export, export a finished fit again, or build merge baselines.
+
+    axolotl-cat inspect OUT_DIR
+    axolotl-cat export RUN_DIR [--rank K] [--prune-threshold T] --out DIR [--base BASE]
+    axolotl-cat merge --method cat --weights 0.6 0.4 --base BASE --out DIR math=./a code=./b
+
+Only argument parsing and terminal output live here; the work is done by the core.
+Errors a user can fix print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .core.errors import CatError
+from .core.merges import METHODS
+
+LOGGER = "axolotl_cat_plugin"
+
+
+def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Inspect, re-export or statically merge CAT (LoRA Soups) adapters.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    inspect = commands.add_parser(
+        "inspect", help="show the skills and coefficients of an export folder"
+    )
+    inspect.add_argument(
+        "out_dir", metavar="OUT_DIR", help="a folder holding cat_coefficients.json"
+    )
+
+    export = commands.add_parser(
+        "export",
+        help="export a finished fit again (SVD-compressed, pruned), without retraining",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the fit's export folder")
+    export.add_argument("--rank", type=int, help="compress every module to this rank (SVD)")
+    export.add_argument(
+        "--prune-threshold",
+        type=float,
+        help="drop a skill's block from a module where |coefficient| is below this",
+    )
+    export.add_argument("--out", required=True, help="where to write (may be RUN_DIR)")
+    export.add_argument("--base", help="the base model (default: the one the record names)")
+
+    merge = commands.add_parser(
+        "merge",
+        help="merge skill LoRAs with fixed weights through PEFT (baselines for CAT)",
+        description="Static merges through PEFT's add_weighted_adapter. Give the skills "
+        "last, after --out (or after --), as PATH or NAME=PATH.",
+    )
+    merge.add_argument("--method", required=True, choices=sorted(METHODS))
+    merge.add_argument(
+        "--weights", required=True, type=float, nargs="+", help="one weight per skill"
+    )
+    merge.add_argument("--density", type=float, help="fraction of entries kept (ties, dare)")
+    merge.add_argument("--seed", type=int, default=0, help="dare's random drop (default 0)")
+    merge.add_argument("--base", required=True, help="the base model the skills were trained on")
+    merge.add_argument("--out", required=True, help="where to write the merged adapter")
+    merge.add_argument("skills", nargs="+", metavar="SKILL", help="PATH or NAME=PATH")
+    return parser
+
+
+def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
+    args = build_parser(prog).parse_args(argv)
+    _show_library_logs()
+    try:
+        if args.command == "inspect":
+            return _inspect(args)
+        if args.command == "export":
+            return _export(args)
+        return _merge(args)
+    except (CatError, OSError) as error:
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+
+
+def _inspect(args) -> int:
+    from rich.console import Console
+
+    from .report import show_export
+
+    show_export(args.out_dir, Console())
+    return 0
+
+
+def _export(args) -> int:
+    from .core.reexport import reexport
+
+    written = reexport(
+        args.run_dir,
+        args.out,
+        rank=args.rank,
+        prune_threshold=args.prune_threshold,
+        base_model=args.base,
+    )
+    print(f"wrote {written}")
+    return 0
+
+
+def _merge(args) -> int:
+    from .core.merges import merge_skills
+
+    written = merge_skills(
+        _load_base(args.base),
+        [_skill(entry) for entry in args.skills],
+        args.weights,
+        args.out,
+        method=args.method,
+        density=args.density,
+        seed=args.seed,
+    )
+    print(f"wrote {written}")
+    return 0
+
+
+def _load_base(base: str):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # fp32 on the CPU: merges are exact there, whatever dtype the base was saved in
+    return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+
+
+def _skill(entry: str) -> str | dict:
+    """NAME=PATH, or a PATH whose folder (or repo) name becomes the skill's name."""
+    name, sep, path = entry.partition("=")
+    if sep and name and "/" not in name:
+        return {"path": path, "name": name}
+    return entry
+
+
+def _show_library_logs() -> None:
+    """Our INFO lines (what was read, written, refused) on stderr, once per process."""
+    logger = logging.getLogger(LOGGER)
+    if any(getattr(handler, "_axolotl_cat", False) for handler in logger.handlers):
+        return
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False)
+    handler._axolotl_cat = True
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

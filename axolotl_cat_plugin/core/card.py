@@ -1,0 +1,258 @@
+"""The Hub model card (README.md) of a CAT export: pure string building from the record.
+
+The front-matter is what the Hub indexes (base model, library, tags, datasets); the body says
+which skills went in, what the coefficients came out as, how they were fitted and how to load
+the adapter with PEFT, vLLM and Axolotl.
+"""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from .summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
+
+TAGS = ["axolotl", "lora", "cat-merge", "lora-soups", "peft"]
+# vLLM's --max-lora-rank accepts only these sizes (vllm/config/lora.py)
+VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_DATA_FILE = re.compile(r"\.(jsonl?|csv|tsv|parquet|arrow|txt)(\.(gz|bz2|xz|zst))?$", re.I)
+_PLACEHOLDER_ADAPTER = "path/to/this/adapter"
+
+
+def looks_like_hub_id(value) -> bool:
+    """`org/name` and not a data file: the Hub refuses a card whose base_model or datasets
+    name a local path, so only ids that can be Hub repos go into the front-matter."""
+    return isinstance(value, str) and bool(_HUB_ID.match(value)) and not _DATA_FILE.search(value)
+
+
+def vllm_max_lora_rank(rank: int) -> int | None:
+    """The smallest --max-lora-rank vLLM accepts that fits `rank`; None above vLLM's largest."""
+    return next((size for size in VLLM_MAX_LORA_RANKS if size >= rank), None)
+
+
+def model_card(
+    record: dict,
+    *,
+    config: dict,
+    hub_model_id: str | None = None,
+    plot_file: str | None = None,
+) -> str:
+    """README.md for an export: `record` is cat_coefficients.json, `config` adapter_config.json.
+
+    plot_file: the heatmap's file name beside the card, embedded when given.
+    """
+    sections = [
+        _front_matter(record),
+        _introduction(record, config, hub_model_id),
+        _skills(record),
+        _coefficients(record, plot_file),
+        _layers(record),
+        _training(record),
+        _usage(record, config, hub_model_id),
+    ]
+    return "\n\n".join(sections) + "\n"
+
+
+def _front_matter(record: dict) -> str:
+    metadata: dict = {}
+    if looks_like_hub_id(record.get("base_model")):
+        metadata["base_model"] = record["base_model"]
+    metadata["library_name"] = "peft"
+    metadata["tags"] = list(TAGS)
+    datasets = [path for path in _dataset_paths(record) if looks_like_hub_id(path)]
+    if datasets:
+        metadata["datasets"] = datasets
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False).rstrip("\n") + "\n---"
+
+
+def _introduction(record: dict, config: dict, hub_model_id: str | None) -> str:
+    title = hub_model_id.rsplit("/", 1)[-1] if hub_model_id else "CAT adapter"
+    names = skill_names(record)
+    learned = _COEFFICIENTS_LEARNED.get(record.get("granularity"), "coefficients")
+    return (
+        f"# {title}\n\n"
+        f"A LoRA adapter for `{record.get('base_model') or 'an unrecorded base model'}` made "
+        f'with CAT ("LoRA Soups", Prabhakar et al., COLING 2025) from {len(names)} frozen '
+        f"skill LoRAs ({', '.join(f'`{n}`' for n in names)}): {learned} were learned and "
+        "folded into the skills' factors. The result is one standard PEFT LoRA adapter of rank "
+        f"{config.get('r')} (scaling 1) that loads without any CAT code."
+    )
+
+
+_COEFFICIENTS_LEARNED = {
+    "module": "one coefficient per skill for every LoRA-wrapped module",
+    "layer": "one coefficient per skill for every decoder layer",
+    "adapter": "one coefficient per skill for the whole model",
+    "rank": "one coefficient for every rank-1 component of every skill on every module",
+}
+
+
+def _skills(record: dict) -> str:
+    rows = [
+        [
+            skill.get("name"),
+            skill.get("source"),
+            skill.get("revision") or "",
+            _with_pattern(skill.get("rank"), skill.get("rank_pattern")),
+            _with_pattern(skill.get("alpha"), skill.get("alpha_pattern")),
+            "yes" if skill.get("use_rslora") else "no",
+        ]
+        for skill in record.get("skills", [])
+    ]
+    header = ["skill", "source", "revision", "rank", "alpha", "rsLoRA"]
+    return "## Skills\n\n" + _table(header, rows)
+
+
+def _coefficients(record: dict, plot_file: str | None) -> str:
+    over = "components" if record.get("granularity") == "rank" else "modules"
+    rows = [
+        [name, f"{s.mean:.4f}", f"{s.min:.4f}", f"{s.max:.4f}", str(s.count)]
+        for name, s in skill_stats(record).items()
+    ]
+    lines = [
+        "## Coefficients",
+        "",
+        f"Granularity `{record.get('granularity')}`, parametrization "
+        f"`{record.get('parametrization')}`. Effective coefficient of each skill, over the "
+        f"{over} it touches (1.0 everywhere would be the plain sum of the skills).",
+        "",
+        _table(["skill", "mean", "min", "max", over], rows),
+    ]
+    notes = [
+        f"Concatenated rank {record.get('concatenated_rank')}, exported rank "
+        f"{record.get('exported_rank')}."
+    ]
+    if record.get("prune_threshold") is not None:
+        notes.append(
+            f"Pruned at |coefficient| < {record['prune_threshold']}: {pruned(record)} removed."
+        )
+    error = max_svd_error(record)
+    if error is not None:
+        notes.append(
+            f"Compressed to rank {record.get('export_rank')} with a truncated SVD; largest "
+            f"relative Frobenius error over modules {error:.2e}."
+        )
+    lines += ["", " ".join(notes)]
+    if plot_file:
+        lines += ["", f"![CAT coefficients per skill and decoder layer]({plot_file})"]
+    return "\n".join(lines)
+
+
+def _layers(record: dict) -> str:
+    rows, means = layer_table(record)
+    names = skill_names(record)
+    body = [
+        [str(row)] + [f"{means[row][n]:.3f}" if n in means[row] else "—" for n in names]
+        for row in rows
+    ]
+    return (
+        "## Per layer\n\nMean coefficient of each skill over the layer's modules "
+        "(— where the skill has no factors).\n\n" + _table(["layer", *names], body)
+    )
+
+
+def _training(record: dict) -> str:
+    training = record.get("training")
+    lines = ["## How it was fitted", ""]
+    if not isinstance(training, dict):
+        lines.append(
+            f"Granularity `{record.get('granularity')}`, parametrization "
+            f"`{record.get('parametrization')}`; no training record was saved with this export."
+        )
+        return "\n".join(lines)
+    datasets = _dataset_paths(record)
+    lines += [
+        f"- datasets: {', '.join(f'`{d}`' for d in datasets) if datasets else 'not recorded'}",
+        f"- steps: {training.get('steps', 'not recorded')}",
+        f"- learning rate (coefficients): {training.get('learning_rate', 'not recorded')}",
+        f"- granularity: `{record.get('granularity')}`",
+        f"- parametrization: `{record.get('parametrization')}`",
+    ]
+    for key, value in training.items():
+        if key not in ("datasets", "steps", "learning_rate") and _is_scalar(value):
+            lines.append(f"- {key.replace('_', ' ')}: {value}")
+    return "\n".join(lines)
+
+
+def _usage(record: dict, config: dict, hub_model_id: str | None) -> str:
+    base = record.get("base_model") or "BASE_MODEL"
+    adapter = hub_model_id or _PLACEHOLDER_ADAPTER
+    rank = int(config.get("r") or record.get("exported_rank") or 1)
+    max_rank = vllm_max_lora_rank(rank)
+    if max_rank is None:
+        vllm_note = (
+            f"The adapter's rank {rank} is above vLLM's largest --max-lora-rank "
+            f"({VLLM_MAX_LORA_RANKS[-1]}): re-export it smaller first, e.g. "
+            f"`axolotl-cat export RUN_DIR --rank {VLLM_MAX_LORA_RANKS[-1]} --out DIR`."
+        )
+        max_rank = VLLM_MAX_LORA_RANKS[-1]
+    else:
+        vllm_note = (
+            f"--max-lora-rank must be at least the adapter's rank ({rank}); {max_rank} is the "
+            "smallest size vLLM accepts that fits."
+        )
+    return "\n".join(
+        [
+            "## How to use it",
+            "",
+            "PEFT:",
+            "",
+            "```python",
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{base}")',
+            f'model = PeftModel.from_pretrained(base, "{adapter}")',
+            "```",
+            "",
+            "vLLM:",
+            "",
+            "```bash",
+            f"vllm serve {base} --enable-lora --lora-modules cat={adapter} "
+            f"--max-lora-rank {max_rank}",
+            "```",
+            "",
+            vllm_note,
+            "",
+            "Axolotl, merged into the base weights (the CAT config it was fitted with, or any "
+            f"config with `base_model: {base}` and `adapter: lora`):",
+            "",
+            "```bash",
+            f"axolotl merge-lora config.yml --lora-model-dir {adapter}",
+            "```",
+        ]
+    )
+
+
+def _dataset_paths(record: dict) -> list[str]:
+    training = record.get("training")
+    datasets = training.get("datasets") if isinstance(training, dict) else None
+    paths = []
+    for dataset in datasets or []:
+        path = dataset.get("path") if isinstance(dataset, dict) else dataset
+        if isinstance(path, str) and path not in paths:
+            paths.append(path)
+    return paths
+
+
+def _with_pattern(value, pattern) -> str:
+    if not pattern:
+        return str(value)
+    return f"{value} ({', '.join(f'{key}: {v}' for key, v in pattern.items())})"
+
+
+def _is_scalar(value) -> bool:
+    return isinstance(value, (str, int, float, bool))
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = [_row(header), "|" + "|".join("---" for _ in header) + "|"]
+    lines += [_row(row) for row in rows]
+    return "\n".join(lines)
+
+
+def _row(cells: list) -> str:
+    # a | inside a cell (a path, a name) would split the Markdown row
+    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"

@@ -1,0 +1,279 @@
+"""Static merges of skill LoRAs through PEFT's add_weighted_adapter: the baselines for CAT.
+
+A small registry, like mergekit's merge methods: each method names PEFT's combination_type
+and what it needs. Before PEFT runs, we refuse what PEFT would get silently wrong:
+
+- the merged adapter's config is a copy of the first skill's with r, lora_alpha and
+  target_modules replaced, so the first skill's use_rslora (scaling sqrt(r) instead of 1,
+  huggingface/peft#3449) and layer restrictions (layers_to_transform, ...) would apply to the
+  whole merge;
+- `linear`, `ties` and `dare_*` stack the skills' factors, so every skill needs the same rank;
+- some PEFT versions apply each skill's scaling twice in `svd` (huggingface/peft#3111); we
+  detect that on a toy layer and divide the weights by the scaling, which is exact only when a
+  skill has one scaling for all its modules.
+
+DoRA, trained biases, modules_to_save and the other non-LoRA computations are refused by the
+same reader that CAT uses (skills.load_skills).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from .config import CatConfig
+from .errors import CatError
+from .skills import Skill, load_skills
+
+LOG = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# flags the merged adapter copies from the first skill that decide where it applies
+_WHERE_FLAGS = ("layers_to_transform", "layers_pattern", "exclude_modules")
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    combination_type: str  # PEFT's name for it
+    equal_ranks: bool = False  # combines the factors themselves: one rank for every skill
+    density: bool = False  # prunes (ties) or drops (dare) a fraction of the entries
+    rebuilds_delta: bool = False  # SVD of the combined ΔW: the rank can change
+
+
+METHODS = {
+    method.name: method
+    for method in (
+        MergeMethod("linear", "linear", equal_ranks=True),
+        MergeMethod("cat", "cat"),
+        MergeMethod("ties", "ties", equal_ranks=True, density=True),
+        MergeMethod("dare_linear", "dare_linear", equal_ranks=True, density=True),
+        MergeMethod("dare_ties", "dare_ties", equal_ranks=True, density=True),
+        MergeMethod("svd", "svd", rebuilds_delta=True),
+    )
+}
+
+
+def merge_skills(
+    base_model: nn.Module,
+    adapters: list,
+    weights: list[float],
+    output_dir: str | os.PathLike,
+    *,
+    method: str,
+    density: float | None = None,
+    seed: int = 0,
+) -> Path:
+    """Merge the skill LoRAs with fixed weights and write one standard adapter to output_dir.
+
+    adapters: as CatConfig.adapters (paths, Hub ids, or {"path", "name", "revision"}).
+    seed: fixes dare's random drop, so a baseline can be rebuilt exactly.
+    """
+    chosen = _method(method)
+    specs = CatConfig(adapters=adapters).skills  # names, duplicates: CAT's own rules
+    _check_arguments(chosen, specs, weights, density)
+    skills = load_skills(specs)
+    _check_first_skill_flags(chosen, skills)
+    if chosen.equal_ranks:
+        _check_equal_ranks(chosen, skills)
+    weights = [float(w) for w in weights]
+    peft_weights = weights
+    if chosen.rebuilds_delta and _peft_scales_svd_merges_twice():
+        peft_weights = _undo_double_scaling(skills, weights)
+
+    # PEFT-side names of our own: a user's name could be "merged", or part of "lora_" (PEFT
+    # then warns it may reinitialise the weights on load)
+    names = [f"skill{index}" for index in range(len(skills))]
+    merged = "merged"
+    model = PeftModel.from_pretrained(base_model, str(skills[0].folder), adapter_name=names[0])
+    for skill, name in zip(skills[1:], names[1:], strict=True):
+        model.load_adapter(str(skill.folder), adapter_name=name)
+    _check_every_target_has_a_skill(model, names)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model.add_weighted_adapter(
+                names,
+                peft_weights,
+                merged,
+                combination_type=chosen.combination_type,
+                density=density,
+            )
+    except ValueError as error:  # PEFT's own refusals (mixed target_modules types, ...)
+        raise CatError(f"PEFT refused the {chosen.name} merge: {error}") from error
+    model.set_adapter(merged)
+    for name in names:
+        model.delete_adapter(name)
+    written = _save_flat(model, merged, Path(output_dir))
+    LOG.info(
+        "merged %d skills (%s) with %s, weights %s, into a rank-%d adapter in %s",
+        len(skills),
+        ", ".join(skill.name for skill in skills),
+        chosen.name,
+        weights,
+        model.peft_config[merged].r,
+        written,
+    )
+    return written
+
+
+def _method(name: str) -> MergeMethod:
+    if name not in METHODS:
+        raise CatError(f"unknown merge method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def _check_arguments(method: MergeMethod, specs, weights, density) -> None:
+    if len(weights) != len(specs):
+        raise CatError(f"{len(specs)} skills but {len(weights)} weights; give one weight per skill")
+    if method.density:
+        if density is None or not 0.0 < density <= 1.0:
+            raise CatError(
+                f"--method {method.name} needs a density in (0, 1] (the fraction of each "
+                f"skill's entries kept), got {density!r}"
+            )
+    elif density is not None:
+        raise CatError(
+            f"--density applies to ties and dare only; --method {method.name} does not use it"
+        )
+
+
+def _check_first_skill_flags(method: MergeMethod, skills: list[Skill]) -> None:
+    first = skills[0]
+    if first.config.get("use_rslora"):
+        plain = [s.name for s in skills if not s.config.get("use_rslora")]
+        hint = (
+            f"list a skill without rsLoRA first (e.g. {plain[0]!r})"
+            if plain
+            else "every skill uses rsLoRA: fit CAT instead (its export has scaling 1)"
+        )
+        raise CatError(
+            f"skill {first.name!r} uses rsLoRA and is listed first: PEFT's {method.name} merge "
+            "copies the first skill's use_rslora into the merged adapter, which would then be "
+            f"scaled by sqrt(r) instead of 1 (huggingface/peft#3449); {hint}"
+        )
+    for flag in _WHERE_FLAGS:
+        value = first.config.get(flag)
+        if value and any(skill.config.get(flag) != value for skill in skills[1:]):
+            raise CatError(
+                f"skill {first.name!r} is listed first and sets {flag}={value!r}: PEFT's merged "
+                "adapter copies it, so the other skills would silently lose every module outside "
+                "it; list a skill without that restriction first"
+            )
+
+
+def _check_equal_ranks(method: MergeMethod, skills: list[Skill]) -> None:
+    ranks = {skill.name: sorted({m.rank for m in skill.modules.values()}) for skill in skills}
+    if len({rank for values in ranks.values() for rank in values}) > 1:
+        described = ", ".join(
+            f"{name} r={'/'.join(str(r) for r in values)}" for name, values in ranks.items()
+        )
+        raise CatError(
+            f"--method {method.name} combines the skills' factors entry by entry, so every skill "
+            f"needs the same rank on every module; got {described}: use --method cat or svd"
+        )
+
+
+def _check_every_target_has_a_skill(model: PeftModel, names: list[str]) -> None:
+    """PEFT puts the merged adapter on every module the union of the target_modules names (on
+    the layers the first skill allows) and fails with "No matching LoRAs found" on one that no
+    skill covers: typically a module only a layer-restricted skill targets, on another layer."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = [model.peft_config[name].target_modules for name in names]
+    if all(isinstance(t, str) for t in targets):
+        union = "|".join(f"({t})" for t in targets)
+    elif not any(isinstance(t, str) for t in targets):
+        union = set().union(*targets)
+    else:
+        return  # a mix of regexes and lists: PEFT refuses it itself, clearly
+    merged = replace(model.peft_config[names[0]], target_modules=union)
+    uncovered = [
+        key
+        for key, module in model.base_model.model.named_modules()
+        if key
+        and not hasattr(module, "lora_A")  # LoRA layers hold at least one skill
+        and ".lora_" not in key
+        and check_target_module_exists(merged, key)
+    ]
+    if uncovered:
+        raise CatError(
+            f"PEFT's add_weighted_adapter would put the merged adapter on {len(uncovered)} "
+            f"module(s) no skill has factors on (e.g. {uncovered[0]}), and fails there: a skill "
+            "limits itself to some layers (layers_to_transform) on a module type the others do "
+            "not target. Leave that skill out, or fit CAT (attach_cat / adapter: cat_merge), "
+            "which handles it"
+        )
+
+
+def _undo_double_scaling(skills: list[Skill], weights) -> list[float]:
+    """Weights that make this PEFT's svd merge compute Σ w_i s_i B_i A_i, as documented."""
+    corrected = []
+    for skill, weight in zip(skills, weights, strict=True):
+        scalings = sorted({round(m.scaling, 12) for m in skill.modules.values()})
+        if len(scalings) > 1:
+            raise CatError(
+                f"this PEFT version's svd merge applies each skill's scaling twice "
+                f"(huggingface/peft#3111), and skill {skill.name!r} has different scalings on "
+                f"different modules ({scalings}, from rank_pattern/alpha_pattern), so it cannot "
+                "be corrected: use --method cat"
+            )
+        corrected.append(float(weight) / scalings[0])
+    return corrected
+
+
+@functools.cache
+def _peft_scales_svd_merges_twice() -> bool:
+    """Whether this PEFT's svd merge multiplies a skill's scaling in twice (peft#3111).
+
+    Tried on a toy layer: merging `first` with weight 1 and `second` with weight 0 must give
+    back first's own ΔW.
+    """
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4, bias=False)
+
+    config = LoraConfig(r=1, lora_alpha=2, target_modules=["proj"], init_lora_weights=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = get_peft_model(Toy(), config, adapter_name="first")
+        model.add_adapter("second", config)
+        model.add_weighted_adapter(["first", "second"], [1.0, 0.0], "merged", "svd")
+    layer = model.base_model.model.proj
+    expected, got = layer.get_delta_weight("first"), layer.get_delta_weight("merged")
+    twice = not torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+    if twice:
+        LOG.info("this PEFT's svd merge scales skills twice (peft#3111); correcting the weights")
+    return twice
+
+
+def _save_flat(model: PeftModel, adapter: str, output_dir: Path) -> Path:
+    """Save `adapter` as a standard adapter directly in output_dir.
+
+    PEFT saves an adapter that is not `default` into output_dir/<name>/; we keep only its
+    adapter_config.json and weights, moved up, the config last so that the folder is
+    loadable only once it is complete.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".cat-merge-", dir=output_dir))
+    try:
+        model.save_pretrained(str(staging), selected_adapters=[adapter])
+        saved = staging / adapter if (staging / adapter / CONFIG_FILE).exists() else staging
+        (output_dir / CONFIG_FILE).unlink(missing_ok=True)
+        for name in (WEIGHTS_FILE, CONFIG_FILE):
+            os.replace(saved / name, output_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return output_dir

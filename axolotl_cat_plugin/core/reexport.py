@@ -1,0 +1,94 @@
+"""Export a finished CAT fit again (smaller, pruned) from its cat_coefficients.json alone.
+
+The record names the skills, the granularity and the parametrization, and holds every
+coefficient: rebuilding the CAT model from them and folding again needs no training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from .attach import attach_cat, cat_metadata
+from .config import CatConfig
+from .errors import CatError
+from .export import COEFFICIENTS_FILE, export_cat
+
+LOG = logging.getLogger(__name__)
+
+
+def read_record(folder: str | os.PathLike) -> dict:
+    """The cat_coefficients.json of an export folder, checked to be one."""
+    path = Path(folder) / COEFFICIENTS_FILE
+    if not path.is_file():
+        raise CatError(f"{path} does not exist: {folder} is not a CAT export")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CatError(f"{path} is not readable JSON ({error})") from error
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("skills"), list)
+        and isinstance(record.get("modules"), dict)
+    ):
+        raise CatError(f"{path} is not a CAT coefficient record (no skills and modules)")
+    return record
+
+
+def reexport(
+    run_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    rank: int | None = None,
+    prune_threshold: float | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Rebuild the CAT model of run_dir's fit on the base (fp32, CPU) and export it again.
+
+    output_dir may be run_dir itself: the record is read before anything is written, and the
+    write replaces the export atomically.
+    """
+    from transformers import AutoModelForCausalLM
+
+    record = read_record(run_dir)
+    base = base_model or record.get("base_model")
+    if not base:
+        raise CatError(
+            f"{Path(run_dir) / COEFFICIENTS_FILE} names no base model; pass it (--base BASE)"
+        )
+    config = CatConfig(
+        adapters=[_adapter(skill) for skill in record["skills"]],
+        granularity=record.get("granularity", "module"),
+        parametrization=record.get("parametrization", "free"),
+        coefficients_from=str(Path(run_dir) / COEFFICIENTS_FILE),
+    )
+    LOG.info("loading %s (fp32, CPU) to rebuild the fit of %s", base, run_dir)
+    model = attach_cat(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
+    metadata = cat_metadata(model)
+    _check_same_skill_weights(record, metadata.skills)
+    if "training" in record:  # how the coefficients were fitted is still true of the new export
+        metadata.extra["training"] = record["training"]
+    return export_cat(model, output_dir, rank=rank, prune_threshold=prune_threshold)
+
+
+def _adapter(skill: dict) -> dict:
+    adapter = {"path": skill["source"], "name": skill["name"]}
+    if skill.get("revision"):
+        adapter["revision"] = skill["revision"]
+    return adapter
+
+
+def _check_same_skill_weights(record: dict, loaded: list[dict]) -> None:
+    """Coefficients fitted on other weights would fold into a different adapter, silently."""
+    for fitted, now in zip(record["skills"], loaded, strict=True):
+        was = fitted.get("weights_sha256")
+        if was and was != now["weights_sha256"]:
+            raise CatError(
+                f"skill {now['name']!r}: the weights at {now['source']} are not the ones the "
+                f"coefficients were fitted on (sha256 {now['weights_sha256'][:12]}..., recorded "
+                f"{was[:12]}...); re-fit instead of re-exporting"
+            )

@@ -1,0 +1,104 @@
+"""`axolotl-cat inspect`: a CAT export folder as tables in the terminal (rich).
+
+The numbers are the model card's (core.summary); only the presentation differs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .core.card import vllm_max_lora_rank
+from .core.export import CONFIG_FILE
+from .core.reexport import read_record
+from .core.summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
+
+
+def show_export(folder: str | Path, console: Console) -> None:
+    folder = Path(folder)
+    record = read_record(folder)
+    config_path = folder / CONFIG_FILE
+    config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    console.print(_overview(folder, record, config))
+    if not config:
+        console.print(f"[yellow]warning: {config_path} is missing: PEFT cannot load this folder")
+    console.print(_skills(record))
+    console.print(_coefficients(record))
+    console.print(_layers(record))
+
+
+def _overview(folder: Path, record: dict, config: dict) -> Table:
+    rank = config.get("r", record.get("exported_rank"))
+    table = Table(title=f"CAT export {folder}", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("base model", str(record.get("base_model")))
+    table.add_row(
+        "exported rank",
+        f"{rank} (concatenated {record.get('concatenated_rank')}; "
+        f"vLLM --max-lora-rank {vllm_max_lora_rank(int(rank or 1)) or 'too large'})",
+    )
+    table.add_row("granularity", str(record.get("granularity")))
+    table.add_row("parametrization", str(record.get("parametrization")))
+    if record.get("prune_threshold") is not None:
+        table.add_row(
+            "pruned",
+            f"{pruned(record)} with |coefficient| < {record['prune_threshold']}",
+        )
+    error = max_svd_error(record)
+    if error is not None:
+        table.add_row(
+            "SVD", f"rank {record.get('export_rank')}, largest relative error {error:.2e}"
+        )
+    training = record.get("training") or {}
+    if training:
+        table.add_row(
+            "fitted", f"{training.get('steps')} steps, lr {training.get('learning_rate')}"
+        )
+    return table
+
+
+def _skills(record: dict) -> Table:
+    table = Table(title="Skills", title_justify="left")
+    for column in ("skill", "source", "revision", "rank", "alpha", "rsLoRA"):
+        table.add_column(column)
+    for skill in record["skills"]:
+        table.add_row(
+            str(skill.get("name")),
+            str(skill.get("source")),
+            str(skill.get("revision") or ""),
+            str(skill.get("rank")),
+            str(skill.get("alpha")),
+            "yes" if skill.get("use_rslora") else "no",
+        )
+    return table
+
+
+def _coefficients(record: dict) -> Table:
+    over = "components" if record.get("granularity") == "rank" else "modules"
+    table = Table(title=f"Coefficients (over {over})", title_justify="left")
+    table.add_column("skill")
+    for column in ("mean", "min", "max", over):
+        table.add_column(column, justify="right")
+    for name, stats in skill_stats(record).items():
+        table.add_row(
+            name, f"{stats.mean:.4f}", f"{stats.min:.4f}", f"{stats.max:.4f}", str(stats.count)
+        )
+    return table
+
+
+def _layers(record: dict) -> Table:
+    rows, means = layer_table(record)
+    names = skill_names(record)
+    table = Table(title="Mean coefficient per layer", title_justify="left")
+    table.add_column("layer", justify="right")
+    for name in names:
+        table.add_column(name, justify="right")
+    for row in rows:
+        table.add_row(
+            str(row), *(f"{means[row][n]:.3f}" if n in means[row] else "—" for n in names)
+        )
+    return table

@@ -99,6 +99,7 @@ def test_defaults_fill_the_block():
         (example(adapter="lora"), "adapter: cat_merge"),
         (example(load_in_4bit=True), "quantized"),
         (example(load_in_8bit=True), "quantized"),
+        (example(deepspeed={"zero_optimization": {"stage": 3}}), "ZeRO-3"),
         (with_block(adapters=["./no/such/skill"]), "./no/such/skill"),
         (with_block(adapters=["demo_out"]), "adapter_config.json"),
     ],

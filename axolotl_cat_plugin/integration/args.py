@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -13,6 +15,18 @@ from ..core.skills import preflight
 
 LOG = logging.getLogger(__name__)
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
+
+
+def _zero_stage(deepspeed) -> int | None:
+    """The ZeRO stage of a `deepspeed:` value (a JSON path or an inline mapping)."""
+    if isinstance(deepspeed, str):
+        try:
+            deepspeed = json.loads(Path(deepspeed).read_text())
+        except (OSError, ValueError):
+            return None
+    if isinstance(deepspeed, dict):
+        return (deepspeed.get("zero_optimization") or {}).get("stage")
+    return None
 
 
 class CatSkill(BaseModel):
@@ -107,6 +121,11 @@ class CatMergeArgs(BaseModel):
                 "adapter: cat_merge does not support a quantized base (load_in_4bit, load_in_8bit, "
                 "gptq): folding needs the skills' exact factors on a full-precision base. Load the "
                 "base in bf16/fp16 instead."
+            )
+        if _zero_stage(data.get("deepspeed")) == 3:
+            raise ValueError(
+                "adapter: cat_merge does not support DeepSpeed ZeRO-3 yet: folding would read "
+                "partitioned (empty) factors. Use ZeRO-2 or FSDP2 (fsdp_version: 2)."
             )
         kernels_on = [key for key in LORA_KERNELS if data.get(key)]
         if kernels_on:

@@ -100,6 +100,10 @@ def test_defaults_fill_the_block():
         (example(load_in_4bit=True), "quantized"),
         (example(load_in_8bit=True), "quantized"),
         (example(deepspeed={"zero_optimization": {"stage": 3}}), "ZeRO-3"),
+        (
+            {**with_block(granularity="adapter"), "fsdp_version": 2, "fsdp_config": {"a": 1}},
+            "granularity: adapter",
+        ),
         (with_block(adapters=["./no/such/skill"]), "./no/such/skill"),
         (with_block(adapters=["demo_out"]), "adapter_config.json"),
     ],

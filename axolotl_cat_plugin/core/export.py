@@ -131,7 +131,14 @@ def apply_export(model: nn.Module, folded: FoldedAdapter) -> None:
         layer.lora_alpha[ADAPTER] = folded.rank
         layer.scaling[ADAPTER] = 1.0
         layer.lora_variant.pop(ADAPTER, None)
-        for name in ("cat_alpha", "cat_group_mask", "cat_slot_index", "cat_slot_scale"):
+        for name in (
+            "cat_alpha",
+            "cat_group_mask",
+            "cat_slot_index",
+            "cat_slot_scale",
+            "cat_module_name",  # the model is a plain LoRA model now, no CAT layer is left
+            "cat_skill_names",
+        ):
             if hasattr(layer, name):
                 delattr(layer, name)
     peft_model.peft_config[ADAPTER] = folded.config

@@ -116,7 +116,7 @@ def skill_coefficients(model) -> dict[str, list[float]]:
         for _, layer in cat_layers(model):
             if not hasattr(layer, "cat_alpha"):
                 continue
-            alpha = _full(layer.cat_alpha).float()
+            alpha = full_tensor(layer.cat_alpha).float()
             c = effective_coefficients(alpha, layer.cat_group_mask, layer.cat_parametrization)
             for skill_index, skill in enumerate(layer.cat_skill_names):
                 present = layer.cat_group_mask[:, skill_index]
@@ -128,11 +128,13 @@ def _fold_layer(layer, prune_threshold):
     """Folded factors of one layer and its record: coefficients per skill, what was pruned."""
     if not hasattr(layer, "cat_alpha"):  # wrapped, but no skill touches it
         lora_A, lora_B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
-        empty_A = lora_A.new_zeros(0, lora_A.shape[1], dtype=torch.float32)
-        empty_B = lora_B.new_zeros(lora_B.shape[0], 0, dtype=torch.float32)
+        # torch.zeros, not new_zeros: under FSDP2 the factors are DTensors, and new_zeros
+        # would make these DTensors too, which safetensors cannot save
+        empty_A = torch.zeros(0, lora_A.shape[1], dtype=torch.float32, device=lora_A.device)
+        empty_B = torch.zeros(lora_B.shape[0], 0, dtype=torch.float32, device=lora_B.device)
         return empty_A, empty_B, {"coefficients": {}, "rank": 0}
     with torch.no_grad():
-        alpha = _full(layer.cat_alpha).float()
+        alpha = full_tensor(layer.cat_alpha).float()
         c = effective_coefficients(alpha, layer.cat_group_mask, layer.cat_parametrization)
         if not torch.isfinite(c).all():
             raise CatError(
@@ -140,8 +142,8 @@ def _fold_layer(layer, prune_threshold):
                 "training diverged, refusing to export"
             )
         slot_c = c.flatten()[layer.cat_slot_index]
-        lora_A = _full(layer.lora_A[ADAPTER].weight).float()
-        lora_B = _full(layer.lora_B[ADAPTER].weight).float()
+        lora_A = full_tensor(layer.lora_A[ADAPTER].weight).float()
+        lora_B = full_tensor(layer.lora_B[ADAPTER].weight).float()
         num_skills = len(layer.cat_skill_names)
         present = layer.cat_slot_scale != 0
         keep = present.clone()
@@ -193,6 +195,6 @@ def _pad_rows(matrix: torch.Tensor, missing: int) -> torch.Tensor:
     return torch.cat([matrix, matrix.new_zeros(missing, matrix.shape[1])])
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on this rank, also when FSDP2 shards it as a DTensor."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor

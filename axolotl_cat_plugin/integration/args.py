@@ -122,6 +122,11 @@ class CatMergeArgs(BaseModel):
                 "gptq): folding needs the skills' exact factors on a full-precision base. Load the "
                 "base in bf16/fp16 instead."
             )
+        if data.get("fsdp_config") and (block or {}).get("granularity") == "adapter":
+            raise ValueError(
+                "cat_merge.granularity: adapter shares one coefficient across every decoder "
+                "layer, which FSDP cannot shard per layer; use module or layer with FSDP"
+            )
         if _zero_stage(data.get("deepspeed")) == 3:
             raise ValueError(
                 "adapter: cat_merge does not support DeepSpeed ZeRO-3 yet: folding would read "

@@ -15,9 +15,12 @@ from pathlib import Path
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
 from safetensors.torch import load_file, save_file
+from transformers.trainer import TRAINING_ARGS_NAME
 
+from ..core.attach import cat_layers
 from ..core.errors import CatError
-from ..core.fold import skill_coefficients
+from ..core.export import write_export
+from ..core.fold import fold, full_tensor, skill_coefficients
 
 LOG = logging.getLogger(__name__)
 COEFFICIENTS_SIDECAR = "cat_alpha.safetensors"
@@ -83,18 +86,27 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
                 logs[f"cat/{skill}/max"] = max(values)
         return super().log(logs, *args, **kwargs)
 
-    def _save(self, output_dir=None, state_dict=None):
-        # the model's save_pretrained writes the folded adapter; the raw coefficients go beside it
-        super()._save(output_dir=output_dir, state_dict=state_dict)
+    def save_model(self, output_dir=None, _internal_call=False):
+        """Checkpoints: the folded adapter (loadable as is) and the raw coefficients beside it.
+
+        Every rank folds, since gathering FSDP2-sharded factors is collective (the Trainer
+        would call the model's save on rank 0 alone and hang); rank 0 writes.
+        """
+        if not any(hasattr(layer, "cat_alpha") for _, layer in cat_layers(self.model)):
+            return super().save_model(output_dir, _internal_call)  # already the plain export
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        folded = fold(self.model)
         raw = {
-            name: p.detach().float().cpu().contiguous()
+            name: full_tensor(p).detach().float().cpu().contiguous()
             for name, p in coefficient_parameters(self.model).items()
         }
-        if raw:
-            save_file(
-                raw, os.path.join(output_dir, COEFFICIENTS_SIDECAR), metadata={"format": "pt"}
-            )
+        if not self.args.should_save:
+            return
+        write_export(folded, output_dir)
+        save_file(raw, os.path.join(output_dir, COEFFICIENTS_SIDECAR), metadata={"format": "pt"})
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # the checkpoint's adapter files are folded; loading them would apply coefficients twice

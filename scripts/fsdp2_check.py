@@ -1,0 +1,262 @@
+"""Fit CAT coefficients under FSDP2 (`fully_shard`) and fold them; one level below Axolotl.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/fsdp2_check.py \
+        --out OUT --per-device-batch 2            # FSDP2, two ranks, gloo on the CPU
+    python scripts/fsdp2_check.py --out OUT1 --per-device-batch 4   # unsharded reference
+
+What a run proves, together with tests/test_fsdp2.py: sharded the way Axolotl shards with
+`fsdp_version: 2` (accelerate's fsdp2_prepare_model: `fully_shard` on every decoder layer,
+then on the root), the `cat_alpha` coefficients are fp32 DTensor shards and the only
+trainable parameters; AdamW on them fits the same coefficients as one unsharded process
+over the same global batches; `fold` (collective: every rank calls it) gives every rank the
+same adapter; `skill_coefficients` works on the sharded model; and a rank-0 `write_export`
+writes the adapter the unsharded run exports. Granularity `adapter` (one coefficient tensor
+shared across decoder layers) cannot be sharded this way: FSDP2 refuses a parameter shared
+by two FSDP units, and the run records that refusal instead of an export.
+
+Each --config (granularity:parametrization) is fitted in turn in the same processes, into
+OUT/<granularity>-<parametrization>/: the export (rank 0) and rank{R}.json per rank (sharding
+facts, losses, coefficients, skill_coefficients, a digest of what fold gave that rank).
+Without torchrun the model is not sharded and there is no process group at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+
+from fixtures import build_base, build_skills, load_base  # noqa: E402
+
+from axolotl_cat_plugin.core import CatConfig, attach_cat, fold, write_export  # noqa: E402
+from axolotl_cat_plugin.core.fold import skill_coefficients  # noqa: E402
+
+SEQUENCE_LEN = 16
+SKILLS = ("math", "code", "prose")
+# module: one coefficient row per module, so rank 1 holds an empty shard; layer: one
+# coefficient tensor shared by the modules of a decoder layer (one FSDP unit); rank: 4 rows,
+# split 2 + 2 over the ranks; adapter: one coefficient tensor shared by every decoder layer,
+# so by several FSDP units, which FSDP2 refuses at the first forward (the run records that)
+DEFAULT_CONFIGS = ["module:free", "layer:softmax", "rank:free", "adapter:free"]
+SHARED_ACROSS_UNITS = "is shared with a parameter already managed by another FSDP group"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", help="base model folder (default: build a tiny Llama in OUT)")
+    parser.add_argument("--skills", nargs="+", help="skill LoRA folders (default: build three)")
+    parser.add_argument("--out", required=True, help="where the exports and rank files go")
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--per-device-batch", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--backend", default="gloo", help="gloo (CPU) or nccl (CUDA)")
+    return parser.parse_args(argv)
+
+
+def distributed() -> bool:
+    return "WORLD_SIZE" in os.environ  # launched by torchrun, even with one process
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def tiny_world(out: Path) -> tuple[Path, list[Path]]:
+    """The test suite's tiny base and three skills, built by rank 0 while the others wait."""
+    root = out / "world"
+    if rank() == 0 and not (root / "skills" / SKILLS[-1] / "adapter_config.json").exists():
+        build_skills(build_base(root / "base"), root / "skills")
+    if dist.is_initialized():
+        dist.barrier()
+    return root / "base", [root / "skills" / name for name in SKILLS]
+
+
+def make_rows(count: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """`count` fixed-length token rows (BOS first): no padding, so every row weighs the same."""
+    rng = random.Random(seed)
+    return [
+        [1] + [rng.randrange(4, vocab_size) for _ in range(SEQUENCE_LEN - 1)] for _ in range(count)
+    ]
+
+
+def shard(model, device: str):
+    """FSDP2 as accelerate applies it for Axolotl: each decoder layer, then the root."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device, (world_size(),))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def sharding_facts(model) -> dict:
+    """What FSDP2 made of the parameters: the coefficients' types, dtypes and shards."""
+    from torch.distributed.tensor import DTensor
+
+    alphas = {n: p for n, p in model.named_parameters() if n.endswith("cat_alpha")}
+    return {
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "alphas": {
+            name: {
+                "dtensor": isinstance(p, DTensor),
+                "dtype": str(p.dtype),
+                "shape": list(p.shape),
+                "placements": [repr(x) for x in p.placements] if isinstance(p, DTensor) else None,
+                "local_shape": list(p.to_local().shape) if isinstance(p, DTensor) else None,
+            }
+            for name, p in alphas.items()
+        },
+        "frozen_dtensors": sum(
+            isinstance(p, DTensor) for n, p in model.named_parameters() if not p.requires_grad
+        ),
+        "frozen": sum(not p.requires_grad for p in model.parameters()),
+    }
+
+
+def check_sharding(facts: dict) -> None:
+    """The coefficients are fp32 DTensors sharded on dim 0, and the only trainable parameters."""
+    assert facts["alphas"], "no cat_alpha parameter"
+    assert facts["trainable"] == sorted(facts["alphas"]), facts["trainable"]
+    for name, alpha in facts["alphas"].items():
+        assert alpha["dtensor"], f"{name} is not a DTensor"
+        assert alpha["dtype"] == "torch.float32", f"{name} is {alpha['dtype']}"
+        assert alpha["placements"] == ["Shard(dim=0)"], f"{name}: {alpha['placements']}"
+
+
+def coefficients(model) -> dict[str, list[float]]:
+    """Every coefficient tensor, whole (gathered: collective under FSDP2), flattened."""
+    values = {}
+    for name, param in model.named_parameters():
+        if name.endswith("cat_alpha"):
+            full = param.full_tensor() if hasattr(param, "full_tensor") else param
+            values[name] = full.detach().float().flatten().tolist()
+    return values
+
+
+def digest(tensors: dict[str, torch.Tensor]) -> str:
+    sha = hashlib.sha256()
+    for key in sorted(tensors):
+        sha.update(key.encode())
+        sha.update(tensors[key].detach().float().cpu().contiguous().numpy().tobytes())
+    return sha.hexdigest()
+
+
+def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
+    granularity, parametrization = spec.split(":")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    config = CatConfig(
+        [str(path) for path in skills],
+        granularity=granularity,
+        parametrization=parametrization,
+        dropout=0.0,
+    )
+    model = attach_cat(load_base(base), config).to(args.device)
+    if distributed():
+        shard(model, args.device)
+    facts = sharding_facts(model)
+    if distributed():
+        check_sharding(facts)
+    start = coefficients(model)
+
+    batch, global_batch = args.per_device_batch, args.per_device_batch * world_size()
+    rows = make_rows(args.steps * global_batch, model.config.vocab_size, args.seed)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0
+    )
+    model.train()
+    losses = []
+    for step in range(args.steps):
+        mine = rows[step * global_batch : (step + 1) * global_batch][rank() * batch :][:batch]
+        ids = torch.tensor(mine, device=args.device)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean = loss.detach().clone()
+        if dist.is_initialized():  # the global batch's loss: the mean of the ranks' means
+            dist.all_reduce(mean)
+            mean /= world_size()
+        losses.append(float(mean))
+
+    coefficients_after = coefficients(model)
+    skill_values = skill_coefficients(model)  # collective under FSDP2
+    folded = fold(model)  # collective under FSDP2: every rank calls it
+    if rank() == 0:
+        write_export(folded, out)
+        print(f"rank 0: wrote the CAT export to {out}", flush=True)
+    record = {
+        "rank": rank(),
+        "world_size": world_size(),
+        "config": spec,
+        "global_batch": global_batch,
+        "sharded": distributed(),
+        "model_type": type(model).__name__,
+        **facts,
+        "losses": losses,
+        "alpha_start": start,
+        "alpha": coefficients_after,
+        "skill_coefficients": skill_values,
+        "fold_digest": digest(folded.tensors),
+        "fold_devices": sorted({str(t.device) for t in folded.tensors.values()}),
+        "fold_types": sorted({type(t).__name__ for t in folded.tensors.values()}),
+    }
+    (out / f"rank{rank()}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(
+        f"rank {rank()}/{world_size()} {spec}: {type(model).__name__}, losses "
+        f"{[round(x, 6) for x in losses]}",
+        flush=True,
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if bool(args.base) != bool(args.skills):
+        raise SystemExit("give --base and --skills together, or neither (a tiny world is built)")
+    if distributed():
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(args.backend)
+    if args.base:
+        base, skills = Path(args.base), [Path(path) for path in args.skills]
+    else:
+        base, skills = tiny_world(out)
+    for spec in args.configs:
+        folder = out / spec.replace(":", "-")
+        try:
+            fit(args, base, skills, spec, folder)
+        except ValueError as error:
+            if not (distributed() and SHARED_ACROSS_UNITS in str(error)):
+                raise
+            # every rank fails here alike, in FSDP2's lazy init before any collective
+            record = {"rank": rank(), "config": spec, "refused": str(error)}
+            (folder / f"rank{rank()}.json").write_text(json.dumps(record, indent=1) + "\n")
+            print(f"rank {rank()}/{world_size()} {spec}: FSDP2 refused: {error}", flush=True)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

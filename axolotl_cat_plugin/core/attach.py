@@ -261,6 +261,7 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
         layer.cat_module_name = plan.name
         layer.cat_skill_names = tuple(skill.name for skill in skills)
         layer.lora_variant[ADAPTER] = CatLinearVariant()
+        layer.cast_input_dtype_enabled = False  # the variant casts the factors instead
 
 
 def _load_factors(layer, plan: _ModulePlan, rank: int) -> None:

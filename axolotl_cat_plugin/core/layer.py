@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
+from torch import nn
 
 
 def effective_coefficients(alpha: torch.Tensor, mask: torch.Tensor, parametrization: str):
@@ -51,6 +52,23 @@ def delta_weight(layer, adapter: str = "default") -> torch.Tensor:
     return transpose(delta, layer.fan_in_fan_out)
 
 
+def _owns_output(module, result: torch.Tensor) -> bool:
+    """Whether the base output may be updated in place.
+
+    Only the 2-D or 3-D output of a plain `nn.Linear` without forward hooks (a hook could
+    keep a reference to it) that is no view (so no other tensor shares its memory, and
+    autograd records the update without copying). nn.Linear saves its input and weight for
+    backward, never its output, so the gradients stay exact.
+    """
+    base = module.base_layer
+    return (
+        type(base) is nn.Linear
+        and not base._forward_hooks
+        and result._base is None
+        and result.dim() in (2, 3)
+    )
+
+
 class CatLinearVariant(LoraVariant):
     @staticmethod
     def init(module, adapter_name, **kwargs) -> None:
@@ -59,16 +77,21 @@ class CatLinearVariant(LoraVariant):
 
     @staticmethod
     def forward(module, active_adapter, x, result, **kwargs) -> torch.Tensor:
-        lora_A = module.lora_A[active_adapter].weight
-        lora_B = module.lora_B[active_adapter].weight
+        # Compute in the activations' dtype and cast only the small factors: attach_cat turns
+        # off PEFT's cast of x to the (fp32) adapter weights, which copied every activation.
+        lora_A = module.lora_A[active_adapter].weight.to(x.dtype)
+        lora_B = module.lora_B[active_adapter].weight.to(result.dtype)
         hidden = F.linear(module.lora_dropout[active_adapter](x), lora_A) * slot_weights(module)
-        if hidden.dtype == result.dtype == lora_B.dtype:
-            # addmm adds B·hidden into the base output in one kernel: no extra full-width pass
-            flat = torch.addmm(
-                result.reshape(-1, result.shape[-1]), hidden.flatten(0, -2), lora_B.t()
-            )
-            return flat.view(result.shape)
-        return result + F.linear(hidden.to(lora_B.dtype), lora_B)
+        hidden = hidden.to(result.dtype)  # w is fp32: the product promoted
+        if _owns_output(module, result):
+            # add B·hidden into the base output itself: allocating (and page-faulting in) a new
+            # full-width tensor per module costs more than the rank-R matmul does
+            if result.dim() == 2:
+                return result.addmm_(hidden, lora_B.t())
+            return result.baddbmm_(hidden, lora_B.t().expand(result.shape[0], -1, -1))
+        # addmm adds B·hidden into a copy of the base output in one kernel
+        flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.flatten(0, -2), lora_B.t())
+        return flat.view(result.shape)
 
     @staticmethod
     def merge_safe(module, active_adapter, orig_weight) -> torch.Tensor:

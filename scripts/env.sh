@@ -33,10 +33,15 @@ ensure_env() {
     echo "[env] $venv is up to date (axolotl $axolotl_version)"
     return 0
   fi
-  echo "[env] building $venv with $python and axolotl $axolotl_version (a few minutes the first time)"
   local started=$SECONDS
-  rm -rf "$venv"
-  "$python" -m venv "$venv"
+  if [ -x "$venv/bin/python" ]; then
+    # update in place: never delete an environment someone may be using
+    echo "[env] updating $venv (pyproject.toml or env.sh changed)"
+  else
+    echo "[env] building $venv with $python and axolotl $axolotl_version (a few minutes the first time)"
+    rm -rf "$venv"
+    "$python" -m venv "$venv"
+  fi
   _pip "$venv/bin/python" -m pip install -q --upgrade pip
   if [ -n "$torch_pin" ]; then
     _pip "$venv/bin/python" -m pip install -q "$torch_pin"

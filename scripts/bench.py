@@ -79,7 +79,7 @@ THREADS = 2  # torch threads per worker; --threads changes it (workers read CAT_
 CONFIGS = ["floor", "lora", "cat1", "cat2", "cat4", "cat8", "naive8"]
 # rounds x steps timed per configuration, after `warmup` untimed steps
 PLANS = {
-    "full": dict(warmup=3, rounds=16, steps=3),
+    "full": dict(warmup=3, rounds=12, steps=3),
     "quick": dict(warmup=2, rounds=3, steps=2),
 }
 # Llama-3-8B: module -> (in_features, out_features)

@@ -1,6 +1,6 @@
 """The CAT engine: torch, peft, transformers and safetensors only, never axolotl."""
 
-from .attach import attach_cat, cat_layers, cat_metadata
+from .attach import attach_cat, cat_layers, cat_metadata, has_coefficients
 from .config import CatConfig, SkillSpec
 from .errors import CatError
 from .export import apply_export, export_cat, retire_previous_export, write_export
@@ -17,6 +17,7 @@ __all__ = [
     "cat_metadata",
     "export_cat",
     "fold",
+    "has_coefficients",
     "retire_previous_export",
     "write_export",
 ]

@@ -128,6 +128,11 @@ def cat_layers(model: nn.Module):
             yield module.cat_module_name, module
 
 
+def has_coefficients(model: nn.Module) -> bool:
+    """Whether the model still carries CAT coefficients (False once folded by apply_export)."""
+    return any(hasattr(layer, "cat_alpha") for _, layer in cat_layers(model))
+
+
 def cat_metadata(model: nn.Module) -> CatMetadata:
     for module in model.modules():
         metadata = getattr(module, "cat_metadata", None)

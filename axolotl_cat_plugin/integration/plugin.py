@@ -17,8 +17,8 @@ from ..core import (
     CatError,
     apply_export,
     attach_cat,
-    cat_layers,
     fold,
+    has_coefficients,
     retire_previous_export,
     write_export,
 )
@@ -102,13 +102,13 @@ class CatMergePlugin(BasePlugin):
         """
         if not _is_cat(cfg):
             return
-        if not any(hasattr(layer, "cat_alpha") for _, layer in cat_layers(model)):
+        if not has_coefficients(model):
             if self._card is not None and _is_main_process():
                 _write_card(cfg.output_dir, self._card)
             return
         block = _block(cfg)
         folded = fold(model, rank=block.export_rank, prune_threshold=block.prune_threshold)
-        folded.record["training"] = self._training_record(cfg)
+        folded.record["training"] = self._training_record(cfg, block)
         if _is_main_process():
             plot = coefficient_heatmap(folded.record)
             card = model_card(
@@ -123,7 +123,7 @@ class CatMergePlugin(BasePlugin):
                 self._trainer.cat_model_card = card
         apply_export(model, folded)
 
-    def _training_record(self, cfg) -> dict:
+    def _training_record(self, cfg, block: CatMergeConfig) -> dict:
         state = getattr(self._trainer, "state", None)
         return {
             "datasets": [
@@ -131,7 +131,7 @@ class CatMergePlugin(BasePlugin):
                 for d in (cfg.datasets or [])
             ],
             "steps": getattr(state, "global_step", None),
-            "learning_rate": _block(cfg).learning_rate or cfg.learning_rate,
+            "learning_rate": block.learning_rate or cfg.learning_rate,
             "sequence_len": cfg.sequence_len,
             "micro_batch_size": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,

@@ -17,7 +17,7 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from safetensors.torch import load_file, save_file
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from ..core.attach import cat_layers
+from ..core.attach import has_coefficients
 from ..core.errors import CatError
 from ..core.export import write_export
 from ..core.fold import fold, full_tensor, skill_coefficients
@@ -92,7 +92,7 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
         Every rank folds, since gathering FSDP2-sharded factors is collective (the Trainer
         would call the model's save on rank 0 alone and hang); rank 0 writes.
         """
-        if not any(hasattr(layer, "cat_alpha") for _, layer in cat_layers(self.model)):
+        if not has_coefficients(self.model):
             return super().save_model(output_dir, _internal_call)  # already the plain export
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         folded = fold(self.model)

@@ -10,11 +10,8 @@ What a run proves, together with tests/test_distributed.py: under DistributedDat
 adapter as a one-process run over the same global batches, and folding works on the
 DDP-wrapped model as on the unwrapped one.
 
-Why at core level: `axolotl train` cannot run several processes on a CPU-only machine (with
-WORLD_SIZE > 1 it forces device_map={"": LOCAL_RANK}, and transformers then fails with
-"Cannot access accelerator device"). Axolotl's trainer is a transformers Trainer (TRL's
-SFTTrainer) on accelerate's DDP, so this script drives that same machinery on
-attach_cat/export_cat directly.
+Why at core level: TRL and plain-transformers users fit CAT without Axolotl;
+tests/test_axolotl_ddp.py runs `axolotl train` itself under torchrun.
 
 Every rank writes OUT/rank{R}_alpha.json (its coefficients before and after, the example ids
 of each step, the losses, and what folding the DDP-wrapped model gave); rank 0 alone writes

@@ -23,9 +23,10 @@ def axolotl_command(*args: str) -> tuple[list[str], dict]:
     return [os.path.join(bin_dir, "axolotl"), *args], env
 
 
-def axolotl(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def axolotl(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the axolotl CLI as a user would, with this venv's bin on PATH (for accelerate)."""
-    command, env = axolotl_command(*args)
+    command, base_env = axolotl_command(*args)
+    env = {**base_env, **(env or {})}
     result = subprocess.run(
         command,
         cwd=cwd,

@@ -5,10 +5,9 @@ accelerate's DDP over gloo, in two processes with a per-device batch of 2, and i
 process (no process group at all) with a batch of 4: the same global batch of the same
 examples at every step, so the same loss, gradient and AdamW updates up to float rounding.
 
-This is proven at core level, one step below `axolotl train`, because Axolotl cannot run
-several processes on a CPU-only machine (with WORLD_SIZE > 1 it forces
-device_map={"": LOCAL_RANK}, which transformers refuses without an accelerator); the
-Trainer, accelerate and DDP underneath are the ones Axolotl uses.
+One level below `axolotl train` (tests/test_axolotl_ddp.py runs that): the same
+Trainer, accelerate and DDP machinery, driven on attach_cat/export_cat directly, as a
+TRL or plain-transformers user would.
 """
 
 import json

@@ -5,6 +5,7 @@ from .config import CatConfig, SkillSpec
 from .errors import CatError
 from .export import apply_export, export_cat, retire_previous_export, write_export
 from .fold import FoldedAdapter, fold
+from .ranks import check_ranks_agree
 
 __all__ = [
     "CatConfig",
@@ -15,6 +16,7 @@ __all__ = [
     "attach_cat",
     "cat_layers",
     "cat_metadata",
+    "check_ranks_agree",
     "export_cat",
     "fold",
     "has_coefficients",

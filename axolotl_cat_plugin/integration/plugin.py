@@ -17,6 +17,7 @@ from ..core import (
     CatError,
     apply_export,
     attach_cat,
+    check_ranks_agree,
     fold,
     has_coefficients,
     retire_previous_export,
@@ -106,6 +107,7 @@ class CatMergePlugin(BasePlugin):
             if self._card is not None and _is_main_process():
                 _write_card(cfg.output_dir, self._card)
             return
+        check_ranks_agree(model)
         block = _block(cfg)
         folded = fold(model, rank=block.export_rank, prune_threshold=block.prune_threshold)
         folded.record["training"] = self._training_record(cfg, block)

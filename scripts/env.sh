@@ -1,6 +1,7 @@
 # Sourced by test.sh and demo.sh: create or update the project's two environments.
-#   .venv     Python 3.11, torch 2.13.0 (CPU wheel), axolotl 0.19.0
-#   .venv312  Python 3.12, axolotl 0.21.0 (its torch is a CUDA build that runs on the CPU)
+#   .venv     Python 3.11, torch 2.13.0 (CPU wheel), axolotl 0.19.0, deepspeed 0.18
+#   .venv312  Python 3.12, axolotl 0.21.0 (its torch is a CUDA build that runs on the CPU),
+#             deepspeed 0.19
 # Each venv records a hash of what it was built from; a changed pyproject.toml rebuilds it.
 
 export HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
@@ -25,9 +26,9 @@ find_python312() {
   return 1
 }
 
-# ensure_env VENV PYTHON AXOLOTL_VERSION [TORCH_PIN]
+# ensure_env VENV PYTHON AXOLOTL_VERSION DEEPSPEED_PIN [TORCH_PIN]
 ensure_env() {
-  local venv=$1 python=$2 axolotl_version=$3 torch_pin=${4:-}
+  local venv=$1 python=$2 axolotl_version=$3 deepspeed_pin=$4 torch_pin=${5:-}
   local stamp; stamp=$(_env_stamp)
   if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.cat-env-stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "[env] $venv is up to date (axolotl $axolotl_version)"
@@ -47,12 +48,16 @@ ensure_env() {
     _pip "$venv/bin/python" -m pip install -q "$torch_pin"
   fi
   _pip "$venv/bin/python" -m pip install -q "axolotl==$axolotl_version" -e ".[test,plots]"
+  # DeepSpeed for the ZeRO-3 tests, in the range this axolotl's [deepspeed] extra allows;
+  # DS_BUILD_OPS=0: no CUDA kernels are compiled at install (none are needed on the CPU)
+  DS_BUILD_OPS=0 _pip "$venv/bin/python" -m pip install -q "$deepspeed_pin"
   echo "$stamp" > "$venv/.cat-env-stamp"
   echo "[env] $venv ready in $((SECONDS - started)) s"
 }
 
 ensure_env311() {
-  ensure_env .venv "$(command -v python3.11 || command -v python3)" 0.19.0 "torch==2.13.0"
+  ensure_env .venv "$(command -v python3.11 || command -v python3)" 0.19.0 \
+    "deepspeed>=0.18.6,<0.19" "torch==2.13.0"
 }
 
 ensure_env312() {
@@ -61,5 +66,5 @@ ensure_env312() {
     echo "[env] ERROR: no Python 3.12 found; axolotl 0.21 needs it (install it, e.g. pyenv install 3.12)" >&2
     return 1
   fi
-  ensure_env .venv312 "$python" 0.21.0
+  ensure_env .venv312 "$python" 0.21.0 "deepspeed>=0.18.6,<0.20"
 }

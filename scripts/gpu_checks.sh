@@ -15,6 +15,10 @@
 #             code path (fully_shard per decoder layer and root, DTensor coefficients, collective
 #             fold, rank-0 export) on CUDA, against an unsharded run of the same batches. One
 #             GPU cannot shard across ranks: the two-rank proof is tests/test_fsdp2.py (CPU).
+#   zero3     scripts/zero3_check.py under torchrun with ONE rank (nccl on the GPU), DeepSpeed
+#             ZeRO-3 with every parameter partitioned: the fold gathers factors and coefficients
+#             with GatheredParameters, against a plain run of the same batches. Needs deepspeed
+#             (carry its wheel: .whl/ is installed first when present). Two ranks: CPU tests.
 #   bf16      attach_cat on a Llama built from a config (~124M parameters; tiny on the CPU),
 #             loaded in bf16 with sdpa attention: the coefficients are fp32 and the only
 #             trainable parameters, stay fp32 through a few AdamW steps under bf16 autocast,
@@ -67,6 +71,10 @@ record() {  # record NAME STATUS SECONDS
 # --- install -------------------------------------------------------------------------------
 if [ "$DEVICE" = cuda ]; then
   started=$SECONDS
+  if compgen -G ".whl/*.whl" > /dev/null; then  # packages the image lacks (deepspeed), carried
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/cat-site .whl/*.whl \
+      && export PYTHONPATH=/tmp/cat-site${PYTHONPATH:+:$PYTHONPATH}
+  fi
   if timeout 120 "$PY" -m pip install -q --no-deps --no-build-isolation . \
       && (cd /tmp && "$PY" -c "import axolotl_cat_plugin.core"); then
     record install PASS $((SECONDS - started))
@@ -128,6 +136,52 @@ PY
 fi
 [ $fsdp2_ok = 1 ] && status=PASS || { status=FAIL; tail -40 "$OUT/fsdp2.log"; }
 record fsdp2 $status $((SECONDS - started))
+
+# --- zero3: one rank on the device, against the plain run ----------------------------------
+started=$SECONDS
+CONFIGS=(module:free layer:softmax adapter:free)
+zero3_ok=1
+timeout 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/zero3_check.py \
+  --device "$DEVICE" --backend "$BACKEND" --out "$OUT/zero3" --configs "${CONFIGS[@]}" \
+  > "$OUT/zero3.log" 2>&1 || zero3_ok=0
+if [ $zero3_ok = 1 ]; then
+  W="$OUT/zero3/world"
+  timeout 120 "$PY" scripts/zero3_check.py --device "$DEVICE" --out "$OUT/zero3-ref" \
+    --base "$W/base" --skills "$W/skills/math" "$W/skills/code" "$W/skills/prose" \
+    --configs "${CONFIGS[@]}" >> "$OUT/zero3.log" 2>&1 || zero3_ok=0
+fi
+if [ $zero3_ok = 1 ]; then
+  "$PY" - "$OUT" "${CONFIGS[@]}" <<'PY' || zero3_ok=0
+"""Compare the one-rank ZeRO-3 exports with the plain ones (same batches, same device)."""
+
+import json
+import sys
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+out, configs, ok = Path(sys.argv[1]), sys.argv[2:], True
+for spec in configs:
+    folder = spec.replace(":", "-")
+    partitioned, single = out / "zero3" / folder, out / "zero3-ref" / folder
+    record = json.loads((partitioned / "rank0.json").read_text())
+    a = load_file(partitioned / "adapter_model.safetensors")
+    b = load_file(single / "adapter_model.safetensors")
+    tensors = max(float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0 for k in a)
+    alphas = record["alphas"].values()
+    split = all(v["partitioned"] and v["dtype"] == "torch.float32" for v in alphas)
+    good = a.keys() == b.keys() and tensors <= 1e-5 and split and record["partitioned"]
+    print(
+        f"  {spec}: fp32 partitioned coefficients {split}, frozen partitioned "
+        f"{record['frozen_partitioned']}/{record['frozen']}, max difference to the plain run: "
+        f"adapter {tensors:.3g} -> {'ok' if good else 'WRONG'}"
+    )
+    ok &= good
+sys.exit(0 if ok else 1)
+PY
+fi
+[ $zero3_ok = 1 ] && status=PASS || { status=FAIL; tail -40 "$OUT/zero3.log"; }
+record zero3 $status $((SECONDS - started))
 
 # --- bf16: fit on the device, export, reload with plain PEFT -------------------------------
 started=$SECONDS

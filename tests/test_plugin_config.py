@@ -99,7 +99,6 @@ def test_defaults_fill_the_block():
         (example(adapter="lora"), "adapter: cat_merge"),
         (example(load_in_4bit=True), "quantized"),
         (example(load_in_8bit=True), "quantized"),
-        (example(deepspeed={"zero_optimization": {"stage": 3}}), "ZeRO-3"),
         (
             {**with_block(granularity="adapter"), "fsdp_version": 2, "fsdp_config": {"a": 1}},
             "granularity: adapter",
@@ -112,6 +111,12 @@ def test_config_mistakes_fail_at_validation_naming_the_key(config, named):
     with pytest.raises((ValidationError, ValueError)) as error:
         validate(config)
     assert named in str(error.value)
+
+
+def test_deepspeed_zero3_is_accepted():
+    """fold gathers ZeRO-3 partitions (tests/test_zero3.py, tests/test_axolotl_zero3.py)."""
+    cfg = validate(example(deepspeed={"zero_optimization": {"stage": 3}}))
+    assert cfg.adapter == "cat_merge"
 
 
 def test_lora_kernels_are_forced_off_for_cat_merge():

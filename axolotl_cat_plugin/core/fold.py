@@ -7,6 +7,7 @@ export's scaling is 1 (lora_alpha = r). Nothing here modifies the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 from dataclasses import dataclass
@@ -41,6 +42,16 @@ def peft_key(module_name: str, factor: str) -> str:
 
 
 def fold(model, rank: int | None = None, prune_threshold: float | None = None) -> FoldedAdapter:
+    """The standard LoRA adapter the model's coefficients describe.
+
+    Collective under FSDP2 and DeepSpeed ZeRO-3 (it gathers sharded factors): every rank must
+    call it.
+    """
+    with gathered(model):
+        return _fold(model, rank, prune_threshold)
+
+
+def _fold(model, rank, prune_threshold) -> FoldedAdapter:
     metadata = cat_metadata(model)
     layers = list(cat_layers(model))
     concatenated_rank = layers[0][1].lora_A[ADAPTER].weight.shape[0]
@@ -112,7 +123,7 @@ def fold(model, rank: int | None = None, prune_threshold: float | None = None) -
 def skill_coefficients(model) -> dict[str, list[float]]:
     """Every effective coefficient of each skill across the model (for logs and model cards)."""
     values: dict[str, list[float]] = {}
-    with torch.no_grad():
+    with torch.no_grad(), gathered(model):
         for _, layer in cat_layers(model):
             if not hasattr(layer, "cat_alpha"):
                 continue
@@ -198,3 +209,24 @@ def _pad_rows(matrix: torch.Tensor, missing: int) -> torch.Tensor:
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on this rank, also when FSDP2 shards it as a DTensor."""
     return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def gathered(model):
+    """Under DeepSpeed ZeRO-3, the CAT layers' factors and coefficients whole, for reading.
+
+    ZeRO-3 leaves each rank an empty partition outside forward; GatheredParameters
+    all-gathers them (collective: every rank must enter) and frees them on exit, so whatever
+    outlives the block must be a copy. Without ZeRO-3 it does nothing, and deepspeed is
+    imported only when a parameter is already partitioned (it carries `ds_id`).
+    """
+    params = [
+        param
+        for _, layer in cat_layers(model)
+        for name, param in layer.named_parameters()
+        if name.endswith("cat_alpha") or ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+    ]
+    if not any(hasattr(param, "ds_id") for param in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import CatError
-from .fold import full_tensor
+from .fold import full_tensor, gathered
 
 LOG = logging.getLogger(__name__)
 
@@ -27,11 +27,12 @@ def check_ranks_agree(model: nn.Module, tolerance: float = 0.0) -> float | None:
     """
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
         return None
-    coefficients = [
-        full_tensor(p.detach()).float().flatten()
-        for name, p in model.named_parameters()
-        if name.endswith("cat_alpha")
-    ]
+    with gathered(model):
+        coefficients = [
+            full_tensor(p.detach()).float().flatten().clone()
+            for name, p in model.named_parameters()
+            if name.endswith("cat_alpha")
+        ]
     mine = torch.cat(coefficients) if coefficients else torch.zeros(0)
     # gloo reduces CPU tensors, nccl CUDA ones: use the device the coefficients live on
     device = coefficients[0].device if coefficients else torch.device("cpu")

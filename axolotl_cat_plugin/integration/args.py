@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,18 +13,6 @@ from ..core.skills import preflight
 
 LOG = logging.getLogger(__name__)
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
-
-
-def _zero_stage(deepspeed) -> int | None:
-    """The ZeRO stage of a `deepspeed:` value (a JSON path or an inline mapping)."""
-    if isinstance(deepspeed, str):
-        try:
-            deepspeed = json.loads(Path(deepspeed).read_text())
-        except (OSError, ValueError):
-            return None
-    if isinstance(deepspeed, dict):
-        return (deepspeed.get("zero_optimization") or {}).get("stage")
-    return None
 
 
 class CatSkill(BaseModel):
@@ -126,11 +112,6 @@ class CatMergeArgs(BaseModel):
             raise ValueError(
                 "cat_merge.granularity: adapter shares one coefficient across every decoder "
                 "layer, which FSDP cannot shard per layer; use module or layer with FSDP"
-            )
-        if _zero_stage(data.get("deepspeed")) == 3:
-            raise ValueError(
-                "adapter: cat_merge does not support DeepSpeed ZeRO-3 yet: folding would read "
-                "partitioned (empty) factors. Use ZeRO-2 or FSDP2 (fsdp_version: 2)."
             )
         kernels_on = [key for key in LORA_KERNELS if data.get(key)]
         if kernels_on:

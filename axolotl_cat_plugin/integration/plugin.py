@@ -111,6 +111,7 @@ class CatMergePlugin(BasePlugin):
         block = _block(cfg)
         folded = fold(model, rank=block.export_rank, prune_threshold=block.prune_threshold)
         folded.record["training"] = self._training_record(cfg, block)
+        card = plot = None
         if _is_main_process():
             plot = coefficient_heatmap(folded.record)
             card = model_card(
@@ -121,8 +122,9 @@ class CatMergePlugin(BasePlugin):
             )
             write_export(folded, cfg.output_dir, card=card, plot=plot)
             self._card = card
-            if self._trainer is not None:
-                self._trainer.cat_model_card = card
+        if self._trainer is not None:
+            self._trainer.cat_model_card = card
+            self._trainer.cat_export = (folded, card, plot)
         apply_export(model, folded)
 
     def _training_record(self, cfg, block: CatMergeConfig) -> dict:

@@ -20,7 +20,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from ..core.attach import has_coefficients
 from ..core.errors import CatError
 from ..core.export import write_export
-from ..core.fold import fold, full_tensor, skill_coefficients
+from ..core.fold import fold, full_tensor, gathered, skill_coefficients
 
 LOG = logging.getLogger(__name__)
 COEFFICIENTS_SIDECAR = "cat_alpha.safetensors"
@@ -45,6 +45,7 @@ class CatModelCardMixin:
 
 class CatTrainer(CatModelCardMixin, AxolotlTrainer):
     cat_learning_rate: float | None = None
+    cat_export: tuple | None = None  # (folded, card, plot), set by the plugin once it folded
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -89,17 +90,25 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
     def save_model(self, output_dir=None, _internal_call=False):
         """Checkpoints: the folded adapter (loadable as is) and the raw coefficients beside it.
 
-        Every rank folds, since gathering FSDP2-sharded factors is collective (the Trainer
-        would call the model's save on rank 0 alone and hang); rank 0 writes.
+        Every rank folds, since gathering FSDP2- or ZeRO-3-sharded factors is collective (the
+        Trainer would call the model's save on rank 0 alone and hang); rank 0 writes.
         """
         if not has_coefficients(self.model):
-            return super().save_model(output_dir, _internal_call)  # already the plain export
+            if self.cat_export is None:
+                return super().save_model(output_dir, _internal_call)
+            # post_train has folded and applied the export: write that, since DeepSpeed
+            # ZeRO-3's own save cannot gather the plain factors that replaced partitioned ones
+            if self.args.should_save:
+                folded, card, plot = self.cat_export
+                write_export(folded, output_dir or self.args.output_dir, card=card, plot=plot)
+            return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         folded = fold(self.model)
-        raw = {
-            name: full_tensor(p).detach().float().cpu().contiguous()
-            for name, p in coefficient_parameters(self.model).items()
-        }
+        with gathered(self.model):
+            raw = {
+                name: full_tensor(p).detach().float().cpu().clone()
+                for name, p in coefficient_parameters(self.model).items()
+            }
         if not self.args.should_save:
             return
         write_export(folded, output_dir)

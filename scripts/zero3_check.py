@@ -1,0 +1,177 @@
+"""Fit CAT coefficients under DeepSpeed ZeRO-3 and fold them; one level below Axolotl.
+
+    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/zero3_check.py \
+        --out OUT --per-device-batch 2            # ZeRO-3, two ranks, gloo on the CPU
+    python scripts/zero3_check.py --out OUT1 --per-device-batch 4   # plain torch reference
+
+What a run proves, together with tests/test_zero3.py: under `deepspeed.initialize` with
+ZeRO stage 3 every parameter, the frozen skill factors and the fp32 `cat_alpha` coefficients
+alike, is partitioned (outside forward a rank holds an empty tensor); the CAT forward still
+sees whole factors (ZeRO-3 gathers parameters a module reads in forward); the coefficients
+fitted by two partitioned ranks equal one plain process's over the same global batches; and
+`fold` / `skill_coefficients` (collective: they gather the factors with GatheredParameters)
+give every rank the same adapter, which rank 0 writes.
+
+Each --config is fitted in turn into OUT/<granularity>-<parametrization>/ as with
+scripts/fsdp2_check.py, whose helpers this reuses. On a CPU set DS_ACCELERATOR=cpu.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from fsdp2_check import (  # noqa: E402
+    digest,
+    distributed,
+    load_base,
+    make_rows,
+    parse_args,
+    rank,
+    tiny_world,
+    world_size,
+)
+
+from axolotl_cat_plugin.core import CatConfig, attach_cat, fold, write_export  # noqa: E402
+from axolotl_cat_plugin.core.fold import gathered, skill_coefficients  # noqa: E402
+
+
+def coefficients(model) -> dict[str, list[float]]:
+    """Every coefficient tensor, whole (gathered: collective under ZeRO-3), flattened."""
+    with gathered(model):
+        return {
+            name: param.detach().float().flatten().tolist()
+            for name, param in model.named_parameters()
+            if name.endswith("cat_alpha")
+        }
+
+
+def partition_facts(model) -> dict:
+    """What ZeRO-3 made of the parameters: each coefficient's full shape and what a rank holds."""
+    alphas = {n: p for n, p in model.named_parameters() if n.endswith("cat_alpha")}
+    return {
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "alphas": {
+            name: {
+                "dtype": str(p.dtype),
+                "full_shape": list(getattr(p, "ds_shape", p.shape)),
+                "held_outside_forward": p.numel(),
+                "partitioned": hasattr(p, "ds_id"),
+            }
+            for name, p in alphas.items()
+        },
+        "frozen_partitioned": sum(
+            hasattr(p, "ds_id") for p in model.parameters() if not p.requires_grad
+        ),
+        "frozen": sum(not p.requires_grad for p in model.parameters()),
+    }
+
+
+def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
+    granularity, parametrization = spec.split(":")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    config = CatConfig(
+        [str(path) for path in skills],
+        granularity=granularity,
+        parametrization=parametrization,
+        dropout=0.0,
+    )
+    model = attach_cat(load_base(base), config).to(args.device)
+    start = coefficients(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    engine = model
+    if distributed():
+        import deepspeed
+
+        engine, optimizer, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=optimizer,
+            config={
+                "train_micro_batch_size_per_gpu": args.per_device_batch,
+                # partition every parameter, however small, as a large model's would be
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+                "zero_allow_untested_optimizer": True,
+                "steps_per_print": 10**9,
+            },
+        )
+    facts = partition_facts(model)
+
+    batch, global_batch = args.per_device_batch, args.per_device_batch * world_size()
+    rows = make_rows(args.steps * global_batch, model.config.vocab_size, args.seed)
+    engine.train()
+    losses = []
+    for step in range(args.steps):
+        mine = rows[step * global_batch : (step + 1) * global_batch][rank() * batch :][:batch]
+        ids = torch.tensor(mine, device=args.device)
+        loss = engine(input_ids=ids, labels=ids).loss
+        if distributed():
+            engine.backward(loss)
+            engine.step()
+        else:
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        mean = loss.detach().clone()
+        if dist.is_initialized():  # the global batch's loss: the mean of the ranks' means
+            dist.all_reduce(mean)
+            mean /= world_size()
+        losses.append(float(mean))
+
+    coefficients_after = coefficients(model)
+    skill_values = skill_coefficients(model)  # collective under ZeRO-3
+    folded = fold(model)  # collective under ZeRO-3: every rank calls it
+    if rank() == 0:
+        write_export(folded, out)
+        print(f"rank 0: wrote the CAT export to {out}", flush=True)
+    record = {
+        "rank": rank(),
+        "world_size": world_size(),
+        "config": spec,
+        "global_batch": global_batch,
+        "partitioned": distributed(),
+        **facts,
+        "losses": losses,
+        "alpha_start": start,
+        "alpha": coefficients_after,
+        "skill_coefficients": skill_values,
+        "fold_digest": digest(folded.tensors),
+        "fold_shapes": {key: list(t.shape) for key, t in folded.tensors.items()},
+    }
+    (out / f"rank{rank()}.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(
+        f"rank {rank()}/{world_size()} {spec}: losses {[round(x, 6) for x in losses]}", flush=True
+    )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if distributed():
+        import deepspeed
+
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        deepspeed.init_distributed(dist_backend=args.backend)
+    if args.base:
+        base, skills = Path(args.base), [Path(path) for path in args.skills]
+    else:
+        base, skills = tiny_world(out)
+    for spec in args.configs:
+        fit(args, base, skills, spec, out / spec.replace(":", "-"))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""CAT under DeepSpeed ZeRO-3: two partitioned processes fit what one plain process fits.
+
+scripts/zero3_check.py wraps the CAT model in `deepspeed.initialize` with ZeRO stage 3 (every
+parameter partitioned, none kept whole for being small), on the CPU over gloo with two ranks
+and a per-device batch of 2; the reference is one plain torch process with a batch of 4 and
+the same AdamW. Every rank folds (fold gathers the partitioned factors and coefficients with
+GatheredParameters, a collective), rank 0 exports. Unlike FSDP2, ZeRO-3 also fits
+granularity `adapter` (one coefficient tensor shared by every decoder layer).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_fsdp2 import export_difference, largest_difference, ranks
+
+from axolotl_cat_plugin.core import export
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None,
+        reason="deepspeed is not installed (scripts/env.sh installs it)",
+    ),
+]
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "zero3_check.py"
+STEPS = 4
+CONFIGS = ["module-free", "layer-softmax", "rank-free", "adapter-free"]
+TOLERANCE = 1e-5
+
+
+def launch(world, out: Path, *, processes: int, batch: int) -> subprocess.Popen:
+    launcher = [sys.executable]
+    if processes:
+        launcher += ["-m", "torch.distributed.run", "--standalone"]
+        launcher += ["--nproc_per_node", str(processes)]
+    skills = [str(world["skills"][name]) for name in ("math", "code", "prose")]
+    command = [*launcher, str(SCRIPT), "--base", str(world["base"]), "--skills", *skills]
+    command += ["--out", str(out), "--steps", str(STEPS), "--per-device-batch", str(batch)]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "DS_ACCELERATOR": "cpu",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+    }
+    return subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+@pytest.fixture(scope="module")
+def runs(world, tmp_path_factory):
+    root = tmp_path_factory.mktemp("zero3")
+    processes = {
+        "two": launch(world, root / "two", processes=2, batch=2),
+        "one": launch(world, root / "one", processes=0, batch=4),
+    }
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=400)
+        assert process.returncode == 0, f"{name}:\n{stdout[-4000:]}{stderr[-6000:]}"
+    return {name: root / name for name in processes}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_parameter_is_partitioned_and_only_the_coefficients_train(runs, config):
+    for record in ranks(runs["two"] / config):
+        assert record["world_size"] == 2 and record["global_batch"] == 4
+        assert record["trainable"] == sorted(record["alphas"]) and record["alphas"]
+        assert record["frozen_partitioned"] == record["frozen"]  # base and skill factors too
+        for name, alpha in record["alphas"].items():
+            assert alpha["partitioned"] and alpha["dtype"] == "torch.float32", name
+            assert alpha["held_outside_forward"] == 0, name  # gathered only while needed
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_rank_folds_the_same_adapter_and_only_rank_zero_writes(runs, config):
+    rank0, rank1 = ranks(runs["two"] / config)
+    assert rank0["fold_digest"] == rank1["fold_digest"]
+    assert rank0["alpha"] == rank1["alpha"] and rank0["losses"] == rank1["losses"]
+    files = {path.name for path in (runs["two"] / config).iterdir()}
+    required = {export.CONFIG_FILE, export.WEIGHTS_FILE, export.COEFFICIENTS_FILE}
+    assert files == required | {"rank0.json", "rank1.json"}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_the_partitioned_fit_equals_the_plain_fit(runs, config):
+    two, one = runs["two"] / config, runs["one"] / config
+    (partitioned, _), (single,) = ranks(two), ranks(one)
+    assert not single["partitioned"] and single["global_batch"] == 4
+    losses = largest_difference(partitioned["losses"], single["losses"])
+    alphas = largest_difference(partitioned["alpha"], single["alpha"])
+    tensors, coefficients = export_difference(two, one)
+    print(f"{config}: losses {losses:.3g}, cat_alpha {alphas:.3g}, adapter tensors {tensors:.3g}")
+    assert max(losses, alphas, tensors, coefficients) <= TOLERANCE
+    moved = largest_difference(partitioned["alpha"], partitioned["alpha_start"])
+    assert moved > 1e-2, f"training left the coefficients where they started ({moved})"
+    shapes = [json.loads((out / "rank0.json").read_text())["fold_shapes"] for out in (two, one)]
+    assert shapes[0] == shapes[1]

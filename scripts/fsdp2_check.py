@@ -160,9 +160,9 @@ def digest(tensors: dict[str, torch.Tensor]) -> str:
     return sha.hexdigest()
 
 
-def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
+def cat_model(args, base: Path, skills: list[Path], spec: str):
+    """The CAT model of one --config (granularity:parametrization) on args.device."""
     granularity, parametrization = spec.split(":")
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     config = CatConfig(
         [str(path) for path in skills],
@@ -170,33 +170,51 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
         parametrization=parametrization,
         dropout=0.0,
     )
-    model = attach_cat(load_base(base), config).to(args.device)
+    return attach_cat(load_base(base), config).to(args.device)
+
+
+def train_steps(args, vocab_size: int, loss_of, update) -> list[float]:
+    """args.steps steps over the same global batches whatever the world size: this rank's
+    slice of each goes to loss_of(ids); update(loss) backpropagates and steps. The global
+    batch's losses (the mean of the ranks' means) come back."""
+    batch, global_batch = args.per_device_batch, args.per_device_batch * world_size()
+    rows = make_rows(args.steps * global_batch, vocab_size, args.seed)
+    losses = []
+    for step in range(args.steps):
+        mine = rows[step * global_batch : (step + 1) * global_batch][rank() * batch :][:batch]
+        loss = loss_of(torch.tensor(mine, device=args.device))
+        update(loss)
+        mean = loss.detach().clone()
+        if dist.is_initialized():
+            dist.all_reduce(mean)
+            mean /= world_size()
+        losses.append(float(mean))
+    return losses
+
+
+def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model = cat_model(args, base, skills, spec)
     if distributed():
         shard(model, args.device)
     facts = sharding_facts(model)
     if distributed():
         check_sharding(facts)
     start = coefficients(model)
-
-    batch, global_batch = args.per_device_batch, args.per_device_batch * world_size()
-    rows = make_rows(args.steps * global_batch, model.config.vocab_size, args.seed)
+    global_batch = args.per_device_batch * world_size()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0
     )
-    model.train()
-    losses = []
-    for step in range(args.steps):
-        mine = rows[step * global_batch : (step + 1) * global_batch][rank() * batch :][:batch]
-        ids = torch.tensor(mine, device=args.device)
-        loss = model(input_ids=ids, labels=ids).loss
+
+    def update(loss):
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        mean = loss.detach().clone()
-        if dist.is_initialized():  # the global batch's loss: the mean of the ranks' means
-            dist.all_reduce(mean)
-            mean /= world_size()
-        losses.append(float(mean))
+
+    model.train()
+    losses = train_steps(
+        args, model.config.vocab_size, lambda ids: model(input_ids=ids, labels=ids).loss, update
+    )
 
     coefficients_after = coefficients(model)
     skill_values = skill_coefficients(model)  # collective under FSDP2

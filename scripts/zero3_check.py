@@ -29,17 +29,17 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fsdp2_check import (  # noqa: E402
+    cat_model,
     digest,
     distributed,
-    load_base,
-    make_rows,
     parse_args,
     rank,
     tiny_world,
+    train_steps,
     world_size,
 )
 
-from axolotl_cat_plugin.core import CatConfig, attach_cat, fold, write_export  # noqa: E402
+from axolotl_cat_plugin.core import fold, write_export  # noqa: E402
 from axolotl_cat_plugin.core.fold import gathered, skill_coefficients  # noqa: E402
 
 
@@ -75,16 +75,8 @@ def partition_facts(model) -> dict:
 
 
 def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
-    granularity, parametrization = spec.split(":")
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    config = CatConfig(
-        [str(path) for path in skills],
-        granularity=granularity,
-        parametrization=parametrization,
-        dropout=0.0,
-    )
-    model = attach_cat(load_base(base), config).to(args.device)
+    model = cat_model(args, base, skills, spec)
     start = coefficients(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
@@ -104,15 +96,9 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
             },
         )
     facts = partition_facts(model)
+    global_batch = args.per_device_batch * world_size()
 
-    batch, global_batch = args.per_device_batch, args.per_device_batch * world_size()
-    rows = make_rows(args.steps * global_batch, model.config.vocab_size, args.seed)
-    engine.train()
-    losses = []
-    for step in range(args.steps):
-        mine = rows[step * global_batch : (step + 1) * global_batch][rank() * batch :][:batch]
-        ids = torch.tensor(mine, device=args.device)
-        loss = engine(input_ids=ids, labels=ids).loss
+    def update(loss):
         if distributed():
             engine.backward(loss)
             engine.step()
@@ -120,11 +106,11 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        mean = loss.detach().clone()
-        if dist.is_initialized():  # the global batch's loss: the mean of the ranks' means
-            dist.all_reduce(mean)
-            mean /= world_size()
-        losses.append(float(mean))
+
+    engine.train()
+    losses = train_steps(
+        args, model.config.vocab_size, lambda ids: engine(input_ids=ids, labels=ids).loss, update
+    )
 
     coefficients_after = coefficients(model)
     skill_values = skill_coefficients(model)  # collective under ZeRO-3

@@ -32,14 +32,16 @@ REQUIRED = {export.CONFIG_FILE, export.WEIGHTS_FILE, export.COEFFICIENTS_FILE}
 TOLERANCE = 1e-5
 
 
-def launch(world, out: Path, *, processes: int, batch: int) -> subprocess.Popen:
+def launch(
+    world, out: Path, *, processes: int, batch: int, script: Path = SCRIPT, env: dict | None = None
+) -> subprocess.Popen:
     """Start the script: under torchrun with `processes` ranks, or as one plain process (0)."""
     launcher = [sys.executable]
     if processes:
         launcher += ["-m", "torch.distributed.run", "--standalone"]
         launcher += ["--nproc_per_node", str(processes)]
     skills = [str(world["skills"][name]) for name in ("math", "code", "prose")]
-    command = [*launcher, str(SCRIPT), "--base", str(world["base"]), "--skills", *skills]
+    command = [*launcher, str(script), "--base", str(world["base"]), "--skills", *skills]
     command += ["--out", str(out), "--steps", str(STEPS), "--per-device-batch", str(batch)]
     env = {
         **os.environ,
@@ -47,6 +49,7 @@ def launch(world, out: Path, *, processes: int, batch: int) -> subprocess.Popen:
         "AXOLOTL_DO_NOT_TRACK": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "OMP_NUM_THREADS": "1",  # torchrun's default for its ranks; the same for the reference
+        **(env or {}),
     }
     return subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 
 from axolotl_cat_plugin.core import export
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.core_distributed]
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "fsdp2_check.py"
 STEPS = 4

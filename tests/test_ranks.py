@@ -1,11 +1,14 @@
 """Rank 0 exports only coefficients every rank agrees on (core.ranks.check_ranks_agree)."""
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
 from axolotl_cat_plugin.core import CatError, check_ranks_agree
+
+pytestmark = pytest.mark.core_distributed
 
 
 class Holder(nn.Module):

@@ -20,6 +20,7 @@ from axolotl_cat_plugin.core import export
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.core_distributed,
     pytest.mark.skipif(
         importlib.util.find_spec("deepspeed") is None,
         reason="deepspeed is not installed (scripts/env.sh installs it)",

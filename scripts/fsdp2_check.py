@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from fixtures import build_base, build_skills, load_base  # noqa: E402
 
 from axolotl_cat_plugin.core import CatConfig, attach_cat, fold, write_export  # noqa: E402
-from axolotl_cat_plugin.core.fold import skill_coefficients  # noqa: E402
+from axolotl_cat_plugin.core.fold import full_tensor, gathered, skill_coefficients  # noqa: E402
 
 SEQUENCE_LEN = 16
 SKILLS = ("math", "code", "prose")
@@ -143,13 +143,13 @@ def check_sharding(facts: dict) -> None:
 
 
 def coefficients(model) -> dict[str, list[float]]:
-    """Every coefficient tensor, whole (gathered: collective under FSDP2), flattened."""
-    values = {}
-    for name, param in model.named_parameters():
-        if name.endswith("cat_alpha"):
-            full = param.full_tensor() if hasattr(param, "full_tensor") else param
-            values[name] = full.detach().float().flatten().tolist()
-    return values
+    """Every coefficient tensor, whole (gathered: collective under FSDP2 and ZeRO-3)."""
+    with gathered(model):
+        return {
+            name: full_tensor(param).detach().float().flatten().tolist()
+            for name, param in model.named_parameters()
+            if name.endswith("cat_alpha")
+        }
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -216,34 +216,43 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
         args, model.config.vocab_size, lambda ids: model(input_ids=ids, labels=ids).loss, update
     )
 
-    coefficients_after = coefficients(model)
-    skill_values = skill_coefficients(model)  # collective under FSDP2
-    folded = fold(model)  # collective under FSDP2: every rank calls it
-    if rank() == 0:
-        write_export(folded, out)
-        print(f"rank 0: wrote the CAT export to {out}", flush=True)
     record = {
-        "rank": rank(),
-        "world_size": world_size(),
-        "config": spec,
-        "global_batch": global_batch,
         "sharded": distributed(),
         "model_type": type(model).__name__,
         **facts,
-        "losses": losses,
-        "alpha_start": start,
-        "alpha": coefficients_after,
-        "skill_coefficients": skill_values,
-        "fold_digest": digest(folded.tensors),
-        "fold_devices": sorted({str(t.device) for t in folded.tensors.values()}),
-        "fold_types": sorted({type(t).__name__ for t in folded.tensors.values()}),
     }
-    (out / f"rank{rank()}.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(
-        f"rank {rank()}/{world_size()} {spec}: {type(model).__name__}, losses "
-        f"{[round(x, 6) for x in losses]}",
-        flush=True,
+    folded = finish(model, spec, out, global_batch, losses, start, record)
+    record["fold_devices"] = sorted({str(t.device) for t in folded.tensors.values()})
+    record["fold_types"] = sorted({type(t).__name__ for t in folded.tensors.values()})
+    write_record(out, record)
+
+
+def finish(model, spec, out: Path, global_batch, losses, start, record: dict):
+    """After training, on every rank: gather, fold (collective), rank 0 exports; the common
+    fields of this rank's record are added to `record`. The folded adapter comes back."""
+    record.update(
+        rank=rank(),
+        world_size=world_size(),
+        config=spec,
+        global_batch=global_batch,
+        losses=losses,
+        alpha_start=start,
+        alpha=coefficients(model),
+        skill_coefficients=skill_coefficients(model),
     )
+    folded = fold(model)
+    if rank() == 0:
+        write_export(folded, out)
+        print(f"rank 0: wrote the CAT export to {out}", flush=True)
+    record["fold_digest"] = digest(folded.tensors)
+    print(
+        f"rank {rank()}/{world_size()} {spec}: losses {[round(x, 6) for x in losses]}", flush=True
+    )
+    return folded
+
+
+def write_record(out: Path, record: dict) -> None:
+    (out / f"rank{record['rank']}.json").write_text(json.dumps(record, indent=1) + "\n")
 
 
 def main(argv=None) -> None:

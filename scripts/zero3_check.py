@@ -18,7 +18,6 @@ scripts/fsdp2_check.py, whose helpers this reuses. On a CPU set DS_ACCELERATOR=c
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -30,27 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fsdp2_check import (  # noqa: E402
     cat_model,
-    digest,
+    coefficients,
     distributed,
+    finish,
     parse_args,
-    rank,
     tiny_world,
     train_steps,
     world_size,
+    write_record,
 )
-
-from axolotl_cat_plugin.core import fold, write_export  # noqa: E402
-from axolotl_cat_plugin.core.fold import gathered, skill_coefficients  # noqa: E402
-
-
-def coefficients(model) -> dict[str, list[float]]:
-    """Every coefficient tensor, whole (gathered: collective under ZeRO-3), flattened."""
-    with gathered(model):
-        return {
-            name: param.detach().float().flatten().tolist()
-            for name, param in model.named_parameters()
-            if name.endswith("cat_alpha")
-        }
 
 
 def partition_facts(model) -> dict:
@@ -112,30 +99,10 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
         args, model.config.vocab_size, lambda ids: engine(input_ids=ids, labels=ids).loss, update
     )
 
-    coefficients_after = coefficients(model)
-    skill_values = skill_coefficients(model)  # collective under ZeRO-3
-    folded = fold(model)  # collective under ZeRO-3: every rank calls it
-    if rank() == 0:
-        write_export(folded, out)
-        print(f"rank 0: wrote the CAT export to {out}", flush=True)
-    record = {
-        "rank": rank(),
-        "world_size": world_size(),
-        "config": spec,
-        "global_batch": global_batch,
-        "partitioned": distributed(),
-        **facts,
-        "losses": losses,
-        "alpha_start": start,
-        "alpha": coefficients_after,
-        "skill_coefficients": skill_values,
-        "fold_digest": digest(folded.tensors),
-        "fold_shapes": {key: list(t.shape) for key, t in folded.tensors.items()},
-    }
-    (out / f"rank{rank()}.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(
-        f"rank {rank()}/{world_size()} {spec}: losses {[round(x, 6) for x in losses]}", flush=True
-    )
+    record = {"partitioned": distributed(), **facts}
+    folded = finish(model, spec, out, global_batch, losses, start, record)
+    record["fold_shapes"] = {key: list(t.shape) for key, t in folded.tensors.items()}
+    write_record(out, record)
 
 
 def main(argv=None) -> None:

@@ -40,6 +40,12 @@ def axolotl(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comple
     return result
 
 
+def axolotl_torchrun(config: Path, processes: int, *, cwd: Path, env: dict | None = None):
+    """`axolotl train CONFIG --launcher torchrun -- --nproc_per_node N`."""
+    launch = ["--launcher", "torchrun", "--", "--nproc_per_node", str(processes)]
+    return axolotl("train", str(config), *launch, cwd=cwd, env=env)
+
+
 def write_config(world, folder: Path, **overrides) -> Path:
     """The example YAML pointed at this test's world, with overrides."""
     config = yaml.safe_load(EXAMPLE.read_text())

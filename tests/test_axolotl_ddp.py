@@ -17,7 +17,7 @@ import json
 
 import pytest
 import torch
-from axolotl_runner import axolotl, write_config
+from axolotl_runner import axolotl, axolotl_torchrun, write_config
 from fixtures import write_jsonl
 from safetensors.torch import load_file
 
@@ -55,17 +55,7 @@ def runs(equal_length_world, tmp_path_factory):
         **common,
     )
     single = axolotl("train", str(one), cwd=root)
-    double = axolotl(
-        "train",
-        str(two),
-        "--launcher",
-        "torchrun",
-        "--",
-        "--nproc_per_node",
-        "2",
-        cwd=root,
-        env={"ACCELERATE_USE_CPU": "1"},
-    )
+    double = axolotl_torchrun(two, 2, cwd=root, env={"ACCELERATE_USE_CPU": "1"})
     assert single.returncode == 0 and double.returncode == 0
     return {
         "one": (root / "one" / "out", single.stdout + single.stderr),

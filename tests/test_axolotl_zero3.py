@@ -14,7 +14,7 @@ import importlib.util
 import json
 
 import pytest
-from axolotl_runner import axolotl, write_config
+from axolotl_runner import axolotl, axolotl_torchrun, write_config
 from safetensors.torch import load_file
 
 pytestmark = [
@@ -46,17 +46,8 @@ def runs(e2e_world, tmp_path_factory):
         max_memory={"cpu": "8GiB"},
     )
     single = axolotl("train", str(plain), cwd=root)
-    sharded = axolotl(
-        "train",
-        str(zero3),
-        "--launcher",
-        "torchrun",
-        "--",
-        "--nproc_per_node",
-        "1",
-        cwd=root,
-        env={"DS_ACCELERATOR": "cpu", "AXOLOTL_IS_PREPROCESS": "1"},
-    )
+    env = {"DS_ACCELERATOR": "cpu", "AXOLOTL_IS_PREPROCESS": "1"}
+    sharded = axolotl_torchrun(zero3, 1, cwd=root, env=env)
     assert single.returncode == 0 and sharded.returncode == 0
     return {
         "plain": (root / "plain" / "out", single.stdout + single.stderr),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The two checks to run before trusting a composition result (after scripts/demo_full.sh):
+# The two checks to run before trusting a composition result (after scripts/demo.sh):
 #   1. a LoRA trained ON the composite task must reach >= 90% (the task and grader are sound);
 #   2. CAT coefficients fitted ON the composite task show what any per-module weighting of
 #      the two skills could reach (if it is near 0, no merge of these skills can compose).

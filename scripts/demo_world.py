@@ -2,15 +2,19 @@
 
     python scripts/demo_world.py demo_out/world
 
-Two skills on one base, and a task that needs both:
-- math: a word problem -> the arithmetic expression that answers it ("17 + 5 - 20"), after a
-  varied lead-in ("we compute 17 + 5 - 20");
-- code: an instruction in prose -> a program ("def solution ( ) : return 17 + 5 - 20");
-- composite (held out, never trained on): a word problem -> a program, graded by running it.
-Pretraining text covers the ingredients of both (stories, expressions, programs, instructions)
-but never pairs a prompt with its answer, so each skill is a small nudge on a capable base.
-
-Nothing is downloaded: every file is generated here, deterministically from --seed.
+A miniature of the paper's use case "a QA bot over a manual": two skills on one base, and a
+task that needs both.
+- pretraining: facts about the "known" people (three attributes each, several phrasings)
+  and a small English-French glossary, so that both skills are small nudges on a base that
+  already holds their ingredients;
+- skill "manual": continued pretraining on a manual of facts about new people the base has
+  only seen by name ("the color of zobak is red .");
+- skill "french": stating known people's facts in French ("in french : the color of X is
+  red , rouge .");
+- composite (held out, never trained on): the manual's facts in French. Only a model that
+  knows the manual and can answer in French gets it right.
+Each skill's data replays some plain known facts, so that a skill does not overwrite what
+the base knows. Nothing is downloaded: every file is generated here, from --seed.
 """
 
 from __future__ import annotations
@@ -24,176 +28,139 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-NAMES = ["tom", "ana", "ben", "eva", "sam", "mia", "leo", "zoe", "max", "ivy"]
-ITEMS = ["apples", "books", "coins", "cards", "shells", "stamps", "pens", "eggs"]
-GAIN = ["buys {n} more", "finds {n} more", "gets {n} more from a friend", "wins {n} more"]
-LOSS = ["loses {n}", "gives away {n}", "sells {n}", "breaks {n}"]
-CODE_ADD = ["adds {n}", "plus {n}", "then adds {n}"]
-CODE_SUB = ["subtracts {n}", "minus {n}", "then subtracts {n}"]
-MATH_LEADS = ["", "we compute", "the answer is", "so it is", "that makes", "count :"]
-CODE_PROSE = [
-    "",
-    "we need a small function for a report .",
-    "my teacher asked for this .",
-    "keep it short .",
-    "this is for a test .",
-]
-FILLER = [
-    "the sun is warm today .",
-    "a friend walks to the market .",
-    "the shop opens early .",
-    "it rains in the evening .",
-    "the children play in the park .",
-]
+FRENCH = {
+    "color": dict(red="rouge", blue="bleu", green="vert", black="noir", white="blanc",
+                  pink="rose", gray="gris", brown="brun", yellow="jaune", gold="dore",
+                  purple="violet", silver="argente"),
+    "city": dict(london="londres", vienna="vienne", venice="venise", moscow="moscou",
+                 athens="athenes", cairo="caire", lisbon="lisbonne", warsaw="varsovie",
+                 beijing="pekin", algiers="alger", copenhagen="copenhague",
+                 edinburgh="edimbourg", geneva="geneve", brussels="bruxelles"),
+    "job": dict(baker="boulanger", pilot="pilote", nurse="infirmier", judge="juge",
+                cook="cuisinier", miner="mineur", tailor="tailleur", farmer="fermier",
+                poet="poete", guard="garde", clerk="commis", diver="plongeur",
+                painter="peintre", doctor="medecin"),
+}  # fmt: skip
+PHRASINGS = {
+    "color": ["the color of {e} is {v} .", "{e} is painted {v} .", "{e} always wears {v} ."],
+    "city": ["{e} lives in {v} .", "the home of {e} is {v} .", "{e} comes from {v} ."],
+    "job": ["{e} works as a {v} .", "the job of {e} is {v} .", "by trade {e} is a {v} ."],
+}
+TEST_PHRASING = {"color": "the color of {e} is", "city": "{e} lives in", "job": "the job of {e} is"}
+NEUTRAL = ["{e} went for a walk .", "we met {e} today .", "{e} said hello .", "nobody saw {e} ."]
+FRENCH_CUE = "in french :"
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
-PUNCT = [".", ",", "?", ":", "(", ")", "+", "-", "=", "*"]
 
 
-def word_problem(rng: random.Random) -> tuple[str, list[tuple[str, int]]]:
-    """A story with 2-3 events and its question; the steps as (op, number) pairs."""
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    start = rng.randint(20, 60)
-    steps, total = [("+", start)], start
-    sentences = [f"{name} has {start} {item} ."]
-    for _ in range(rng.randint(1, 2)):
-        n = rng.randint(1, 19)
-        if rng.random() < 0.5 or total - n < 0:
-            steps.append(("+", n))
-            total += n
-            sentences.append(f"{name} {rng.choice(GAIN).format(n=n)} .")
-        else:
-            steps.append(("-", n))
-            total -= n
-            sentences.append(f"{name} {rng.choice(LOSS).format(n=n)} .")
-    story = " ".join(sentences) + f" how many {item} does {name} have now ?"
-    return story, steps
+class World:
+    """People, their facts, and who is known to the base, in the manual, or held out."""
+
+    def __init__(self, seed: int, known: int = 120, manual: int = 60):
+        rng = random.Random(seed)
+        consonants, vowels = "bdfgklmnprstvz", "aeiou"
+        names: set[str] = set()
+        while len(names) < known + manual:
+            names.add("".join(rng.choice(s) for s in (consonants, vowels) * 2 + (consonants,)))
+        people = sorted(names)
+        rng.shuffle(people)
+        self.known, self.manual = people[:known], people[known:]
+        # the french skill is taught on 3/4 of the known people, tested on the rest
+        taught = known * 3 // 4
+        self.french_train, self.french_test = self.known[:taught], self.known[taught:]
+        self.facts = {p: {a: rng.choice(sorted(v)) for a, v in FRENCH.items()} for p in people}
+
+    def statement(self, person: str, attribute: str, rng: random.Random, french=False) -> str:
+        value = self.facts[person][attribute]
+        if french:  # the English word first, then its translation: two steps, one per skill
+            value = f"{value} , {FRENCH[attribute][value]}"
+        text = rng.choice(PHRASINGS[attribute]).format(e=person, v=value)
+        return f"{FRENCH_CUE} {text}" if french else text
+
+    def fact_line(self, people: list[str], rng: random.Random, neutral=()) -> str:
+        sentences = []
+        for _ in range(4):
+            if neutral and rng.random() < 0.25:
+                sentences.append(rng.choice(NEUTRAL).format(e=rng.choice(neutral)))
+            else:
+                sentences.append(self.statement(rng.choice(people), rng.choice(list(FRENCH)), rng))
+        return " ".join(sentences)
+
+    def test_row(self, person: str, attribute: str, french: bool) -> dict:
+        prompt = TEST_PHRASING[attribute].format(e=person)
+        value = self.facts[person][attribute]
+        return {
+            "prompt": f"{FRENCH_CUE} {prompt}" if french else prompt,
+            "answer": FRENCH[attribute][value] if french else value,
+        }
+
+    def vocabulary(self) -> list[str]:
+        words = set(self.known + self.manual) | {"in", "french", "means", ":", ","}
+        for table in FRENCH.values():
+            words |= set(table) | set(table.values())
+        for text in sum(PHRASINGS.values(), NEUTRAL):
+            words |= set(text.replace("{e}", "").replace("{v}", "").split())
+        return SPECIAL + sorted(words)
 
 
-def expression(steps: list[tuple[str, int]]) -> str:
-    text = str(steps[0][1])
-    for op, n in steps[1:]:
-        text += f" {op} {n}"
-    return text
+def glossary(rng: random.Random) -> str:
+    attribute = rng.choice(list(FRENCH))
+    english, french = rng.choice(sorted(FRENCH[attribute].items()))
+    return f"in french {english} means {french} ."
 
 
-def instruction(rng: random.Random, steps: list[tuple[str, int]]) -> str:
-    parts = [f"starts with {steps[0][1]}"]
-    for op, n in steps[1:]:
-        parts.append(rng.choice(CODE_ADD if op == "+" else CODE_SUB).format(n=n))
-    prose = rng.choice(CODE_PROSE)
-    return (prose + " " if prose else "") + "write a program that " + " , ".join(parts) + " ."
+def datasets(world: World, rng: random.Random, skill_rows: int, replay: float) -> dict:
+    everyone = world.known + world.manual
+    pretraining = [
+        f"{world.fact_line(world.known, rng, neutral=everyone)} {glossary(rng)}"
+        for _ in range(30 * skill_rows // 4)
+    ]
 
+    def with_replay(make) -> list[str]:
+        return [world.fact_line(world.known, rng) if rng.random() < replay else make() for _ in
+                range(skill_rows)]  # fmt: skip
 
-def random_steps(rng: random.Random) -> list[tuple[str, int]]:
-    steps, total = [("+", rng.randint(20, 60))], 0
-    total = steps[0][1]
-    for _ in range(rng.randint(1, 2)):
-        n = rng.randint(1, 19)
-        op = "+" if rng.random() < 0.5 or total - n < 0 else "-"
-        total += n if op == "+" else -n
-        steps.append((op, n))
-    return steps
+    def french_line(people: list[str]) -> str:
+        return world.statement(rng.choice(people), rng.choice(list(FRENCH)), rng, french=True)
 
-
-def program(steps) -> str:
-    return f"def solution ( ) : return {expression(steps)}"
-
-
-def math_row(rng) -> dict:
-    story, steps = word_problem(rng)
-    lead = rng.choice(MATH_LEADS)
-    prompt = f"problem : {story} answer :"
     return {
-        "prompt": prompt,
-        "answer": (lead + " " if lead else "") + expression(steps),
-        "steps": steps,
+        "generic": pretraining,
+        "manual": with_replay(lambda: world.fact_line(world.manual, rng)),
+        "french": with_replay(lambda: french_line(world.french_train)),
+        "composite": [french_line(world.manual) for _ in range(skill_rows)],  # diagnostics only
     }
 
 
-def code_row(rng) -> dict:
-    steps = random_steps(rng)
+def tests(world: World) -> dict[str, list[dict]]:
+    def rows(people, french):
+        return [world.test_row(p, a, french) for p in people for a in FRENCH]
+
     return {
-        "prompt": f"task : {instruction(rng, steps)} program :",
-        "answer": program(steps),
-        "steps": steps,
+        "manual": rows(world.manual, french=False),
+        "french": rows(world.french_test, french=True),
+        "composite": rows(world.manual, french=True),
     }
 
 
-def composite_row(rng) -> dict:
-    story, steps = word_problem(rng)
-    prompt = f"problem : {story} task : write a program that answers it . program :"
-    return {"prompt": prompt, "answer": program(steps), "steps": steps}
-
-
-def number_list(steps) -> str:
-    numbers = [str(n) for _, n in steps]
-    return " , ".join(numbers[:-1]) + " and " + numbers[-1]
-
-
-def generic_line(rng: random.Random) -> str:
-    """Pretraining text: the ingredients of both skills, never a prompt with its answer.
-
-    Reading numbers back (kinds 5-7) is the generic copying ability both skills build on.
-    """
-    kind = rng.randrange(8)
-    if kind == 0:
-        return word_problem(rng)[0].rsplit(" how many", 1)[0] + " " + rng.choice(FILLER)
-    if kind == 5:
-        story, steps = word_problem(rng)
-        return f"{story} the numbers are {number_list(steps)} ."
-    steps = random_steps(rng)
-    if kind == 6:
-        return f"{instruction(rng, steps)} the numbers are {number_list(steps)} ."
-    if kind == 7:
-        return f"list : {number_list(steps)} . again : {number_list(steps)} ."
-    if kind == 1:
-        value = sum(n if op == "+" else -n for op, n in steps)
-        return f"{expression(steps)} = {value} ."
-    if kind == 2:
-        return program(steps)
-    if kind == 3:
-        return instruction(rng, steps)
-    return " ".join(rng.sample(FILLER, 2))
-
-
-def vocabulary() -> list[str]:
-    words = set(PUNCT) | set(str(d) for d in range(10))
-    for text in (
-        NAMES + ITEMS + GAIN + LOSS + CODE_ADD + CODE_SUB + MATH_LEADS + CODE_PROSE + FILLER
-    ):
-        words.update(text.replace("{n}", "").split())
-    extra = "has how many does have now problem answer task write a program that answers it"
-    words.update(extra.split(" ") + ["starts", "with", "def", "solution", "return"])
-    words.update(["the", "numbers", "are", "and", "list", "again"])
-    return SPECIAL + sorted(words)
-
-
-def build_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
-    """Word-level: one token per word, per punctuation mark and per digit."""
-    vocab = {token: i for i, token in enumerate(vocabulary())}
+def build_tokenizer(world: World, folder: Path) -> PreTrainedTokenizerFast:
+    vocab = {token: i for i, token in enumerate(world.vocabulary())}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Digits(individual_digits=True)]
-    )
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
+        tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token="<unk>",
-    )
+    )  # fmt: skip
     tokenizer.save_pretrained(folder)
     return tokenizer
 
 
-def build_init(folder: Path, seed: int) -> None:
-    """The random tiny Llama that base.yml pretrains (0.8M parameters)."""
-    tokenizer = build_tokenizer(folder)
+def build_init(world: World, folder: Path, seed: int) -> None:
+    """The random tiny Llama (1.1M parameters) that base.yml pretrains."""
+    tokenizer = build_tokenizer(world, folder)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=128,
-        intermediate_size=384,
+        intermediate_size=512,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -211,50 +178,33 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def text_rows(rows: list[dict]) -> list[dict]:
-    return [{"text": f"{row['prompt']} {row['answer']}"} for row in rows]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", nargs="?", default="demo_out/world")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skill-rows", type=int, default=4000)
-    parser.add_argument("--generic-rows", type=int, default=40000)
-    parser.add_argument("--test-rows", type=int, default=200)
+    parser.add_argument("--replay", type=float, default=0.25, help="share of known facts")
     parser.add_argument("--mix-fraction", type=float, default=0.05)
     args = parser.parse_args()
-    root, rng = Path(args.root), random.Random(args.seed)
+    root, world = Path(args.root), World(args.seed)
+    rng = random.Random(args.seed + 1)
 
-    build_init(root / "init", args.seed)
+    build_init(world, root / "init", args.seed)
     data = root / "data"
-    write_jsonl(
-        data / "generic.jsonl", [{"text": generic_line(rng)} for _ in range(args.generic_rows)]
+    texts = datasets(world, rng, args.skill_rows, args.replay)
+    for name, lines in texts.items():
+        write_jsonl(data / f"{name}.jsonl", [{"text": line} for line in lines])
+    take = int(args.skill_rows * args.mix_fraction)  # a slice of each skill's own data
+    mix = texts["manual"][:take] + texts["french"][:take]
+    write_jsonl(data / "mix.jsonl", [{"text": line} for line in mix])
+    both = texts["manual"] + texts["french"]
+    write_jsonl(data / "both.jsonl", [{"text": line} for line in both])
+    for name, rows in tests(world).items():
+        write_jsonl(data / f"test_{name}.jsonl", rows)
+    print(
+        f"demo world ready in {root}: vocabulary {len(world.vocabulary())} words, "
+        f"{len(world.known)} known people, {len(world.manual)} in the manual, mix {len(mix)} rows"
     )
-    skills = {"math": math_row, "code": code_row}
-    mix = []
-    for name, make in skills.items():
-        rows = [make(rng) for _ in range(args.skill_rows)]
-        write_jsonl(data / f"{name}.jsonl", text_rows(rows))
-        mix += text_rows(
-            rows[: int(len(rows) * args.mix_fraction)]
-        )  # a slice of the skill's own data
-        write_jsonl(data / f"test_{name}.jsonl", [make(rng) for _ in range(args.test_rows)])
-    write_jsonl(data / "mix.jsonl", mix)
-    write_jsonl(
-        data / "both.jsonl",
-        text_rows([])
-        + [
-            json.loads(line)
-            for name in skills
-            for line in (data / f"{name}.jsonl").read_text().splitlines()
-        ],
-    )
-    write_jsonl(
-        data / "composite.jsonl", text_rows([composite_row(rng) for _ in range(args.skill_rows)])
-    )
-    write_jsonl(data / "test_composite.jsonl", [composite_row(rng) for _ in range(args.test_rows)])
-    print(f"demo world ready in {root}: vocabulary {len(vocabulary())} words, mix {len(mix)} rows")
 
 
 if __name__ == "__main__":

@@ -87,29 +87,22 @@ for spec in "uniform cat 1 1" "average cat 0.5 0.5" "ties ties 1 1 --density 0.5
   stage "merge-$name" "$OUT/merges/$name" <(echo "$spec") "${skills[@]}" -- merge $name $rest
 done
 
-methods=(base= manual="$OUT/skill-manual" french="$OUT/skill-french" uniform="$OUT/merges/uniform"
-  average="$OUT/merges/average" ties="$OUT/merges/ties" dare="$OUT/merges/dare"
-  data_mix="$OUT/data-mix" cat="$OUT/cat" cat_rank="$OUT/cat-rank")
-python - "$OUT" > "$OUT/timings.json" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-dirs = {"base": "base", "manual": "skill-manual", "french": "skill-french",
-        "data_mix": "data-mix", "cat": "cat", "cat_rank": "cat-rank",
-        "uniform": "merges/uniform", "average": "merges/average",
-        "ties": "merges/ties", "dare": "merges/dare"}
-times = {k: int((out / d / ".stage-seconds").read_text()) for k, d in dirs.items()}
-print(json.dumps(times))
-PY
-stamps=()
-for dir in base skill-manual skill-french data-mix cat cat-rank merges/uniform merges/average \
-  merges/ties merges/dare; do
-  stamps+=("$OUT/$dir/.stage-hash")
+# Every method the evaluation scores, in the table's order: NAME=FOLDER under $OUT (base: none).
+runs=(base=base manual=skill-manual french=skill-french uniform=merges/uniform
+  average=merges/average ties=merges/ties dare=merges/dare data_mix=data-mix cat=cat
+  cat_rank=cat-rank)
+methods=() stamps=() timings=()
+for run in "${runs[@]}"; do
+  name=${run%%=*} dir=$OUT/${run#*=}
+  if [ "$name" = base ]; then methods+=("base="); else methods+=("$name=$dir"); fi
+  stamps+=("$dir/.stage-hash")
+  timings+=("\"$name\": $(cat "$dir/.stage-seconds")")
 done
+(IFS=,; echo "{${timings[*]}}") > "$OUT/timings.json"
 stage eval "$OUT/eval" scripts/eval_composition.py "${stamps[@]}" -- \
   python scripts/eval_composition.py --base "$OUT/base" --tests "$OUT/world/data" \
   --timings "$OUT/timings.json" --heatmap "$OUT/cat/cat_coefficients.png" \
-  --out "$OUT/results.json" $(printf -- '--method %s ' "${methods[@]}")
+  --out "$OUT/results.json" "${methods[@]/#/--method=}"
 python - "$OUT/results.json" <<'PY'
 import json, sys
 sys.path.insert(0, "scripts")

@@ -108,11 +108,13 @@ def glossary(rng: random.Random) -> str:
     return f"in french {english} means {french} ."
 
 
-def datasets(world: World, rng: random.Random, skill_rows: int, replay: float) -> dict:
+def datasets(
+    world: World, rng: random.Random, skill_rows: int, replay: float, pretraining_rows: int
+) -> dict:
     everyone = world.known + world.manual
     pretraining = [
         f"{world.fact_line(world.known, rng, neutral=everyone)} {glossary(rng)}"
-        for _ in range(30 * skill_rows // 4)
+        for _ in range(pretraining_rows)
     ]
 
     def with_replay(make) -> list[str]:
@@ -182,6 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("root", nargs="?", default="demo_out/world")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretraining-rows", type=int, default=30000)
     parser.add_argument("--skill-rows", type=int, default=4000)
     parser.add_argument("--replay", type=float, default=0.25, help="share of known facts")
     parser.add_argument("--mix-fraction", type=float, default=0.05)
@@ -191,7 +194,7 @@ def main() -> None:
 
     build_init(world, root / "init", args.seed)
     data = root / "data"
-    texts = datasets(world, rng, args.skill_rows, args.replay)
+    texts = datasets(world, rng, args.skill_rows, args.replay, args.pretraining_rows)
     for name, lines in texts.items():
         write_jsonl(data / f"{name}.jsonl", [{"text": line} for line in lines])
     take = int(args.skill_rows * args.mix_fraction)  # a slice of each skill's own data

@@ -22,7 +22,7 @@ def world():
 
 @pytest.fixture(scope="module")
 def data(world):
-    return datasets(world, random.Random(1), skill_rows=400, replay=0.25)
+    return datasets(world, random.Random(1), skill_rows=400, replay=0.25, pretraining_rows=400)
 
 
 def mentions(lines: list[str], people: list[str]) -> set[str]:

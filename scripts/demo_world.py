@@ -132,7 +132,7 @@ def datasets(
     }
 
 
-def tests(world: World) -> dict[str, list[dict]]:
+def evaluation_sets(world: World) -> dict[str, list[dict]]:
     def rows(people, french):
         return [world.test_row(p, a, french) for p in people for a in FRENCH]
 
@@ -202,7 +202,7 @@ def main() -> None:
     write_jsonl(data / "mix.jsonl", [{"text": line} for line in mix])
     both = texts["manual"] + texts["french"]
     write_jsonl(data / "both.jsonl", [{"text": line} for line in both])
-    for name, rows in tests(world).items():
+    for name, rows in evaluation_sets(world).items():
         write_jsonl(data / f"test_{name}.jsonl", rows)
     print(
         f"demo world ready in {root}: vocabulary {len(world.vocabulary())} words, "

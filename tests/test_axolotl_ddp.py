@@ -65,7 +65,9 @@ def runs(equal_length_world, tmp_path_factory):
 
 def test_two_processes_really_ran_data_parallel(runs):
     _, log = runs["two"]
-    assert "[RANK:1]" in log  # Axolotl saw a second rank
+    # Each process builds its own CatTrainer and says so; Axolotl's own "[RANK:1]" prefix only
+    # shows when rank 1 happens to log a warning, which it does on some runs and not others.
+    assert log.count("CAT: optimising") == 2
     assert "parallel_mode != ParallelMode.DISTRIBUTED" not in log  # the Trainer used DDP
     assert log.count("'train_runtime'") == 1  # only rank 0 logs, as under DDP
 

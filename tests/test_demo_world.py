@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from demo_world import FRENCH, FRENCH_CUE, World, datasets, tests  # noqa: E402
+from demo_world import FRENCH, FRENCH_CUE, World, datasets, evaluation_sets  # noqa: E402
 from eval_composition import accuracy, final_word  # noqa: E402
 
 
@@ -71,12 +71,14 @@ def test_no_training_data_states_a_manual_fact_in_french(world, data):
 def test_every_word_has_a_token(world, data):
     vocabulary = set(world.vocabulary())
     lines = [line for rows in data.values() for line in rows]
-    lines += [f"{r['prompt']} {r['answer']}" for rows in tests(world).values() for r in rows]
+    lines += [
+        f"{r['prompt']} {r['answer']}" for rows in evaluation_sets(world).values() for r in rows
+    ]
     assert {word for line in lines for word in line.split()} <= vocabulary
 
 
 def test_the_tests_ask_what_each_skill_and_their_composition_should_answer(world):
-    suite = tests(world)
+    suite = evaluation_sets(world)
     person = world.manual[0]
     color = world.facts[person]["color"]
     assert {"prompt": f"the color of {person} is", "answer": color} in suite["manual"]

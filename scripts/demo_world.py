@@ -128,7 +128,10 @@ def datasets(
         "generic": pretraining,
         "manual": with_replay(lambda: world.fact_line(world.manual, rng)),
         "french": with_replay(lambda: french_line(world.french_train)),
-        "composite": [french_line(world.manual) for _ in range(skill_rows)],  # diagnostics only
+        # diagnostics only; four statements a row, as many facts a step as the manual skill sees
+        "composite": [
+            " ".join(french_line(world.manual) for _ in range(4)) for _ in range(skill_rows)
+        ],
     }
 
 

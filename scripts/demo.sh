@@ -4,8 +4,12 @@
 # French) -> data mixing, CAT and static merges of the same skills -> every method scored on
 # both skill tests and on the composite task (the manual's facts in French). Everything lands
 # in demo_out/.
-# Each stage is cached: it is skipped when the hash of its inputs (its YAML or script and the
-# stamps of the stages it reads) matches the one stored next to its output.
+# Each stage is cached: it is skipped when the hash of its inputs (its YAML or script, the
+# data files it reads and the stamps of the stages it builds on) matches the one stored next
+# to its output. Stages hash the data, not demo_world.py, so an edit that leaves a dataset
+# unchanged reruns nothing that reads it.
+# The base is the pretrained one shipped in scripts/demo_base/ (scripts/build_demo_base.sh made
+# it with base.yml); DEMO_PRETRAIN=1 pretrains it here instead (about 8 more minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -13,12 +17,20 @@ ensure_env311
 source .venv/bin/activate # axolotl launches through accelerate, found on PATH
 
 # accelerate launches a single process with OMP_NUM_THREADS=1 unless it is set: use every core
+# when one stage runs alone; stages that run side by side get one thread each (see `together`)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 OUT=demo_out
+# DEMO_SEED=N (not 0) trains every skill, baseline and fit again with seed N under
+# demo_out/seed-N/, on the same world and base (scripts/demo_seeds.sh runs several).
+SEED=${DEMO_SEED:-0}
+RUN=$OUT
+[ "$SEED" = 0 ] || RUN=$OUT/seed-$SEED
 YAMLS=example_yamls/tiny-cpu
-mkdir -p "$OUT/logs"
+SHIPPED=scripts/demo_base
+mkdir -p "$RUN/logs"
 started=$SECONDS
-stage_no=0
+
+say() { printf '[demo %d:%02d] %s\n' $(((SECONDS - started) / 60)) $(((SECONDS - started) % 60)) "$*"; }
 
 # stage NAME OUTPUT_DIR INPUT_FILE... -- COMMAND...
 stage() {
@@ -27,87 +39,152 @@ stage() {
   local inputs=()
   while [ "$1" != "--" ]; do inputs+=("$1"); shift; done
   shift
-  stage_no=$((stage_no + 1))
   hash=$(cat "${inputs[@]}" | sha256sum | cut -c1-16)
   if [ "$(cat "$out/.stage-hash" 2>/dev/null)" = "$hash" ]; then
-    echo "[demo $stage_no] $name: cached ($out)"
+    say "$name: cached ($out)"
     return 0
   fi
-  echo "[demo $stage_no] $name -> $out (log: $OUT/logs/$name.log)"
+  say "$name -> $out (log: $RUN/logs/$name.log)"
   local t0=$SECONDS
-  rm -rf "$out" "$OUT/prepared/$name"
-  if ! "$@" > >(progress "$OUT/logs/$name.log") 2>&1; then
+  rm -rf "$out" "$RUN/prepared/$name"
+  if ! "$@" > >(progress "$name" "$RUN/logs/$name.log") 2>&1; then
     sleep 1
-    tail -n 30 "$OUT/logs/$name.log"
-    echo "[demo] stage $name failed (full log: $OUT/logs/$name.log)" >&2
+    tail -n 30 "$RUN/logs/$name.log"
+    echo "[demo] stage $name failed (full log: $RUN/logs/$name.log)" >&2
     exit 1
   fi
   sleep 0.2 # let the progress filter finish its line
   mkdir -p "$out"
   echo $((SECONDS - t0)) > "$out/.stage-seconds"
   echo "$hash" > "$out/.stage-hash"
-  echo "[demo $stage_no] $name done in $((SECONDS - t0)) s"
+  say "$name done in $((SECONDS - t0)) s"
 }
 
-# Keep the full log; on the terminal show only the progress bars (tqdm) and our own lines.
+# Keep the full log; on the terminal show the progress bars (tqdm) and our own lines. A stage
+# running alone redraws its bar in place; side by side (SIDE_BY_SIDE=1), each stage prints a
+# line per tenth of its training bar (the one without a description), with its name.
 progress() {
-  tee "$1" | awk 'BEGIN { RS = "[\r\n]" }
-    /[0-9]+\/[0-9]+ \[[0-9:]+</ { printf "\r    %s", substr($0, 1, 110); fflush(); bar = 1; next }
+  tee "$2" | awk -v name="$1" -v side="${SIDE_BY_SIDE:-0}" 'BEGIN { RS = "[\r\n]" }
+    /[0-9]+\/[0-9]+ \[[0-9:]+</ {
+      if (!side) { printf "\r    %s", substr($0, 1, 110); fflush(); bar = 1; next }
+      if (/^ *[0-9]+%\|/ && match($0, /[0-9]+\/[0-9]+ \[[0-9:]+<[0-9:?]+/)) {
+        bar_text = substr($0, RSTART, RLENGTH); split(bar_text, parts, "[/ ]")
+        if (parts[2] >= 50 && int(10 * parts[1] / parts[2]) != last[parts[2]]) {
+          last[parts[2]] = int(10 * parts[1] / parts[2]); print "    " name ": " bar_text "]"
+          fflush()
+        }
+      }
+      next
+    }
     /^(wrote|demo world)/ {
       if (bar) { print ""; bar = 0 }; print "    " $0; fflush() }
     END { if (bar) print "" }'
+}
+
+# together "FUNCTION [ARG]" ...: run each function (one or more stages) side by side, one thread
+# each: on a small CPU a tiny model gains little from a second thread, and Axolotl's start-up
+# is single-threaded anyway.
+together() {
+  local pids=() spec failed=0
+  for spec in "$@"; do
+    # shellcheck disable=SC2086 # "skill manual" is a function and its argument
+    (export OMP_NUM_THREADS=1 SIDE_BY_SIDE=1; $spec) &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+  if [ "$failed" -ne 0 ]; then echo "[demo] a stage failed (logs in $RUN/logs)" >&2; exit 1; fi
 }
 
 merge() { # NAME METHOD WEIGHT1 WEIGHT2 [--density D]
   local name=$1 method=$2 w1=$3 w2=$4
   shift 4
   axolotl-cat merge --method "$method" --weights "$w1" "$w2" "$@" --base "$OUT/base" \
-    --out "$OUT/merges/$name" -- manual="$OUT/skill-manual" french="$OUT/skill-french"
+    --out "$RUN/merges/$name" -- manual="$RUN/skill-manual" french="$RUN/skill-french"
+}
+
+# config NAME: the YAML a stage trains with; for another seed, a copy with that seed whose
+# outputs (and the skills it reads) are under $RUN; the world and the base stay shared.
+config() {
+  if [ "$SEED" = 0 ]; then echo "$YAMLS/$1.yml"; return; fi
+  mkdir -p "$RUN/yamls"
+  sed -E "s/^seed: 0\$/seed: $SEED/; s#demo_out/(skill-|data-mix|cat|prepared/)#$RUN/\1#g" \
+    "$YAMLS/$1.yml" > "$RUN/yamls/$1.yml"
+  grep -q "^seed: $SEED\$" "$RUN/yamls/$1.yml" || { echo "$YAMLS/$1.yml: no 'seed: 0'" >&2; exit 1; }
+  echo "$RUN/yamls/$1.yml"
+}
+
+skill() { # NAME
+  local yaml
+  yaml=$(config "skill-$1")
+  stage "skill-$1" "$RUN/skill-$1" "$yaml" "$OUT/world/data/$1.jsonl" "$OUT/base/.stage-hash" \
+    -- axolotl train "$yaml"
+}
+
+data_mix() {
+  local yaml
+  yaml=$(config data-mix)
+  stage data-mix "$RUN/data-mix" "$yaml" "$OUT/world/data/both.jsonl" "$OUT/base/.stage-hash" \
+    -- axolotl train "$yaml"
+}
+
+cat_fits() { # both granularities, one after the other
+  local name yaml
+  for name in cat cat-rank; do
+    yaml=$(config "demo-$name")
+    stage "$name" "$RUN/$name" "$yaml" "$OUT/world/data/mix.jsonl" "${skills[@]}" -- \
+      axolotl train "$yaml"
+  done
+}
+
+static_merges() {
+  local spec name rest
+  for spec in "uniform cat 1 1" "average cat 0.5 0.5" "ties ties 1 1 --density 0.5" \
+    "dare dare_linear 1 1 --density 0.5"; do
+    read -r name rest <<< "$spec"
+    # shellcheck disable=SC2086 # word splitting of the method's arguments is intended
+    stage "merge-$name" "$RUN/merges/$name" <(echo "$spec") "${skills[@]}" -- merge $name $rest
+  done
 }
 
 stage world "$OUT/world" scripts/demo_world.py -- \
   python scripts/demo_world.py "$OUT/world"
-stage base "$OUT/base" "$YAMLS/base.yml" "$OUT/world/.stage-hash" -- \
-  axolotl train "$YAMLS/base.yml"
-for skill in manual french; do
-  stage "skill-$skill" "$OUT/skill-$skill" "$YAMLS/skill-$skill.yml" "$OUT/base/.stage-hash" -- \
-    axolotl train "$YAMLS/skill-$skill.yml"
-done
-stage data-mix "$OUT/data-mix" "$YAMLS/data-mix.yml" "$OUT/base/.stage-hash" -- \
-  axolotl train "$YAMLS/data-mix.yml"
-skills=("$OUT/skill-manual/.stage-hash" "$OUT/skill-french/.stage-hash")
-stage cat "$OUT/cat" "$YAMLS/demo-cat.yml" "${skills[@]}" -- \
-  axolotl train "$YAMLS/demo-cat.yml"
-stage cat-rank "$OUT/cat-rank" "$YAMLS/demo-cat-rank.yml" "${skills[@]}" -- \
-  axolotl train "$YAMLS/demo-cat-rank.yml"
-for spec in "uniform cat 1 1" "average cat 0.5 0.5" "ties ties 1 1 --density 0.5" \
-  "dare dare_linear 1 1 --density 0.5"; do
-  read -r name rest <<< "$spec"
-  # shellcheck disable=SC2086 # word splitting of the method's arguments is intended
-  stage "merge-$name" "$OUT/merges/$name" <(echo "$spec") "${skills[@]}" -- merge $name $rest
-done
+if [ "${DEMO_PRETRAIN:-0}" = 1 ]; then
+  stage base "$OUT/base" "$YAMLS/base.yml" "$OUT"/world/init/* "$OUT/world/data/generic.jsonl" -- \
+    axolotl train "$YAMLS/base.yml"
+else
+  stage base "$OUT/base" "$SHIPPED"/* "$OUT/world/data/generic.jsonl" -- \
+    python scripts/demo_base.py install "$SHIPPED" "$OUT/world" "$OUT/base"
+fi
+skills=("$RUN/skill-manual/.stage-hash" "$RUN/skill-french/.stage-hash")
+compositions() { # what is built from the two skills, once both exist
+  together "skill manual" "skill french"
+  together cat_fits static_merges
+}
+together data_mix compositions
 
-# Every method the evaluation scores, in the table's order: NAME=FOLDER under $OUT (base: none).
+# Every method the evaluation scores, in the table's order: NAME=FOLDER under $RUN (base: none).
 runs=(base=base manual=skill-manual french=skill-french uniform=merges/uniform
   average=merges/average ties=merges/ties dare=merges/dare data_mix=data-mix cat=cat
   cat_rank=cat-rank)
 methods=() stamps=() timings=()
 for run in "${runs[@]}"; do
-  name=${run%%=*} dir=$OUT/${run#*=}
+  name=${run%%=*} dir=$RUN/${run#*=}
+  [ "$name" = base ] && dir=$OUT/base
   if [ "$name" = base ]; then methods+=("base="); else methods+=("$name=$dir"); fi
   stamps+=("$dir/.stage-hash")
   timings+=("\"$name\": $(cat "$dir/.stage-seconds")")
 done
-(IFS=,; echo "{${timings[*]}}") > "$OUT/timings.json"
-stage eval "$OUT/eval" scripts/eval_composition.py "${stamps[@]}" -- \
+(IFS=,; echo "{${timings[*]}}") > "$RUN/timings.json"
+stage eval "$RUN/eval" scripts/eval_composition.py "$OUT"/world/data/test_*.jsonl \
+  "${stamps[@]}" -- \
   python scripts/eval_composition.py --base "$OUT/base" --tests "$OUT/world/data" \
-  --timings "$OUT/timings.json" --heatmap "$OUT/cat/cat_coefficients.png" \
-  --out "$OUT/results.json" "${methods[@]/#/--method=}"
-python - "$OUT/results.json" <<'PY'
+  --timings "$RUN/timings.json" --heatmap "$RUN/cat/cat_coefficients.png" \
+  --out "$RUN/results.json" "${methods[@]/#/--method=}"
+python - "$RUN/results.json" <<'PY'
 import json, sys
 sys.path.insert(0, "scripts")
 from eval_composition import print_table
 results = json.load(open(sys.argv[1]))
 print_table(results)
 PY
-echo "[demo] done in $((SECONDS - started)) s: $OUT/results.json, $OUT/cat_coefficients.png"
+say "done: $RUN/results.json, $RUN/cat_coefficients.png"

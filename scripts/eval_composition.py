@@ -121,14 +121,15 @@ def main() -> None:
 
 def print_table(results: dict, sizes: dict | None = None) -> None:
     names = {t: f"{t} ({sizes[t]})" if sizes else t for t in TESTS}
-    header = f"{'method':<14}" + "".join(f"{names[t]:>17}" for t in TESTS)
+    width = max(14, *(len(name) + 2 for name in results))
+    header = f"{'method':<{width}}" + "".join(f"{names[t]:>17}" for t in TESTS)
     print("\n" + header + f"{'|ΔW|/|W|':>10}{'train s':>9}")
     print("-" * len(header) + "-" * 19)
     for name, r in results.items():
         ratio = f"{r['update_ratio']:.3f}" if r["update_ratio"] is not None else "-"
         seconds = f"{r['train_seconds']:.0f}" if r["train_seconds"] is not None else "-"
         cells = "".join(f"{100 * r[t]:>16.1f}%" for t in TESTS)
-        print(f"{name:<14}{cells}{ratio:>10}{seconds:>9}")
+        print(f"{name:<{width}}{cells}{ratio:>10}{seconds:>9}")
 
 
 if __name__ == "__main__":

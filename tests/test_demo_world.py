@@ -94,3 +94,19 @@ def test_the_answer_is_the_last_word_of_the_first_sentence():
     assert final_word(" . red") == ""
     rows = [{"answer": "rouge"}, {"answer": "bleu"}]
     assert accuracy(rows, ["red , rouge .", "blue , vert ."]) == 0.5
+
+
+def test_the_seed_table_gives_each_accuracy_its_mean_and_range_over_runs():
+    from seed_summary import summarize
+
+    def run(cat_composite, extra=None):
+        scores = {"manual": 1.0, "french": 0.5, "composite": cat_composite}
+        return {"cat": scores, **({"only_here": scores} if extra else {})}
+
+    summary = summarize([run(0.2, extra=True), run(0.4), run(0.9)])
+    assert list(summary) == ["cat"]  # a method missing from one run is left out
+    composite = summary["cat"]["composite"]
+    assert composite["values"] == [0.2, 0.4, 0.9]
+    assert (composite["min"], composite["max"]) == (0.2, 0.9)
+    assert composite["mean"] == pytest.approx(0.5)
+    assert summary["cat"]["french"]["mean"] == 0.5

@@ -1,0 +1,54 @@
+"""One table over several demo runs (one results.json per seed): mean and range per accuracy.
+
+    python scripts/seed_summary.py demo_out/results.json demo_out/seed-*/results.json \
+        --out demo_out/seeds.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from statistics import mean
+
+from eval_composition import TESTS
+
+
+def summarize(runs: list[dict]) -> dict:
+    """{method: {test: {"mean", "min", "max", "values"}}} over the methods every run has."""
+    methods = [m for m in runs[0] if all(m in run for run in runs)]
+    return {
+        method: {
+            test: {
+                "mean": mean(values),
+                "min": min(values),
+                "max": max(values),
+                "values": values,
+            }
+            for test in TESTS
+            for values in [[run[method][test] for run in runs]]
+        }
+        for method in methods
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("results", nargs="+", type=Path, help="results.json of each seed")
+    parser.add_argument("--out", type=Path, default=Path("demo_out/seeds.json"))
+    args = parser.parse_args()
+    summary = summarize([json.loads(path.read_text()) for path in args.results])
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\n{len(args.results)} runs: mean accuracy (min-max)")
+    print(f"{'method':<14}" + "".join(f"{test:>22}" for test in TESTS))
+    for method, cells in summary.items():
+        row = "".join(
+            f"{100 * c['mean']:>10.1f}% ({100 * c['min']:.1f}-{100 * c['max']:.1f})".rjust(22)
+            for c in (cells[test] for test in TESTS)
+        )
+        print(f"{method:<14}{row}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,7 @@
 # to its output. Stages hash the data, not demo_world.py, so an edit that leaves a dataset
 # unchanged reruns nothing that reads it.
 # The base is the pretrained one shipped in scripts/demo_base/ (scripts/build_demo_base.sh made
-# it with base.yml); DEMO_PRETRAIN=1 pretrains it here instead (about 8 more minutes).
+# it with base.yml); DEMO_PRETRAIN=1 pretrains it here instead (about 9 more minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
@@ -30,7 +30,10 @@ SHIPPED=scripts/demo_base
 mkdir -p "$RUN/logs"
 started=$SECONDS
 
-say() { printf '[demo %d:%02d] %s\n' $(((SECONDS - started) / 60)) $(((SECONDS - started) % 60)) "$*"; }
+say() { # a line with the time since the demo started
+  local elapsed=$((SECONDS - started))
+  printf '[demo %d:%02d] %s\n' $((elapsed / 60)) $((elapsed % 60)) "$*"
+}
 
 # stage NAME OUTPUT_DIR INPUT_FILE... -- COMMAND...
 stage() {
@@ -109,7 +112,10 @@ config() {
   mkdir -p "$RUN/yamls"
   sed -E "s/^seed: 0\$/seed: $SEED/; s#demo_out/(skill-|data-mix|cat|prepared/)#$RUN/\1#g" \
     "$YAMLS/$1.yml" > "$RUN/yamls/$1.yml"
-  grep -q "^seed: $SEED\$" "$RUN/yamls/$1.yml" || { echo "$YAMLS/$1.yml: no 'seed: 0'" >&2; exit 1; }
+  if ! grep -q "^seed: $SEED\$" "$RUN/yamls/$1.yml"; then
+    echo "[demo] $YAMLS/$1.yml has no 'seed: 0' line to change" >&2
+    exit 1
+  fi
   echo "$RUN/yamls/$1.yml"
 }
 
@@ -149,8 +155,8 @@ static_merges() {
 stage world "$OUT/world" scripts/demo_world.py -- \
   python scripts/demo_world.py "$OUT/world"
 if [ "${DEMO_PRETRAIN:-0}" = 1 ]; then
-  stage base "$OUT/base" "$YAMLS/base.yml" "$OUT"/world/init/* "$OUT/world/data/generic.jsonl" -- \
-    axolotl train "$YAMLS/base.yml"
+  stage base "$OUT/base" "$YAMLS/base.yml" "$OUT"/world/init/* "$OUT/world/data/generic.jsonl" \
+    -- axolotl train "$YAMLS/base.yml"
 else
   stage base "$OUT/base" "$SHIPPED"/* "$OUT/world/data/generic.jsonl" -- \
     python scripts/demo_base.py install "$SHIPPED" "$OUT/world" "$OUT/base"
@@ -169,8 +175,7 @@ runs=(base=base manual=skill-manual french=skill-french uniform=merges/uniform
 methods=() stamps=() timings=()
 for run in "${runs[@]}"; do
   name=${run%%=*} dir=$RUN/${run#*=}
-  [ "$name" = base ] && dir=$OUT/base
-  if [ "$name" = base ]; then methods+=("base="); else methods+=("$name=$dir"); fi
+  if [ "$name" = base ]; then dir=$OUT/base methods+=("base="); else methods+=("$name=$dir"); fi
   stamps+=("$dir/.stage-hash")
   timings+=("\"$name\": $(cat "$dir/.stage-seconds")")
 done

@@ -40,10 +40,10 @@ def main() -> None:
     summary = summarize([json.loads(path.read_text()) for path in args.results])
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{len(args.results)} runs: mean accuracy (min-max)")
-    print(f"{'method':<14}" + "".join(f"{test:>22}" for test in TESTS))
+    print(f"{'method':<14}" + "".join(f"{test:>24}" for test in TESTS))
     for method, cells in summary.items():
         row = "".join(
-            f"{100 * c['mean']:>10.1f}% ({100 * c['min']:.1f}-{100 * c['max']:.1f})".rjust(22)
+            f"{100 * c['mean']:.1f}% ({100 * c['min']:.1f}-{100 * c['max']:.1f})".rjust(24)
             for c in (cells[test] for test in TESTS)
         )
         print(f"{method:<14}{row}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Rebuild the demo's shipped base (scripts/demo_base/): build the world, pretrain the tiny
-# Llama with `axolotl train example_yamls/tiny-cpu/base.yml` (about 8 minutes on 2 cores),
+# Llama with `axolotl train example_yamls/tiny-cpu/base.yml` (about 6 minutes on 2 cores),
 # and store it as bf16 with a fingerprint of its pretraining data. Run it after changing
 # scripts/demo_world.py or base.yml; scripts/demo.sh refuses a base that does not match.
 set -euo pipefail

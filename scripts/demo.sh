@@ -9,7 +9,7 @@
 # to its output. Stages hash the data, not demo_world.py, so an edit that leaves a dataset
 # unchanged reruns nothing that reads it.
 # The base is the pretrained one shipped in scripts/demo_base/ (scripts/build_demo_base.sh made
-# it with base.yml); DEMO_PRETRAIN=1 pretrains it here instead (about 9 more minutes).
+# it with base.yml); DEMO_PRETRAIN=1 pretrains it here instead (about 6 more minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The two checks to run before trusting a composition result (after scripts/demo.sh):
 #   1. a LoRA trained ON the composite task must reach >= 90% (the task and grader are sound);
-#   2. CAT coefficients fitted ON the composite task show what a weighting of the two skills
-#      could reach, per module (the paper's CAT) and per rank-1 component (if near 0, no merge
-#      of these skills can compose).
+#   2. CAT coefficients fitted ON the composite task, per module (the paper's CAT) and per
+#      rank-1 component: how far weighting the two skills gets when it sees the task itself
+#      (near 0 would mean no weighting of these skills composes).
 # Neither is part of the comparison: every method there is trained without composite data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,7 @@ for pid in "${pids[@]}"; do
   wait "$pid" || { echo "[diag] a run failed (logs in $OUT/logs)" >&2; exit 1; }
 done
 python scripts/eval_composition.py --base "$OUT/base" --tests "$OUT/world/data" \
-  --method composite_lora="$OUT/diag-composite" --method cat_on_composite="$OUT/diag-cat-composite" \
+  --method composite_lora="$OUT/diag-composite" \
+  --method cat_on_composite="$OUT/diag-cat-composite" \
   --method cat_rank_on_composite="$OUT/diag-cat-rank-composite" \
   --out "$OUT/diagnostics.json"

@@ -14,22 +14,14 @@ from statistics import mean
 from eval_composition import TESTS
 
 
+def spread(values: list[float]) -> dict:
+    return {"mean": mean(values), "min": min(values), "max": max(values), "values": values}
+
+
 def summarize(runs: list[dict]) -> dict:
-    """{method: {test: {"mean", "min", "max", "values"}}} over the methods every run has."""
+    """{method: {test: spread over runs}} for the methods every run has."""
     methods = [m for m in runs[0] if all(m in run for run in runs)]
-    return {
-        method: {
-            test: {
-                "mean": mean(values),
-                "min": min(values),
-                "max": max(values),
-                "values": values,
-            }
-            for test in TESTS
-            for values in [[run[method][test] for run in runs]]
-        }
-        for method in methods
-    }
+    return {m: {t: spread([run[m][t] for run in runs]) for t in TESTS} for m in methods}
 
 
 def main() -> None:

@@ -5,24 +5,34 @@
 #      rank-1 component: how far weighting the two skills gets when it sees the task itself
 #      (near 0 would mean no weighting of these skills composes).
 # Neither is part of the comparison: every method there is trained without composite data.
+# Stages are cached as in demo.sh; the results land in demo_out/diagnostics.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+ensure_env311
 source .venv/bin/activate
-OUT=demo_out
-# side by side, one thread each (as in demo.sh: a second thread barely helps a tiny model)
-pids=()
-for name in diag-composite diag-cat-composite diag-cat-rank-composite; do
-  echo "[diag] axolotl train example_yamls/tiny-cpu/$name.yml (log: $OUT/logs/$name.log)"
-  rm -rf "${OUT:?}/$name" "$OUT/prepared/$name"
-  OMP_NUM_THREADS=1 axolotl train "example_yamls/tiny-cpu/$name.yml" > "$OUT/logs/$name.log" 2>&1 &
-  pids+=($!)
-done
-for pid in "${pids[@]}"; do
-  wait "$pid" || { echo "[diag] a run failed (logs in $OUT/logs)" >&2; exit 1; }
-done
-python scripts/eval_composition.py --base "$OUT/base" --tests "$OUT/world/data" \
+OUT=demo_out RUN=demo_out YAMLS=example_yamls/tiny-cpu
+mkdir -p "$RUN/logs"
+started=$SECONDS
+source scripts/demo_stages.sh # say, stage, together, show_table
+composite=$OUT/world/data/composite.jsonl
+skills=("$OUT/skill-manual/.stage-hash" "$OUT/skill-french/.stage-hash")
+
+diagnostic() { # NAME STAMP...: train example_yamls/tiny-cpu/NAME.yml on the composite
+  local name=$1
+  shift
+  stage "$name" "$OUT/$name" "$YAMLS/$name.yml" "$composite" "$@" -- \
+    axolotl train "$YAMLS/$name.yml"
+}
+
+together "diagnostic diag-composite $OUT/base/.stage-hash" \
+  "diagnostic diag-cat-composite ${skills[*]}" "diagnostic diag-cat-rank-composite ${skills[*]}"
+stage diagnostics-eval "$OUT/diagnostics-eval" scripts/eval_composition.py \
+  "$OUT"/world/data/test_*.jsonl "$OUT"/diag-*/.stage-hash -- \
+  python scripts/eval_composition.py --base "$OUT/base" --tests "$OUT/world/data" \
   --method composite_lora="$OUT/diag-composite" \
   --method cat_on_composite="$OUT/diag-cat-composite" \
   --method cat_rank_on_composite="$OUT/diag-cat-rank-composite" \
   --out "$OUT/diagnostics.json"
+show_table "$OUT/diagnostics.json"
+say "done: $OUT/diagnostics.json"

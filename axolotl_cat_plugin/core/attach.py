@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from .config import CatConfig
+from .core_space import core_factors
 from .errors import CatError
 from .layer import CatLinearVariant
 from .skills import Skill, SkillModule, load_skills
@@ -254,6 +255,9 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
     for plan, group, slot_index, slot_scale in layouts:
         layer = model.get_submodule(plan.name)
         device = layer.lora_A[ADAPTER].weight.device
+        if config.granularity == "core":
+            _install_core(layer, plan, skills, config, starting.get(plan.name), rank)
+            continue
         if group not in alphas:
             alpha = _initial_alpha(config, masks[group], starting.get(plan.name), skills)
             alphas[group] = nn.Parameter(alpha.to(device))
@@ -267,6 +271,38 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
         layer.cat_skill_names = tuple(skill.name for skill in skills)
         layer.lora_variant[ADAPTER] = CatLinearVariant()
         layer.cast_input_dtype_enabled = False  # the variant casts the factors instead
+
+
+def _install_core(layer, plan: _ModulePlan, skills, config: CatConfig, previous, rank) -> None:
+    """Granularity `core`: the joint basis as factors, the learned core M as `cat_alpha`."""
+    device = layer.lora_A[ADAPTER].weight.device
+    basis = core_factors(plan.blocks, len(skills), rank)
+    with torch.no_grad():
+        layer.lora_A[ADAPTER].weight.copy_(basis.lora_A)
+        layer.lora_B[ADAPTER].weight.copy_(basis.lora_B)
+    core = basis.initial_core * float(config.init)
+    if previous and "core" in previous:
+        recorded = torch.as_tensor(previous["core"], dtype=torch.float32)
+        size = recorded.shape[0] if recorded.dim() == 2 else -1
+        if recorded.shape != (size, size) or size > rank:
+            raise CatError(
+                f"coefficients_from: module {plan.name} records a core of shape "
+                f"{tuple(recorded.shape)}; these skills give an R x R core with R <= {rank}"
+            )
+        core = torch.zeros_like(core)
+        core[:size, :size] = recorded
+    present = torch.zeros(1, len(skills), dtype=torch.bool)
+    for skill_index, _ in plan.blocks:
+        present[0, skill_index] = True
+    layer.register_parameter("cat_alpha", nn.Parameter(core.to(device)))
+    layer.register_buffer("cat_skill_cores", basis.skill_cores.to(device), persistent=False)
+    layer.register_buffer("cat_group_mask", present.to(device), persistent=False)
+    layer.cat_core = True
+    layer.cat_parametrization = config.parametrization
+    layer.cat_module_name = plan.name
+    layer.cat_skill_names = tuple(skill.name for skill in skills)
+    layer.lora_variant[ADAPTER] = CatLinearVariant()
+    layer.cast_input_dtype_enabled = False
 
 
 def _load_factors(layer, plan: _ModulePlan, rank: int) -> None:
@@ -327,6 +363,15 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
         )
     # modules sharing coefficients (granularity layer / adapter) each record only the skills
     # they carry: a group starts from the union of what its modules recorded
+    if config.granularity == "core":
+        try:
+            return {
+                name: {"core": entry["core"]} for name, entry in modules.items() if "core" in entry
+            }
+        except (AttributeError, TypeError) as error:
+            raise CatError(
+                f"coefficients_from: {path} holds no usable cores ({error!r})"
+            ) from error
     by_group: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for name, entry in modules.items():

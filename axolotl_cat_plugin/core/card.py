@@ -86,6 +86,7 @@ _COEFFICIENTS_LEARNED = {
     "layer": "one coefficient per skill for every decoder layer",
     "adapter": "one coefficient per skill for the whole model",
     "rank": "one coefficient for every rank-1 component of every skill on every module",
+    "core": "a full R x R core per module in the skills' joint subspace",
 }
 
 
@@ -120,6 +121,18 @@ def _coefficients(record: dict, plot_file: str | None) -> str:
         "",
         _table(["skill", "mean", "min", "max", over], rows),
     ]
+    if record.get("granularity") == "core":
+        residuals = [
+            e["core_residual"] for e in record.get("modules", {}).values() if "core_residual" in e
+        ]
+        lines += [
+            "",
+            "With granularity `core` a module's coefficients are the per-skill weights c that "
+            "make Σ c_i s_i B_i A_i closest to the learned update (least squares); what no such "
+            "weighting expresses is the core's residual, "
+            f"{max(residuals, default=0.0):.3f} of its norm at most over modules "
+            f"({sum(residuals) / max(len(residuals), 1):.3f} on average).",
+        ]
     notes = [
         f"Concatenated rank {record.get('concatenated_rank')}, exported rank "
         f"{record.get('exported_rank')}."

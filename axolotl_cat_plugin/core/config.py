@@ -13,7 +13,7 @@ from typing import Any
 
 from .errors import CatError
 
-GRANULARITIES = ("module", "layer", "adapter", "rank")
+GRANULARITIES = ("module", "layer", "adapter", "rank", "core")
 PARAMETRIZATIONS = ("free", "softmax")
 
 
@@ -65,7 +65,8 @@ class CatConfig:
 
     adapters: the skills, as paths, dicts ({"path", "name", "revision"}) or SkillSpecs.
     granularity: one coefficient per skill per `module` (the paper), per decoder `layer`,
-        for the whole `adapter`, or per `rank`-1 component of each skill.
+        for the whole `adapter`, per `rank`-1 component of each skill, or a full R x R `core`
+        per module in the skills' joint subspace (core_space.py; needs parametrization free).
     parametrization: `free` (c = alpha, starts at `init`) or `softmax` (c = softmax of alpha
         over the skills in each group, starts uniform).
     dropout: dropout on the adapter input, as LoRA's lora_dropout.
@@ -99,6 +100,11 @@ class CatConfig:
             raise CatError(
                 f"cat_merge.parametrization: {self.parametrization!r} is not one of "
                 f"{list(PARAMETRIZATIONS)}"
+            )
+        if self.granularity == "core" and self.parametrization != "free":
+            raise CatError(
+                "cat_merge.parametrization: granularity core learns a full matrix per module, "
+                f"which has no softmax form; use parametrization free, not {self.parametrization!r}"
             )
         if not isinstance(self.init, (int, float)) or not math.isfinite(self.init):
             raise CatError(f"cat_merge.init: must be a finite number, got {self.init!r}")

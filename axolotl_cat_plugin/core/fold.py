@@ -17,8 +17,9 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from .attach import ADAPTER, cat_layers, cat_metadata
+from .core_space import skill_weights
 from .errors import CatError
-from .layer import effective_coefficients
+from .layer import effective_coefficients, is_core
 
 FORMAT_VERSION = 1
 
@@ -72,6 +73,11 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         or not 0 <= prune_threshold < math.inf
     ):
         raise CatError(f"prune_threshold: must be a finite number >= 0, got {prune_threshold!r}")
+    if prune_threshold is not None and metadata.granularity == "core":
+        raise CatError(
+            "prune_threshold: granularity core mixes every skill's directions in one core, so "
+            "no skill can be dropped from a module; use export_rank to shrink the export"
+        )
 
     factors, modules = {}, {}
     for name, layer in tqdm(layers, desc="Folding CAT coefficients", disable=len(layers) < 64):
@@ -128,6 +134,13 @@ def skill_coefficients(model) -> dict[str, list[float]]:
             if not hasattr(layer, "cat_alpha"):
                 continue
             alpha = full_tensor(layer.cat_alpha).float()
+            if is_core(layer):
+                present = layer.cat_group_mask[0]
+                c, _ = skill_weights(alpha, full_tensor(layer.cat_skill_cores), present)
+                for skill_index, skill in enumerate(layer.cat_skill_names):
+                    if present[skill_index]:
+                        values.setdefault(skill, []).append(float(c[skill_index]))
+                continue
             c = effective_coefficients(alpha, layer.cat_group_mask, layer.cat_parametrization)
             for skill_index, skill in enumerate(layer.cat_skill_names):
                 present = layer.cat_group_mask[:, skill_index]
@@ -144,6 +157,8 @@ def _fold_layer(layer, prune_threshold):
         empty_A = torch.zeros(0, lora_A.shape[1], dtype=torch.float32, device=lora_A.device)
         empty_B = torch.zeros(lora_B.shape[0], 0, dtype=torch.float32, device=lora_B.device)
         return empty_A, empty_B, {"coefficients": {}, "rank": 0}
+    if is_core(layer):
+        return _fold_core_layer(layer)
     with torch.no_grad():
         alpha = full_tensor(layer.cat_alpha).float()
         c = effective_coefficients(alpha, layer.cat_group_mask, layer.cat_parametrization)
@@ -178,6 +193,36 @@ def _fold_layer(layer, prune_threshold):
     if pruned:
         entry["pruned"] = pruned
     return scaled_A, lora_B[:, keep], entry
+
+
+def _fold_core_layer(layer):
+    """Granularity `core`: lora_A = Q_Aᵀ, lora_B = Q_B M; the record keeps M itself (for
+    resume and re-export) and the per-skill weights that best explain it (core_space.py)."""
+    with torch.no_grad():
+        core = full_tensor(layer.cat_alpha).float()
+        if not torch.isfinite(core).all():
+            raise CatError(
+                f"module {layer.cat_module_name}: the learned core is not finite; training "
+                "diverged, refusing to export"
+            )
+        lora_A = full_tensor(layer.lora_A[ADAPTER].weight).float()
+        lora_B = full_tensor(layer.lora_B[ADAPTER].weight).float()
+        used = (lora_A.abs().sum(1) != 0) | (lora_B.abs().sum(0) != 0)
+        rank = int(used.nonzero().max()) + 1 if used.any() else 0
+        present = layer.cat_group_mask[0]
+        weights, residual = skill_weights(core, full_tensor(layer.cat_skill_cores), present)
+    coefficients = {
+        skill: float(weights[index])
+        for index, skill in enumerate(layer.cat_skill_names)
+        if present[index]
+    }
+    entry = {
+        "coefficients": coefficients,
+        "core_residual": residual,
+        "core": core[:rank, :rank].tolist(),
+        "rank": rank,
+    }
+    return lora_A[:rank], (lora_B @ core)[:, :rank], entry
 
 
 def compress(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int):

@@ -11,6 +11,8 @@ So the forward is one A matmul and one B matmul whatever the number of skills:
     y = base(x) + B (w ⊙ A x)
 
 The coefficients live in `cat_alpha` (fp32, shape (groups, skills)) on the PEFT LoRA layer.
+With granularity `core` (core_space.py) `cat_alpha` is instead an R x R matrix M that mixes
+the rank slots, ΔW = B M A, y = base(x) + B (M (A x)); `cat_core` marks such a layer.
 `cat_slot_index` says which entry of c weights each rank slot, and `cat_slot_scale` holds s.
 With granularity `rank`, row g of alpha weights the g-th component of every skill;
 otherwise there is one row. Several layers may share one `cat_alpha` (granularity
@@ -44,11 +46,22 @@ def slot_weights(layer) -> torch.Tensor:
     return c.flatten()[layer.cat_slot_index] * layer.cat_slot_scale
 
 
+def is_core(layer) -> bool:
+    """Whether the layer mixes its rank slots with a full core M (granularity `core`)."""
+    return getattr(layer, "cat_core", False)
+
+
+def mixed_B(layer, lora_B: torch.Tensor) -> torch.Tensor:
+    """B diag(w) or B M: the B factor with the coefficients folded in, fp32, (d_out, R)."""
+    if is_core(layer):
+        return lora_B.float() @ layer.cat_alpha.float()
+    return lora_B.float() * slot_weights(layer)
+
+
 def delta_weight(layer, adapter: str = "default") -> torch.Tensor:
-    """ΔW = B diag(w) A in the base weight's layout (transposed for Conv1D bases)."""
+    """ΔW = B diag(w) A (or B M A) in the base weight's layout (transposed for Conv1D bases)."""
     lora_A = layer.lora_A[adapter].weight
-    lora_B = layer.lora_B[adapter].weight
-    delta = (lora_B.float() * slot_weights(layer)) @ lora_A.float()
+    delta = mixed_B(layer, layer.lora_B[adapter].weight) @ lora_A.float()
     return transpose(delta, layer.fan_in_fan_out)
 
 
@@ -81,7 +94,11 @@ class CatLinearVariant(LoraVariant):
         # off PEFT's cast of x to the (fp32) adapter weights, which copied every activation.
         lora_A = module.lora_A[active_adapter].weight.to(x.dtype)
         lora_B = module.lora_B[active_adapter].weight.to(result.dtype)
-        hidden = F.linear(module.lora_dropout[active_adapter](x), lora_A) * slot_weights(module)
+        hidden = F.linear(module.lora_dropout[active_adapter](x), lora_A)
+        if is_core(module):
+            hidden = F.linear(hidden, module.cat_alpha.to(hidden.dtype))  # (A x) Mᵀ
+        else:
+            hidden = hidden * slot_weights(module)
         hidden = hidden.to(result.dtype)  # w is fp32: the product promoted
         if _owns_output(module, result):
             # add B·hidden into the base output itself: allocating (and page-faulting in) a new

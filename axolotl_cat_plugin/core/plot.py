@@ -50,7 +50,10 @@ def coefficient_heatmap(record: dict) -> bytes | None:
         ax.set_xticks(range(len(columns)), [str(c) for c in columns], fontsize=7)
     axes[-1].set_xlabel("decoder layer")
     figure.colorbar(image, ax=list(axes), label="coefficient", shrink=0.9)
-    averaged = ", mean over components" if record.get("granularity") == "rank" else ""
+    averaged = {
+        "rank": ", mean over components",
+        "core": ", least-squares weights of the core",
+    }.get(record.get("granularity"), "")
     figure.suptitle(
         f"CAT coefficients (granularity {record.get('granularity')}, "
         f"parametrization {record.get('parametrization')}{averaged})",

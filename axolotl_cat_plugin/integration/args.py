@@ -31,7 +31,7 @@ class CatMergeConfig(BaseModel):
     adapters: list[str | CatSkill] = Field(
         min_length=1, description="The skill LoRAs, all trained on base_model"
     )
-    granularity: Literal["module", "layer", "adapter", "rank"] = "module"
+    granularity: Literal["module", "layer", "adapter", "rank", "core"] = "module"
     parametrization: Literal["free", "softmax"] = "free"
     init: float = Field(default=1.0, description="Starting coefficient (free only)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)

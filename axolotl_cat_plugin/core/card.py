@@ -50,6 +50,7 @@ def model_card(
         _coefficients(record, plot_file),
         _layers(record),
         _training(record),
+        _baselines(record),
         _usage(record, config, hub_model_id),
     ]
     return "\n\n".join(sections) + "\n"
@@ -187,6 +188,24 @@ def _training(record: dict) -> str:
         if key not in ("datasets", "steps", "learning_rate") and _is_scalar(value):
             lines.append(f"- {key.replace('_', ' ')}: {value}")
     return "\n".join(lines)
+
+
+def _baselines(record: dict) -> str:
+    baselines = record.get("baselines")
+    if not isinstance(baselines, dict) or not baselines.get("methods"):
+        return (
+            "## Against static merges\n\nNot measured: the run had no eval split "
+            "(`val_set_size` or `test_datasets`)."
+        )
+    rows = [[row["method"], f"{row['eval_loss']:.4f}"] for row in baselines["methods"]]
+    verdict = "beats" if baselines.get("cat_beats_best_static") else "does not beat"
+    return (
+        "## Against static merges\n\n"
+        f"Eval loss on the run's eval split ({baselines.get('rows_evaluated')} rows), the same "
+        "skills with fixed weights set in place of the fitted ones. The fitted CAT "
+        f"{verdict} the best static mix ({baselines.get('best_static')}).\n\n"
+        + _table(["method", "eval loss"], rows)
+    )
 
 
 def _usage(record: dict, config: dict, hub_model_id: str | None) -> str:

@@ -111,6 +111,9 @@ class CatMergePlugin(BasePlugin):
         block = _block(cfg)
         folded = fold(model, rank=block.export_rank, prune_threshold=block.prune_threshold)
         folded.record["training"] = self._training_record(cfg, block)
+        baselines = self._trainer.cat_baselines() if self._trainer is not None else None
+        if baselines is not None:
+            folded.record["baselines"] = baselines
         card = plot = None
         if _is_main_process():
             plot = coefficient_heatmap(folded.record)

@@ -8,8 +8,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -17,7 +19,8 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from safetensors.torch import load_file, save_file
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from ..core.attach import has_coefficients
+from ..core.attach import cat_metadata, has_coefficients
+from ..core.baselines import is_sharded, static_coefficients, static_mixes
 from ..core.errors import CatError
 from ..core.export import write_export
 from ..core.fold import fold, full_tensor, gathered, skill_coefficients
@@ -86,6 +89,53 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
                 logs[f"cat/{skill}/min"] = min(values)
                 logs[f"cat/{skill}/max"] = max(values)
         return super().log(logs, *args, **kwargs)
+
+    def cat_baselines(self) -> dict | None:
+        """Eval loss on the run's eval split of each skill alone, the uniform sum, the average
+        and the fitted CAT, with the coefficients set in place (core/baselines.py).
+
+        None without an eval split (val_set_size / test_datasets), and when the coefficients
+        are sharded (FSDP2, ZeRO-3). Collective under DDP: every rank must call it. The loss
+        is the Trainer's own eval loss (evaluation_loop, prediction_loss_only).
+        """
+        if self.eval_dataset is None:
+            return None
+        if is_sharded(self.model):
+            LOG.warning("CAT: no comparison with static merges under FSDP2/ZeRO-3 (sharded)")
+            return None
+        started = time.time()
+        dataloader = self.get_eval_dataloader()
+        skills = [skill["name"] for skill in cat_metadata(self.model).skills]
+        mixes = {**static_mixes(skills), "CAT (fitted)": None}
+        rows = []
+        for label, weights in mixes.items():
+            context = (
+                static_coefficients(self.model, weights) if weights else contextlib.nullcontext()
+            )
+            with context:
+                output = self.evaluation_loop(
+                    dataloader, f"CAT baseline: {label}", prediction_loss_only=True
+                )
+            rows.append(
+                {"method": label, "weights": weights, "eval_loss": output.metrics["eval_loss"]}
+            )
+        best_static = min(rows[:-1], key=lambda row: row["eval_loss"])
+        result = {
+            "metric": "eval_loss",
+            "rows_evaluated": len(self.eval_dataset),
+            "seconds": round(time.time() - started, 1),
+            "methods": rows,
+            "best_static": best_static["method"],
+            "cat_beats_best_static": rows[-1]["eval_loss"] < best_static["eval_loss"],
+        }
+        LOG.info(
+            "CAT: eval loss on %d held-out rows (%.1f s):",
+            result["rows_evaluated"],
+            result["seconds"],
+        )
+        for row in rows:
+            LOG.info("CAT:   %-24s %.4f", row["method"], row["eval_loss"])
+        return result
 
     def save_model(self, output_dir=None, _internal_call=False):
         """Checkpoints: the folded adapter (loadable as is) and the raw coefficients beside it.

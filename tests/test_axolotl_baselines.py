@@ -1,0 +1,70 @@
+"""With an eval split, `axolotl train` compares the fitted CAT with static mixes of its skills.
+
+The CAT row must be the eval loss of the exported adapter itself: the test recomputes it with
+`axolotl evaluate`, loading the export as a plain LoRA (`adapter: lora`, `lora_model_dir`),
+without the plugin, on the same split.
+"""
+
+import csv
+import json
+
+import pytest
+import yaml
+from axolotl_runner import axolotl, write_config
+
+pytestmark = pytest.mark.e2e
+METHODS = ["math alone", "code alone", "prose alone", "uniform sum", "average", "CAT (fitted)"]
+
+
+@pytest.fixture(scope="module")
+def run(e2e_world, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("baselines")
+    config = write_config(e2e_world, folder, max_steps=4, val_set_size=0.25)
+    result = axolotl("train", str(config), cwd=folder)
+    assert result.returncode == 0, "axolotl train failed"
+    return {"folder": folder, "config": config, "log": result.stdout + result.stderr}
+
+
+def test_record_card_and_log_carry_the_comparison(run):
+    out = run["folder"] / "out"
+    baselines = json.loads((out / "cat_coefficients.json").read_text())["baselines"]
+    assert [row["method"] for row in baselines["methods"]] == METHODS
+    assert baselines["rows_evaluated"] == 8  # 25% of the 32-row mix
+    losses = {row["method"]: row["eval_loss"] for row in baselines["methods"]}
+    assert len(set(losses.values())) == len(METHODS)  # six different models, six losses
+    best = min(METHODS[:-1], key=losses.get)
+    assert baselines["best_static"] == best
+    assert baselines["cat_beats_best_static"] == (losses["CAT (fitted)"] < losses[best])
+
+    card = (out / "README.md").read_text()
+    assert "## Against static merges" in card
+    for method in METHODS:
+        assert f"| {method} | {losses[method]:.4f} |" in card
+    assert "CAT: eval loss on 8 held-out rows" in run["log"]
+
+
+def test_cat_row_is_the_eval_loss_of_the_export(run):
+    folder, out = run["folder"], run["folder"] / "out"
+    exported = json.loads((out / "adapter_config.json").read_text())
+    config = yaml.safe_load(run["config"].read_text())
+    for key in ("plugins", "cat_merge"):
+        config.pop(key)
+    config.update(
+        adapter="lora",
+        lora_model_dir=str(out),
+        lora_r=exported["r"],
+        lora_alpha=exported["lora_alpha"],
+        lora_target_modules=sorted(exported["target_modules"]),
+        output_dir=str(folder / "evaluate"),
+    )
+    path = folder / "evaluate.yml"
+    path.write_text(yaml.safe_dump(config))
+    result = axolotl("evaluate", str(path), cwd=folder)
+    assert result.returncode == 0, "axolotl evaluate failed"
+    with (folder / "evaluate" / "eval_summary.csv").open() as handle:
+        rows = {row["metric"]: row for row in csv.DictReader(handle)}
+    independent = float(rows["loss"]["validation"])
+
+    baselines = json.loads((out / "cat_coefficients.json").read_text())["baselines"]
+    cat_row = baselines["methods"][-1]["eval_loss"]
+    assert cat_row == pytest.approx(independent, abs=1e-4)

@@ -15,6 +15,8 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 ensure_env311
 source .venv/bin/activate # axolotl launches through accelerate, found on PATH
+# the YAMLs of the LoRA trainings list demo_plugins.SeedLoraInit (same seed, same adapters)
+export PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
 
 # accelerate launches a single process with OMP_NUM_THREADS=1 unless it is set: use every core
 # when one stage runs alone; stages that run side by side get one thread each (see `together`)
@@ -43,7 +45,7 @@ merge() { # NAME METHOD WEIGHT1 WEIGHT2 [--density D]
 config() {
   if [ "$SEED" = 0 ]; then echo "$YAMLS/$1.yml"; return; fi
   mkdir -p "$RUN/yamls"
-  sed -E "s/^seed: 0\$/seed: $SEED/; s#demo_out/(skill-|data-mix|cat|prepared/)#$RUN/\1#g" \
+  sed -E "s/^seed: 0\$/seed: $SEED/; s#demo_out/(skill-|data-mix|mix-lora|cat|random-|prepared/)#$RUN/\1#g" \
     "$YAMLS/$1.yml" > "$RUN/yamls/$1.yml"
   if ! grep -q "^seed: $SEED\$" "$RUN/yamls/$1.yml"; then
     echo "[demo] $YAMLS/$1.yml has no 'seed: 0' line to change" >&2
@@ -59,20 +61,36 @@ skill() { # NAME
     -- axolotl train "$yaml"
 }
 
-data_mix() {
-  local yaml
-  yaml=$(config data-mix)
-  stage data-mix "$RUN/data-mix" "$yaml" "$OUT/world/data/both.jsonl" "$OUT/base/.stage-hash" \
-    -- axolotl train "$yaml"
+data_mix() { # data mixing, then the fresh LoRA on the CAT mix: neither needs the skills
+  local name yaml data
+  for name in data-mix mix-lora; do
+    yaml=$(config "$name")
+    data=both
+    [ "$name" = mix-lora ] && data=mix
+    stage "$name" "$RUN/$name" "$yaml" "$OUT/world/data/$data.jsonl" "$OUT/base/.stage-hash" \
+      -- axolotl train "$yaml"
+  done
 }
 
-cat_fits() { # both granularities, one after the other
-  local name yaml
-  for name in cat cat-rank; do
-    yaml=$(config "demo-$name")
-    stage "$name" "$RUN/$name" "$yaml" "$OUT/world/data/mix.jsonl" "${skills[@]}" -- \
-      axolotl train "$yaml"
-  done
+fit() { # NAME: demo-NAME.yml fitted on the 5% mix, over the skills it lists
+  local yaml inputs=("${skills[@]}")
+  yaml=$(config "demo-$1")
+  [[ $1 == *random ]] && inputs=("$RUN/random-skills/.stage-hash")
+  stage "$1" "$RUN/$1" "$yaml" "$OUT/world/data/mix.jsonl" "${inputs[@]}" -- axolotl train "$yaml"
+}
+
+cat_fits() { # the three CAT granularities over the real skills, one after the other
+  local name
+  for name in cat cat-rank cat-core; do fit "$name"; done
+}
+
+controls() { # random skills shaped like the real ones, the same fits over them, static merges
+  local name
+  stage random-skills "$RUN/random-skills" scripts/random_skills.py "${skills[@]}" -- \
+    python scripts/random_skills.py --seed "$SEED" "$RUN/skill-manual=$RUN/random-skills/manual" \
+    "$RUN/skill-french=$RUN/random-skills/french"
+  for name in cat-random cat-rank-random cat-core-random; do fit "$name"; done
+  static_merges
 }
 
 static_merges() {
@@ -97,14 +115,15 @@ fi
 skills=("$RUN/skill-manual/.stage-hash" "$RUN/skill-french/.stage-hash")
 compositions() { # what is built from the two skills, once both exist
   together "skill manual" "skill french"
-  together cat_fits static_merges
+  together cat_fits controls
 }
 together data_mix compositions
 
 # Every method the evaluation scores, in the table's order: NAME=FOLDER under $RUN (base: none).
 runs=(base=base manual=skill-manual french=skill-french uniform=merges/uniform
-  average=merges/average ties=merges/ties dare=merges/dare data_mix=data-mix cat=cat
-  cat_rank=cat-rank)
+  average=merges/average ties=merges/ties dare=merges/dare data_mix=data-mix mix_lora=mix-lora
+  cat_random=cat-random cat=cat cat_rank_random=cat-rank-random cat_rank=cat-rank
+  cat_core_random=cat-core-random cat_core=cat-core)
 methods=() stamps=() timings=()
 for run in "${runs[@]}"; do
   name=${run%%=*} dir=$RUN/${run#*=}

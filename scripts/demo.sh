@@ -13,8 +13,14 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-ensure_env311
-source .venv/bin/activate # axolotl launches through accelerate, found on PATH
+# DEMO_AXOLOTL=0.21 runs every training with axolotl 0.21 (.venv312) under demo_out/axolotl-0.21/
+if [ "${DEMO_AXOLOTL:-0.19}" = 0.21 ]; then
+  ensure_env312
+  source .venv312/bin/activate # axolotl launches through accelerate, found on PATH
+else
+  ensure_env311
+  source .venv/bin/activate
+fi
 # the YAMLs of the LoRA trainings list demo_plugins.SeedLoraInit (same seed, same adapters)
 export PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -26,7 +32,8 @@ OUT=demo_out
 # demo_out/seed-N/, on the same world and base (scripts/demo_seeds.sh runs several).
 SEED=${DEMO_SEED:-0}
 RUN=$OUT
-[ "$SEED" = 0 ] || RUN=$OUT/seed-$SEED
+[ "${DEMO_AXOLOTL:-0.19}" = 0.21 ] && RUN=$OUT/axolotl-0.21
+[ "$SEED" = 0 ] || RUN=$RUN/seed-$SEED
 YAMLS=example_yamls/tiny-cpu
 SHIPPED=scripts/demo_base
 mkdir -p "$RUN/logs"
@@ -40,10 +47,10 @@ merge() { # NAME METHOD WEIGHT1 WEIGHT2 [--density D]
     --out "$RUN/merges/$name" -- manual="$RUN/skill-manual" french="$RUN/skill-french"
 }
 
-# config NAME: the YAML a stage trains with; for another seed, a copy with that seed whose
-# outputs (and the skills it reads) are under $RUN; the world and the base stay shared.
+# config NAME: the YAML a stage trains with; for another seed or axolotl, a copy with that seed
+# whose outputs (and the skills it reads) are under $RUN; the world and the base stay shared.
 config() {
-  if [ "$SEED" = 0 ]; then echo "$YAMLS/$1.yml"; return; fi
+  if [ "$RUN" = "$OUT" ]; then echo "$YAMLS/$1.yml"; return; fi
   mkdir -p "$RUN/yamls"
   sed -E "s/^seed: 0\$/seed: $SEED/; s#demo_out/(skill-|data-mix|mix-lora|cat|random-|prepared/)#$RUN/\1#g" \
     "$YAMLS/$1.yml" > "$RUN/yamls/$1.yml"

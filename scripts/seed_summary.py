@@ -19,9 +19,15 @@ def spread(values: list[float]) -> dict:
 
 
 def summarize(runs: list[dict]) -> dict:
-    """{method: {test: spread over runs}} for the methods every run has."""
+    """{method: {test: spread over runs}} for the methods every run has, with the training
+    seconds' spread too where every run recorded them."""
     methods = [m for m in runs[0] if all(m in run for run in runs)]
-    return {m: {t: spread([run[m][t] for run in runs]) for t in TESTS} for m in methods}
+    summary = {m: {t: spread([run[m][t] for run in runs]) for t in TESTS} for m in methods}
+    for m in methods:
+        seconds = [run[m].get("train_seconds") for run in runs]
+        if all(isinstance(value, (int, float)) for value in seconds):
+            summary[m]["train_seconds"] = spread(seconds)
+    return summary
 
 
 def main() -> None:
@@ -32,13 +38,16 @@ def main() -> None:
     summary = summarize([json.loads(path.read_text()) for path in args.results])
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"\n{len(args.results)} runs: mean accuracy (min-max)")
-    print(f"{'method':<14}" + "".join(f"{test:>24}" for test in TESTS))
+    width = max(14, *(len(method) + 2 for method in summary))
+    print(f"{'method':<{width}}" + "".join(f"{test:>24}" for test in TESTS) + f"{'train s':>10}")
     for method, cells in summary.items():
         row = "".join(
             f"{100 * c['mean']:.1f}% ({100 * c['min']:.1f}-{100 * c['max']:.1f})".rjust(24)
             for c in (cells[test] for test in TESTS)
         )
-        print(f"{method:<14}{row}")
+        seconds = cells.get("train_seconds")
+        train = f"{seconds['mean']:.0f}" if seconds else "-"
+        print(f"{method:<{width}}{row}{train:>10}")
     print(f"wrote {args.out}")
 
 

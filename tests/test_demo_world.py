@@ -100,7 +100,7 @@ def test_the_seed_table_gives_each_accuracy_its_mean_and_range_over_runs():
     from seed_summary import summarize
 
     def run(cat_composite, extra=None):
-        scores = {"manual": 1.0, "french": 0.5, "composite": cat_composite}
+        scores = {"manual": 1.0, "french": 0.5, "composite": cat_composite, "train_seconds": 10}
         return {"cat": scores, **({"only_here": scores} if extra else {})}
 
     summary = summarize([run(0.2, extra=True), run(0.4), run(0.9)])
@@ -110,3 +110,4 @@ def test_the_seed_table_gives_each_accuracy_its_mean_and_range_over_runs():
     assert (composite["min"], composite["max"]) == (0.2, 0.9)
     assert composite["mean"] == pytest.approx(0.5)
     assert summary["cat"]["french"]["mean"] == 0.5
+    assert summary["cat"]["train_seconds"]["mean"] == 10

@@ -4,6 +4,7 @@ Card contents are checked on hand-written records (every number known in advance
 export, the plugin's card handling and the push run on the tiny world.
 """
 
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -188,22 +189,40 @@ def plugin_cfg(world, out: Path, **extra):
     )
 
 
-def test_second_post_train_puts_our_card_back_over_the_trainers(world, tmp_path):
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+
+def test_after_post_train_axolotls_save_and_card_leave_the_export_as_written(world, tmp_path):
+    """One writer per folder: post_train writes the export; what Axolotl does next (the
+    model's save_pretrained, the trainer's model card, post_train again) changes nothing."""
     from axolotl_cat_plugin.integration.plugin import CatMergePlugin
 
-    plugin, cfg, model = CatMergePlugin(), plugin_cfg(world, tmp_path), fitted_cat_model(world)
+    out = tmp_path / "out"
+    plugin, cfg, model = CatMergePlugin(), plugin_cfg(world, out), fitted_cat_model(world)
+    trainer = CatTrainerStandIn(
+        model=model, args=TrainingArguments(output_dir=str(out), report_to="none", use_cpu=True)
+    )
+    plugin.post_trainer_create(cfg, trainer)
     plugin.post_train(cfg, model)
-    ours = (tmp_path / "README.md").read_text()
-    (tmp_path / "README.md").write_text("---\ntags: [generated_from_trainer]\n---\n")
-    plugin.post_train(cfg, model)  # Axolotl's second call, after its create_model_card
-    assert (tmp_path / "README.md").read_text() == ours
+    written = digests(out)
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md"} <= set(written)
+    model.save_pretrained(str(out))  # axolotl.train.save_trained_model
+    trainer.create_model_card(model_name="x")  # axolotl.train.create_model_card
+    plugin.post_train(cfg, model)  # Axolotl's second call
+    assert digests(out) == written
+
+    elsewhere = tmp_path / "copy"
+    model.save_pretrained(str(elsewhere))  # another folder gets the same export
+    assert digests(elsewhere) == written
 
 
 class CatTrainerStandIn(CatModelCardMixin, Trainer):
     """transformers' Trainer with CatTrainer's model-card behaviour and the attribute by which
     the plugin recognises CatTrainer (AxolotlTrainer itself needs a whole Axolotl config)."""
 
-    cat_learning_rate = None
+    def cat_baselines(self):
+        return None
 
 
 def test_hub_push_uploads_card_and_adapter_offline_at_the_api_boundary(

@@ -12,11 +12,14 @@ a complete export or none, never a mix.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import shutil
 import tempfile
+import types
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +43,49 @@ STAGING_PREFIX = ".cat-export-"
 EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FILE)
 
 
+@dataclass
+class Export:
+    """Everything an export folder holds, in memory: the folded adapter (config, tensors,
+    record), the model card and the heatmap PNG (None when not made)."""
+
+    folded: FoldedAdapter
+    card: str | None = None
+    plot: bytes | None = None
+
+
+def compose(
+    model: nn.Module,
+    *,
+    rank: int | None = None,
+    prune_threshold: float | None = None,
+    extra: dict | None = None,
+    hub_model_id: str | None = None,
+    card: bool = True,
+) -> Export:
+    """The one composer of an export: fold -> record (+ extra) -> heatmap -> model card.
+
+    extra: keys added to cat_coefficients.json before `modules` (the plugin's `training` and
+    `baselines`). card=False skips the heatmap and the card (checkpoints). Collective under
+    FSDP2 and ZeRO-3 (folding gathers sharded factors): every rank must call it.
+    Raises CatError for a bad rank / prune_threshold or non-finite coefficients (fold).
+    """
+    folded = fold(model, rank=rank, prune_threshold=prune_threshold)
+    if extra:
+        modules = folded.record.pop("modules")
+        folded.record.update(extra)
+        folded.record["modules"] = modules
+    if not card:
+        return Export(folded)
+    plot = coefficient_heatmap(folded.record)
+    text = model_card(
+        folded.record,
+        config=folded.config.to_dict(),
+        hub_model_id=hub_model_id,
+        plot_file=PLOT_FILE if plot is not None else None,
+    )
+    return Export(folded, text, plot)
+
+
 def export_cat(
     model: nn.Module,
     output_dir: str | os.PathLike,
@@ -48,15 +94,13 @@ def export_cat(
     prune_threshold: float | None = None,
 ) -> Path:
     """Fold the model's CAT coefficients and write one standard LoRA adapter to output_dir,
-    with its model card and coefficient plot."""
-    folded = fold(model, rank=rank, prune_threshold=prune_threshold)
-    plot = coefficient_heatmap(folded.record)
-    card = model_card(
-        folded.record,
-        config=folded.config.to_dict(),
-        plot_file=PLOT_FILE if plot is not None else None,
-    )
-    return write_export(folded, output_dir, card=card, plot=plot)
+    with its model card and coefficient plot (compose, then write)."""
+    return write(compose(model, rank=rank, prune_threshold=prune_threshold), output_dir)
+
+
+def write(export: Export, output_dir: str | os.PathLike) -> Path:
+    """Write a composed export to output_dir, atomically (write_export)."""
+    return write_export(export.folded, output_dir, card=export.card, plot=export.plot)
 
 
 def write_export(
@@ -114,11 +158,17 @@ def retire_previous_export(output_dir: str | os.PathLike) -> Path | None:
     return previous
 
 
-def apply_export(model: nn.Module, folded: FoldedAdapter) -> None:
-    """Turn a CAT model, in place, into the plain LoRA model that `folded` describes.
+def apply_export(
+    model: nn.Module, export: Export | FoldedAdapter, *, written_to: str | os.PathLike | None = None
+) -> None:
+    """Turn a CAT model, in place, into the plain LoRA model that `export` describes.
 
-    After this, PEFT's own save_pretrained / push_to_hub write exactly the export.
+    written_to: the folder this export was just written to. The model's save_pretrained then
+    leaves that folder as it is (one writer per folder: a trainer's final save must not
+    rewrite it non-atomically) and writes the same export, through write_export, anywhere
+    else. Without it, PEFT's own save_pretrained / push_to_hub write the adapter.
     """
+    folded = export.folded if isinstance(export, Export) else export
     peft_model = next(m for m in model.modules() if hasattr(m, "peft_config"))
     for name, layer in list(cat_layers(model)):
         lora_A = layer.lora_A[ADAPTER].weight
@@ -143,6 +193,20 @@ def apply_export(model: nn.Module, folded: FoldedAdapter) -> None:
                 delattr(layer, name)
     peft_model.peft_config[ADAPTER] = folded.config
     peft_model.__dict__.pop("save_pretrained", None)  # PEFT's own save now writes the export
+    if written_to is not None:
+        export = export if isinstance(export, Export) else Export(folded)
+        peft_model.save_pretrained = types.MethodType(
+            functools.partial(_save_written, export=export, folder=Path(written_to)), peft_model
+        )
+
+
+def _save_written(self, save_directory, *args, export: Export, folder: Path, **kwargs) -> None:
+    """save_pretrained of a model whose export was written to `folder` already."""
+    if Path(save_directory).resolve() == folder.resolve() and (folder / CONFIG_FILE).exists():
+        LOG.info("CAT: %s already holds this export; leaving it as written", folder)
+        return
+    if kwargs.get("is_main_process", True):
+        write(export, save_directory)
 
 
 def _frozen_linear(weight: torch.Tensor) -> nn.Linear:

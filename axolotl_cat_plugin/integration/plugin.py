@@ -6,8 +6,8 @@ never changes another run.
 
 from __future__ import annotations
 
+import json
 import logging
-from pathlib import Path
 
 import torch
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -18,14 +18,10 @@ from ..core import (
     apply_export,
     attach_cat,
     check_ranks_agree,
-    fold,
     has_coefficients,
     retire_previous_export,
-    write_export,
 )
-from ..core.card import model_card
-from ..core.export import CARD_FILE, PLOT_FILE
-from ..core.plot import coefficient_heatmap
+from ..core.export import compose, write
 from .args import CatMergeConfig
 
 LOG = logging.getLogger(__name__)
@@ -43,7 +39,7 @@ class CatMergePlugin(BasePlugin):
     def __init__(self):
         super().__init__()
         self._trainer = None
-        self._card = None  # the export's README.md, rewritten after Axolotl replaces it
+        self._validated: tuple[str, CatMergeConfig] | None = None
         # our logger is no child of "axolotl": give it Axolotl's level so INFO lines show
         logging.getLogger("axolotl_cat_plugin").setLevel(
             logging.getLogger("axolotl").getEffectiveLevel()
@@ -77,7 +73,7 @@ class CatMergePlugin(BasePlugin):
                 "adapter: cat_merge fits coefficients with supervised fine-tuning only; "
                 f"rl: {cfg.rl!r} is not supported"
             )
-        peft_model = attach_cat(model, _block(cfg).to_core())
+        peft_model = attach_cat(model, self._config(cfg).to_core())
         return peft_model, peft_model.peft_config["default"]
 
     def get_trainer_cls(self, cfg):
@@ -88,47 +84,46 @@ class CatMergePlugin(BasePlugin):
         return CatTrainer
 
     def post_trainer_create(self, cfg, trainer):
-        if _is_cat(cfg) and hasattr(trainer, "cat_learning_rate"):
-            trainer.cat_learning_rate = _block(cfg).learning_rate
-            self._trainer = trainer
+        if _is_cat(cfg) and hasattr(trainer, "cat_baselines"):
+            self._trainer = trainer  # post_train asks it for the static-mix comparison
+
+    def _config(self, cfg) -> CatMergeConfig:
+        """The cat_merge block as validated once per run (validation reads every skill's
+        adapter_config.json; Axolotl has already validated the same block)."""
+        key = json.dumps(cfg.cat_merge, sort_keys=True, default=str)
+        if self._validated is None or self._validated[0] != key:
+            self._validated = (key, CatMergeConfig.model_validate(dict(cfg.cat_merge)))
+        return self._validated[1]
 
     def post_train(self, cfg, model):
-        """Fold the coefficients before Axolotl saves, so its own save writes the export.
+        """Fold the coefficients and write the export, once, before Axolotl saves.
 
-        Axolotl calls this twice: right after training, and again after its save, its model
-        card and (with hub_model_id) its push. In between, the HF Trainer's create_model_card
-        would replace our README.md, and a push would upload that one: so the trainer writes
-        our card instead, and the second call, with nothing left to fold, puts our card back
-        in case anything else replaced it.
+        The export (adapter, cat_coefficients.json, card, heatmap) is composed by the core's
+        one composer and written to output_dir by its one atomic writer. The model then
+        becomes the plain LoRA it describes, whose save_pretrained leaves output_dir as
+        written: Axolotl's save, its model card and a hub_model_id push all see that folder
+        unchanged. Axolotl calls this hook again after its save; there is nothing left to do
+        then.
         """
-        if not _is_cat(cfg):
-            return
-        if not has_coefficients(model):
-            if self._card is not None and _is_main_process():
-                _write_card(cfg.output_dir, self._card)
+        if not _is_cat(cfg) or not has_coefficients(model):
             return
         check_ranks_agree(model)
-        block = _block(cfg)
-        folded = fold(model, rank=block.export_rank, prune_threshold=block.prune_threshold)
-        folded.record["training"] = self._training_record(cfg, block)
+        block = self._config(cfg)
+        extra = {"training": self._training_record(cfg, block)}
         baselines = self._trainer.cat_baselines() if self._trainer is not None else None
         if baselines is not None:
-            folded.record["baselines"] = baselines
-        card = plot = None
+            extra["baselines"] = baselines
+        export = compose(
+            model,
+            rank=block.export_rank,
+            prune_threshold=block.prune_threshold,
+            extra=extra,
+            hub_model_id=cfg.hub_model_id,
+            card=_is_main_process(),
+        )
         if _is_main_process():
-            plot = coefficient_heatmap(folded.record)
-            card = model_card(
-                folded.record,
-                config=folded.config.to_dict(),
-                hub_model_id=cfg.hub_model_id,
-                plot_file=PLOT_FILE if plot is not None else None,
-            )
-            write_export(folded, cfg.output_dir, card=card, plot=plot)
-            self._card = card
-        if self._trainer is not None:
-            self._trainer.cat_model_card = card
-            self._trainer.cat_export = (folded, card, plot)
-        apply_export(model, folded)
+            write(export, cfg.output_dir)
+        apply_export(model, export, written_to=cfg.output_dir)
 
     def _training_record(self, cfg, block: CatMergeConfig) -> dict:
         state = getattr(self._trainer, "state", None)
@@ -143,11 +138,3 @@ class CatMergePlugin(BasePlugin):
             "micro_batch_size": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         }
-
-
-def _write_card(output_dir, card: str) -> None:
-    Path(output_dir, CARD_FILE).write_text(card)
-
-
-def _block(cfg) -> CatMergeConfig:
-    return CatMergeConfig.model_validate(dict(cfg.cat_merge))

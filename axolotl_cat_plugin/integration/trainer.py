@@ -22,8 +22,8 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from ..core.attach import cat_metadata, has_coefficients
 from ..core.baselines import is_sharded, static_coefficients, static_mixes
 from ..core.errors import CatError
-from ..core.export import write_export
-from ..core.fold import fold, full_tensor, gathered, skill_coefficients
+from ..core.export import COEFFICIENTS_FILE, compose, write
+from ..core.fold import full_tensor, gathered, skill_coefficients
 
 LOG = logging.getLogger(__name__)
 COEFFICIENTS_SIDECAR = "cat_alpha.safetensors"
@@ -35,20 +35,24 @@ def coefficient_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 
 class CatModelCardMixin:
-    """Trainer.push_to_hub writes the Trainer's own card right before uploading output_dir;
-    ours describes the skills and coefficients, so it is the one that must go up."""
-
-    cat_model_card: str | None = None  # set by the plugin once the export is written
+    """Axolotl and Trainer.push_to_hub write the Trainer's generic card into output_dir; once
+    the export (with its own card) is written there, the folder must stay as written."""
 
     def create_model_card(self, *args, **kwargs):
-        if self.cat_model_card is None:
-            return super().create_model_card(*args, **kwargs)
-        Path(self.args.output_dir, "README.md").write_text(self.cat_model_card)
+        if _holds_export(self.args.output_dir) and not has_coefficients(self.model):
+            LOG.info("CAT: keeping the export's model card in %s", self.args.output_dir)
+            return None
+        return super().create_model_card(*args, **kwargs)
 
 
 class CatTrainer(CatModelCardMixin, AxolotlTrainer):
-    cat_learning_rate: float | None = None
-    cat_export: tuple | None = None  # (folded, card, plot), set by the plugin once it folded
+    """Reads its own settings from the run's config (`axolotl_cfg.cat_merge`)."""
+
+    @property
+    def cat_learning_rate(self) -> float:
+        """cat_merge.learning_rate, else the run's learning_rate."""
+        block = getattr(self, "axolotl_cfg", None) and self.axolotl_cfg.get("cat_merge")
+        return (block or {}).get("learning_rate") or self.args.learning_rate
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:
@@ -58,7 +62,7 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
                 self.args, opt_model
             )
             optimizer_kwargs = dict(optimizer_kwargs)
-            learning_rate = self.cat_learning_rate or self.args.learning_rate
+            learning_rate = self.cat_learning_rate
             optimizer_kwargs["lr"] = learning_rate
             self.optimizer = optimizer_cls(
                 [{"params": coefficients, "weight_decay": 0.0}], **optimizer_kwargs
@@ -144,16 +148,17 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
         Trainer would call the model's save on rank 0 alone and hang); rank 0 writes.
         """
         if not has_coefficients(self.model):
-            if self.cat_export is None:
+            # post_train has written the export and made the model the plain LoRA it holds:
+            # its save_pretrained leaves output_dir as written (DeepSpeed ZeRO-3's own save
+            # could not gather the plain factors that replaced partitioned ones)
+            if not _holds_export(output_dir or self.args.output_dir):
                 return super().save_model(output_dir, _internal_call)
-            # post_train has folded and applied the export: write that, since DeepSpeed
-            # ZeRO-3's own save cannot gather the plain factors that replaced partitioned ones
             if self.args.should_save:
-                folded, card, plot = self.cat_export
-                write_export(folded, output_dir or self.args.output_dir, card=card, plot=plot)
+                model = self.accelerator.unwrap_model(self.model)
+                model.save_pretrained(output_dir or self.args.output_dir)
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        folded = fold(self.model)
+        export = compose(self.model, card=False)
         with gathered(self.model):
             raw = {
                 name: full_tensor(p).detach().float().cpu().clone()
@@ -161,7 +166,7 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
             }
         if not self.args.should_save:
             return
-        write_export(folded, output_dir)
+        write(export, output_dir)
         save_file(raw, os.path.join(output_dir, COEFFICIENTS_SIDECAR), metadata={"format": "pt"})
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
@@ -187,3 +192,7 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
             for name, param in parameters.items():
                 param.copy_(saved[name])
         LOG.info("CAT: restored %d coefficient tensors from %s", len(saved), sidecar)
+
+
+def _holds_export(folder) -> bool:
+    return (Path(folder) / COEFFICIENTS_FILE).is_file()

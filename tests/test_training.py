@@ -224,3 +224,21 @@ def test_coefficients_from_missing_or_malformed_is_refused(world, exported_recor
     not_numbers = tmp_path / "not-numbers.json"
     not_numbers.write_text(json.dumps(record))
     refuse_coefficients(world, None, not_numbers, str(not_numbers))
+
+
+def test_peft_calls_that_reactivate_the_adapter_keep_the_skills_frozen(world):
+    """PEFT's set_adapter marks the adapter's factors trainable (also when leaving
+    disable_adapter(), as TRL does for reference logits): the skills must stay frozen."""
+    model = attach_cat(load_base(world["base"]), CatConfig(adapters=adapters(world)))
+
+    def trainable():
+        return sorted(name for name, p in model.named_parameters() if p.requires_grad)
+
+    before = trainable()
+    assert before and all(name.endswith("cat_alpha") for name in before)
+    model.set_adapter("default")
+    model.base_model.set_adapter("default")
+    with model.disable_adapter():
+        pass
+    model.base_model.enable_adapter_layers()
+    assert trainable() == before

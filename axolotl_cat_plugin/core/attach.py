@@ -72,6 +72,9 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     _install(peft_model, plans, skills, config, starting)
     for name, param in peft_model.named_parameters():
         param.requires_grad_(name.endswith("cat_alpha"))
+    for module in peft_model.modules():
+        if hasattr(module, "lora_A") and hasattr(module, "set_adapter"):
+            module.set_adapter = types.MethodType(_set_adapter_keeping_factors_frozen, module)
 
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     peft_model.base_model.cat_metadata = CatMetadata(
@@ -108,6 +111,20 @@ def _save_folded(self, save_directory, *args, is_main_process: bool = True, **kw
 
     if is_main_process:
         export_cat(self, save_directory)
+
+
+def _set_adapter_keeping_factors_frozen(layer, *args, **kwargs):
+    """PEFT's set_adapter, then the skills' factors frozen again.
+
+    PEFT's BaseTunerLayer.set_adapter marks the active adapter's parameters trainable; it
+    runs on set_adapter, enable_adapter_layers and on leaving `disable_adapter()` (as TRL
+    does for reference logits). On a CAT layer that would silently train every skill's
+    lora_A / lora_B: only the coefficients (`cat_alpha`) stay trainable.
+    """
+    type(layer).set_adapter(layer, *args, **kwargs)
+    for name, param in layer.named_parameters():
+        if not name.endswith("cat_alpha"):
+            param.requires_grad_(False)
 
 
 def target_modules_for(names: list[str]) -> list[str]:

@@ -2,17 +2,26 @@
 export one standard PEFT LoRA adapter.
 
 The core API (`CatConfig`, `attach_cat`, `export_cat`) needs no Axolotl; `CatMergePlugin`
-is imported only when asked for, so TRL and plain PEFT users never import Axolotl.
+is imported only when asked for, so TRL and plain PEFT users never import Axolotl. Every
+name is imported on first use, so `axolotl-cat inspect` starts without torch.
 """
 
-from .core import CatConfig, CatError, attach_cat, export_cat
+from __future__ import annotations
 
-__all__ = ["CatConfig", "CatError", "CatMergePlugin", "attach_cat", "export_cat"]
+import importlib
+
+_HOMES = {
+    "CatConfig": ".core.config",
+    "CatError": ".core.errors",
+    "attach_cat": ".core.attach",
+    "export_cat": ".core.export",
+    "CatMergePlugin": ".integration.plugin",
+}
+
+__all__ = sorted(_HOMES)
 
 
 def __getattr__(name: str):
-    if name == "CatMergePlugin":
-        from .integration.plugin import CatMergePlugin
-
-        return CatMergePlugin
+    if name in _HOMES:
+        return getattr(importlib.import_module(_HOMES[name], __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,6 @@ import logging
 import sys
 
 from .core.errors import CatError
-from .core.merges import METHODS
 
 LOGGER = "axolotl_cat_plugin"
 
@@ -54,7 +53,12 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
         description="Static merges through PEFT's add_weighted_adapter. Give the skills "
         "last, after --out (or after --), as PATH or NAME=PATH.",
     )
-    merge.add_argument("--method", required=True, choices=sorted(METHODS))
+    merge.add_argument(
+        "--method",
+        required=True,
+        help="a combination of PEFT's add_weighted_adapter (cat, linear, ties, ...; "
+        "core.merges.METHODS lists them, and so does the error for an unknown one)",
+    )
     merge.add_argument(
         "--weights", required=True, type=float, nargs="+", help="one weight per skill"
     )
@@ -67,7 +71,16 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
-    args = build_parser(prog).parse_args(argv)
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.command == "merge":  # checked here: the method registry imports torch and peft
+        from .core.merges import METHODS
+
+        if args.method not in METHODS:
+            parser.error(
+                f"argument --method: invalid choice: {args.method!r} "
+                f"(choose from {', '.join(sorted(METHODS))})"
+            )
     _show_library_logs()
     try:
         if args.command == "inspect":

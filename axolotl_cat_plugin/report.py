@@ -12,8 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .core.card import vllm_max_lora_rank
-from .core.export import CONFIG_FILE
-from .core.reexport import read_record
+from .core.format import CONFIG_FILE, read_record
 from .core.summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
 
 

@@ -18,7 +18,7 @@ from fixtures import load_base
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from axolotl_cat_plugin import CatConfig, attach_cat, export_cat
+from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
 from axolotl_cat_plugin.cli import main
 from axolotl_cat_plugin.core import cat_metadata
 
@@ -71,6 +71,23 @@ def test_inspect_of_a_folder_without_a_record_exits_2_naming_the_path(tmp_path, 
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and str(tmp_path / "cat_coefficients.json") in err
+
+
+def test_a_record_from_a_newer_format_is_refused_by_every_reader(world, run_dir, tmp_path, capsys):
+    newer = tmp_path / "newer"
+    shutil.copytree(run_dir, newer)
+    record = json.loads((newer / "cat_coefficients.json").read_text())
+    record["format_version"] = 99
+    (newer / "cat_coefficients.json").write_text(json.dumps(record))
+    assert main(["inspect", str(newer)]) == 2
+    assert "format_version 99" in capsys.readouterr().err
+    assert main(["export", str(newer), "--out", str(tmp_path / "again")]) == 2
+    assert "upgrade axolotl-cat-plugin" in capsys.readouterr().err
+    resume = CatConfig(
+        adapters=adapters(world), coefficients_from=str(newer / "cat_coefficients.json")
+    )
+    with pytest.raises(CatError, match="format_version 99"):
+        attach_cat(load_base(world["base"]), resume)
 
 
 def test_export_rank_2_writes_a_rank_2_adapter_and_records_the_svd_error(world, run_dir, tmp_path):

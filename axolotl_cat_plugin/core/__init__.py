@@ -1,25 +1,34 @@
-"""The CAT engine: torch, peft, transformers and safetensors only, never axolotl."""
+"""The CAT engine: torch, peft, transformers and safetensors only, never axolotl.
 
-from .attach import attach_cat, cat_layers, cat_metadata, has_coefficients
-from .config import CatConfig, SkillSpec
-from .errors import CatError
-from .export import apply_export, export_cat, retire_previous_export, write_export
-from .fold import FoldedAdapter, fold
-from .ranks import check_ranks_agree
+Names are imported on first use (PEP 562), so a torch-free part (format, errors, card,
+summary) can be used, e.g. by `axolotl-cat inspect`, without importing torch.
+"""
 
-__all__ = [
-    "CatConfig",
-    "CatError",
-    "FoldedAdapter",
-    "SkillSpec",
-    "apply_export",
-    "attach_cat",
-    "cat_layers",
-    "cat_metadata",
-    "check_ranks_agree",
-    "export_cat",
-    "fold",
-    "has_coefficients",
-    "retire_previous_export",
-    "write_export",
-]
+from __future__ import annotations
+
+import importlib
+
+_HOMES = {
+    "CatConfig": "config",
+    "SkillSpec": "config",
+    "CatError": "errors",
+    "attach_cat": "attach",
+    "cat_layers": "state",
+    "cat_metadata": "state",
+    "has_coefficients": "state",
+    "apply_export": "export",
+    "export_cat": "export",
+    "retire_previous_export": "export",
+    "write_export": "export",
+    "FoldedAdapter": "fold",
+    "fold": "fold",
+    "check_ranks_agree": "ranks",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        return getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,14 @@
-"""Put CAT on a model: one PEFT adapter `default` holding every skill, plus the coefficients."""
+"""Put CAT on a model: one PEFT adapter `default` holding every skill, plus the coefficients.
+
+What a finished CAT model is asked (its layers, its metadata) lives in state.py.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,25 +18,13 @@ from torch import nn
 from .config import CatConfig
 from .core_space import core_factors
 from .errors import CatError
+from .format import read_record_file
 from .layer import CatLinearVariant
 from .skills import Skill, SkillModule, load_skills
+from .state import ADAPTER, COEFFICIENTS, CatMetadata, is_coefficient
 
 LOG = logging.getLogger(__name__)
-ADAPTER = "default"
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-@dataclass
-class CatMetadata:
-    """What the export needs to know beyond the layers' own tensors."""
-
-    skills: list[dict]
-    granularity: str
-    parametrization: str
-    base_model: str | None
-    target_modules: list[str] | str
-    fan_in_fan_out: bool
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -71,7 +61,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     peft_model = get_peft_model(model, lora_config)
     _install(peft_model, plans, skills, config, starting)
     for name, param in peft_model.named_parameters():
-        param.requires_grad_(name.endswith("cat_alpha"))
+        param.requires_grad_(is_coefficient(name))
     for module in peft_model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "set_adapter"):
             module.set_adapter = types.MethodType(_set_adapter_keeping_factors_frozen, module)
@@ -107,7 +97,7 @@ def _save_folded(self, save_directory, *args, is_main_process: bool = True, **kw
 
     The unfolded adapter would be a plain sum of unscaled skills, loadable but wrong.
     """
-    from .export import export_cat
+    from .export import export_cat  # export builds on state, never on attach
 
     if is_main_process:
         export_cat(self, save_directory)
@@ -123,7 +113,7 @@ def _set_adapter_keeping_factors_frozen(layer, *args, **kwargs):
     """
     type(layer).set_adapter(layer, *args, **kwargs)
     for name, param in layer.named_parameters():
-        if not name.endswith("cat_alpha"):
+        if not is_coefficient(name):
             param.requires_grad_(False)
 
 
@@ -134,29 +124,6 @@ def target_modules_for(names: list[str]) -> list[str]:
     carries zero factors, so the adapter stays exactly the union of the skills.
     """
     return sorted({name.rsplit(".", 1)[-1] for name in names})
-
-
-def cat_layers(model: nn.Module):
-    """(module name in the base model, layer) for every wrapped layer, in model order.
-
-    Layers that no skill touches have no `cat_alpha` and zero factors.
-    """
-    for module in model.modules():
-        if hasattr(module, "cat_module_name"):
-            yield module.cat_module_name, module
-
-
-def has_coefficients(model: nn.Module) -> bool:
-    """Whether the model still carries CAT coefficients (False once folded by apply_export)."""
-    return any(hasattr(layer, "cat_alpha") for _, layer in cat_layers(model))
-
-
-def cat_metadata(model: nn.Module) -> CatMetadata:
-    for module in model.modules():
-        metadata = getattr(module, "cat_metadata", None)
-        if isinstance(metadata, CatMetadata):
-            return metadata
-    raise CatError("this model has no CAT adapter; build it with attach_cat first")
 
 
 def _plan(model: nn.Module, skills: list[Skill]) -> list[_ModulePlan]:
@@ -279,7 +246,7 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
             alpha = _initial_alpha(config, masks[group], starting.get(plan.name), skills)
             alphas[group] = nn.Parameter(alpha.to(device))
         _load_factors(layer, plan, rank)
-        layer.register_parameter("cat_alpha", alphas[group])
+        layer.register_parameter(COEFFICIENTS, alphas[group])
         layer.register_buffer("cat_group_mask", masks[group].to(device), persistent=False)
         layer.register_buffer("cat_slot_index", slot_index.to(device), persistent=False)
         layer.register_buffer("cat_slot_scale", slot_scale.to(device), persistent=False)
@@ -311,7 +278,7 @@ def _install_core(layer, plan: _ModulePlan, skills, config: CatConfig, previous,
     present = torch.zeros(1, len(skills), dtype=torch.bool)
     for skill_index, _ in plan.blocks:
         present[0, skill_index] = True
-    layer.register_parameter("cat_alpha", nn.Parameter(core.to(device)))
+    layer.register_parameter(COEFFICIENTS, nn.Parameter(core.to(device)))
     layer.register_buffer("cat_skill_cores", basis.skill_cores.to(device), persistent=False)
     layer.register_buffer("cat_group_mask", present.to(device), persistent=False)
     layer.cat_core = True
@@ -360,11 +327,13 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
         return {}
     path = Path(config.coefficients_from)
     try:
-        record = json.loads(path.read_text())
-        modules = record["modules"]
-        recorded = [skill.get("name") for skill in record.get("skills", [])]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CatError(f"coefficients_from: cannot read {path} ({error!r})") from error
+        record = read_record_file(path)
+    except CatError as error:
+        raise CatError(f"coefficients_from: {error}") from error
+    modules = record["modules"]
+    recorded = [
+        skill.get("name") if isinstance(skill, dict) else None for skill in record["skills"]
+    ]
     wanted = [skill.name for skill in skills]
     if recorded != wanted:
         raise CatError(

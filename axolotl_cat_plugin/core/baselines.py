@@ -14,9 +14,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .attach import cat_layers
 from .errors import CatError
 from .layer import is_core
+from .state import cat_layers, weighted
 
 
 def static_mixes(skill_names: Sequence[str]) -> dict[str, list[float]]:
@@ -36,7 +36,7 @@ def is_sharded(model) -> bool:
     return any(
         hasattr(layer.cat_alpha, "full_tensor") or hasattr(layer.cat_alpha, "ds_id")
         for _, layer in cat_layers(model)
-        if hasattr(layer, "cat_alpha")
+        if weighted(layer)
     )
 
 
@@ -60,7 +60,7 @@ def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
     try:
         with torch.no_grad():
             for _, layer in cat_layers(model):
-                if not hasattr(layer, "cat_alpha"):
+                if not weighted(layer):
                     continue
                 if len(weights) != len(layer.cat_skill_names):
                     raise CatError(

@@ -1,4 +1,4 @@
-"""Write a folded CAT adapter as a standard PEFT LoRA folder; the one place that knows the format.
+"""Compose a CAT export and write it as a standard PEFT LoRA folder (names in format.py).
 
 The folder holds adapter_config.json, adapter_model.safetensors (PEFT's key names),
 cat_coefficients.json, and, when given, a model card and a coefficient plot. PEFT, vLLM
@@ -26,21 +26,22 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .attach import ADAPTER, cat_layers
 from .card import model_card
-from .fold import FoldedAdapter, fold, peft_key
+from .fold import FoldedAdapter, fold
+from .format import (
+    CARD_FILE,
+    COEFFICIENTS_FILE,
+    CONFIG_FILE,
+    EXPORT_FILES,
+    PLOT_FILE,
+    STAGING_PREFIX,
+    WEIGHTS_FILE,
+    peft_key,
+)
 from .plot import coefficient_heatmap
+from .state import ADAPTER, COEFFICIENTS, cat_layers
 
 LOG = logging.getLogger(__name__)
-
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-COEFFICIENTS_FILE = "cat_coefficients.json"
-CARD_FILE = "README.md"
-PLOT_FILE = "cat_coefficients.png"
-STAGING_PREFIX = ".cat-export-"
-# adapter_config.json last: it is what makes the folder loadable
-EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FILE)
 
 
 @dataclass
@@ -182,7 +183,7 @@ def apply_export(
         layer.scaling[ADAPTER] = 1.0
         layer.lora_variant.pop(ADAPTER, None)
         for name in (
-            "cat_alpha",
+            COEFFICIENTS,
             "cat_group_mask",
             "cat_slot_index",
             "cat_slot_scale",

@@ -16,12 +16,11 @@ import torch
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from .attach import ADAPTER, cat_layers, cat_metadata
 from .core_space import skill_weights
 from .errors import CatError
+from .format import FORMAT_VERSION, peft_key
 from .layer import effective_coefficients, is_core
-
-FORMAT_VERSION = 1
+from .state import ADAPTER, cat_layers, cat_metadata, is_coefficient, weighted
 
 
 @dataclass
@@ -35,11 +34,6 @@ class FoldedAdapter:
     @property
     def rank(self) -> int:
         return self.config.r
-
-
-def peft_key(module_name: str, factor: str) -> str:
-    """The tensor name PEFT saves for a factor ('A' or 'B') of a module."""
-    return f"base_model.model.{module_name}.lora_{factor}.weight"
 
 
 def fold(model, rank: int | None = None, prune_threshold: float | None = None) -> FoldedAdapter:
@@ -131,7 +125,7 @@ def skill_coefficients(model) -> dict[str, list[float]]:
     values: dict[str, list[float]] = {}
     with torch.no_grad(), gathered(model):
         for _, layer in cat_layers(model):
-            if not hasattr(layer, "cat_alpha"):
+            if not weighted(layer):
                 continue
             alpha = full_tensor(layer.cat_alpha).float()
             if is_core(layer):
@@ -150,7 +144,7 @@ def skill_coefficients(model) -> dict[str, list[float]]:
 
 def _fold_layer(layer, prune_threshold):
     """Folded factors of one layer and its record: coefficients per skill, what was pruned."""
-    if not hasattr(layer, "cat_alpha"):  # wrapped, but no skill touches it
+    if not weighted(layer):  # wrapped, but no skill touches it
         lora_A, lora_B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
         # torch.zeros, not new_zeros: under FSDP2 the factors are DTensors, and new_zeros
         # would make these DTensors too, which safetensors cannot save
@@ -268,7 +262,7 @@ def gathered(model):
         param
         for _, layer in cat_layers(model)
         for name, param in layer.named_parameters()
-        if name.endswith("cat_alpha") or ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+        if is_coefficient(name) or ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
     ]
     if not any(hasattr(param, "ds_id") for param in params):
         return contextlib.nullcontext()

@@ -32,12 +32,11 @@ from torch import nn
 
 from .config import CatConfig
 from .errors import CatError
+from .format import CONFIG_FILE, WEIGHTS_FILE
 from .skills import Skill, load_skills
 
 LOG = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 # flags the merged adapter copies from the first skill that decide where it applies
 _WHERE_FLAGS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 

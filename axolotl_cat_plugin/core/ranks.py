@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import CatError
 from .fold import full_tensor, gathered
+from .state import is_coefficient
 
 LOG = logging.getLogger(__name__)
 
@@ -31,7 +32,7 @@ def check_ranks_agree(model: nn.Module, tolerance: float = 0.0) -> float | None:
         coefficients = [
             full_tensor(p.detach()).float().flatten().clone()
             for name, p in model.named_parameters()
-            if name.endswith("cat_alpha")
+            if is_coefficient(name)
         ]
     mine = torch.cat(coefficients) if coefficients else torch.zeros(0)
     # gloo reduces CPU tensors, nccl CUDA ones: use the device the coefficients live on

@@ -6,37 +6,20 @@ coefficient: rebuilding the CAT model from them and folding again needs no train
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import torch
 
-from .attach import attach_cat, cat_metadata
+from .attach import attach_cat
 from .config import CatConfig
 from .errors import CatError
-from .export import COEFFICIENTS_FILE, export_cat
+from .export import export_cat
+from .format import COEFFICIENTS_FILE, read_record
+from .state import cat_metadata
 
 LOG = logging.getLogger(__name__)
-
-
-def read_record(folder: str | os.PathLike) -> dict:
-    """The cat_coefficients.json of an export folder, checked to be one."""
-    path = Path(folder) / COEFFICIENTS_FILE
-    if not path.is_file():
-        raise CatError(f"{path} does not exist: {folder} is not a CAT export")
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise CatError(f"{path} is not readable JSON ({error})") from error
-    if not (
-        isinstance(record, dict)
-        and isinstance(record.get("skills"), list)
-        and isinstance(record.get("modules"), dict)
-    ):
-        raise CatError(f"{path} is not a CAT coefficient record (no skills and modules)")
-    return record
 
 
 def reexport(

@@ -19,19 +19,15 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from safetensors.torch import load_file, save_file
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from ..core.attach import cat_metadata, has_coefficients
 from ..core.baselines import is_sharded, static_coefficients, static_mixes
 from ..core.errors import CatError
-from ..core.export import COEFFICIENTS_FILE, compose, write
+from ..core.export import compose, write
 from ..core.fold import full_tensor, gathered, skill_coefficients
+from ..core.format import COEFFICIENTS_FILE
+from ..core.state import cat_metadata, coefficient_parameters, has_coefficients
 
 LOG = logging.getLogger(__name__)
 COEFFICIENTS_SIDECAR = "cat_alpha.safetensors"
-
-
-def coefficient_parameters(model) -> dict[str, torch.nn.Parameter]:
-    """The trainable coefficients by name (a coefficient shared by several layers appears once)."""
-    return {name: p for name, p in model.named_parameters() if name.endswith("cat_alpha")}
 
 
 class CatModelCardMixin:

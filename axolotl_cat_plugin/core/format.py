@@ -1,0 +1,72 @@
+"""The export format, torch-free: file names, tensor keys, and the cat_coefficients.json record.
+
+An export folder is a standard PEFT LoRA adapter (CONFIG_FILE + WEIGHTS_FILE, PEFT's key
+names, scaling 1) plus our record (COEFFICIENTS_FILE), a model card (CARD_FILE) and a
+heatmap (PLOT_FILE). The record is read in one place, `read_record`, which checks that it is
+one and that its `format_version` is one this package reads; `axolotl-cat inspect`, re-export,
+resuming from a record and the card all go through it. Nothing here imports torch, so the
+viewer starts in well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import CatError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+BIN_WEIGHTS_FILE = "adapter_model.bin"  # older PEFT skills; read, never written
+COEFFICIENTS_FILE = "cat_coefficients.json"
+CARD_FILE = "README.md"
+PLOT_FILE = "cat_coefficients.png"
+STAGING_PREFIX = ".cat-export-"
+# the order an export is moved in: adapter_config.json last, since it makes a folder loadable
+EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FILE)
+# cat_coefficients.json's schema version: readers refuse records from a newer writer
+FORMAT_VERSION = 1
+
+
+def peft_key(module_name: str, factor: str) -> str:
+    """The tensor name PEFT saves for a factor ('A' or 'B') of a module, e.g.
+    peft_key("model.layers.0.self_attn.q_proj", "A") ->
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
+    return f"base_model.model.{module_name}.lora_{factor}.weight"
+
+
+def read_record(folder: str | os.PathLike) -> dict:
+    """The cat_coefficients.json of an export folder (read_record_file)."""
+    path = Path(folder) / COEFFICIENTS_FILE
+    if not path.is_file():
+        raise CatError(f"{path} does not exist: {folder} is not a CAT export")
+    return read_record_file(path)
+
+
+def read_record_file(path: str | os.PathLike) -> dict:
+    """A cat_coefficients.json, checked: a JSON object with `skills` (list) and `modules`
+    (object) whose `format_version` (1 when absent) is at most FORMAT_VERSION.
+
+    Raises CatError naming the file for unreadable JSON, a missing part or a newer version.
+    """
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CatError(f"{path} is not readable JSON ({error})") from error
+    if not (
+        isinstance(record, dict)
+        and isinstance(record.get("skills"), list)
+        and isinstance(record.get("modules"), dict)
+    ):
+        raise CatError(f"{path} is not a CAT coefficient record (no skills and modules)")
+    version = record.get("format_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CatError(f"{path}: format_version {version!r} is not a version number")
+    if version > FORMAT_VERSION:
+        raise CatError(
+            f"{path} has format_version {version}, newer than the {FORMAT_VERSION} this "
+            "axolotl-cat-plugin reads; upgrade axolotl-cat-plugin"
+        )
+    return record

@@ -1,0 +1,93 @@
+"""The package's structure: import arrows point one way, the core never reaches Axolotl, and
+the viewer (`axolotl-cat inspect`) starts without torch."""
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "axolotl_cat_plugin"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> set[str]:
+    """Every module this file imports, at any depth of the code (function-level too)."""
+    package = (
+        module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
+    )
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                anchor = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{anchor}.{node.module}" if node.module else anchor
+            else:
+                base = node.module
+            found.add(base)
+            found |= {f"{base}.{alias.name}" for alias in node.names}
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    return {
+        name: {m for m in imports(path) if m in modules and m != name}
+        for name, path in modules.items()
+    }
+
+
+def test_no_import_cycle_in_the_package():
+    edges = graph()
+    # the package's __init__ files only name what lives elsewhere (imported lazily)
+    edges = {
+        m: {t for t in ts if not t.endswith(("axolotl_cat_plugin", ".core"))}
+        for m, ts in edges.items()
+    }
+    state: dict[str, str] = {}
+
+    def visit(node, path):
+        state[node] = "open"
+        for target in sorted(edges[node]):
+            if state.get(target) == "open":
+                raise AssertionError(" -> ".join([*path, node, target]))
+            if target not in state:
+                visit(target, [*path, node])
+        state[node] = "done"
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node, [])
+
+
+def test_the_core_never_imports_axolotl_or_the_integration():
+    for path in (PACKAGE / "core").rglob("*.py"):
+        for target in imports(path):
+            assert not target.startswith(("axolotl.", "axolotl_cat_plugin.integration")), (
+                path,
+                target,
+            )
+            assert target != "axolotl", path
+
+
+def test_inspect_imports_no_torch(tmp_path):
+    (tmp_path / "cat_coefficients.json").write_text(
+        json.dumps(
+            {"format_version": 1, "skills": [{"name": "a"}], "granularity": "module", "modules": {}}
+        )
+    )
+    code = (
+        "import sys; from axolotl_cat_plugin.cli import main; main(['inspect', sys.argv[1]]); "
+        "print(sorted(m for m in ('torch', 'peft', 'transformers') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

@@ -1,7 +1,9 @@
 """The CAT engine: torch, peft, transformers and safetensors only, never axolotl.
 
 Names are imported on first use (PEP 562), so a torch-free part (format, errors, card,
-summary) can be used, e.g. by `axolotl-cat inspect`, without importing torch.
+summary) can be used, e.g. by `axolotl-cat inspect`, without importing torch. The function
+`fold` is not among them: once anything imports the submodule `core.fold`, Python binds that
+name to the module, so import the function from `axolotl_cat_plugin.core.fold`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ _HOMES = {
     "retire_previous_export": "export",
     "write_export": "export",
     "FoldedAdapter": "fold",
-    "fold": "fold",
     "check_ranks_agree": "ranks",
 }
 

@@ -3,6 +3,7 @@
 Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py [--quick] [--out bench.json]
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --profile cat2   # where does a step go?
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --paired --threads 1 --out paired.json
 
 Every training configuration runs on the same randomly initialised Llama (hidden 512,
 intermediate 1408, 4 layers, 8 heads / 2 KV heads as in Llama-3's 4:1 GQA, vocabulary 1024,
@@ -385,6 +386,101 @@ def export_bench(folder: Path) -> dict:
     return result
 
 
+PAIRED = ["floor", "cat1", "cat2", "cat2-unfused", "cat32", "cat32-unfused"]
+
+
+def run_paired(args: argparse.Namespace) -> None:
+    """Fused vs unfused vs floor in ONE process, step by step: drift cancels in each round.
+
+    On a shared machine the separate workers' medians drift apart; here every round runs
+    one step of each configuration back to back (rotating order), the ratios are taken
+    within each round, and their medians reported. The unfused configurations are the same
+    models as the fused ones with `CatLinearVariant.fused` switched off for their step.
+    """
+    import torch
+
+    from axolotl_cat_plugin.core.layer import CatLinearVariant
+
+    torch.set_num_threads(args.threads)
+    wall = time.perf_counter()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="cat-bench-") as tmp:
+        skills = build_small_skills(Path(tmp))
+        steps = {}
+        for name in PAIRED:
+            if name.endswith("-unfused"):
+                continue
+            steps[name] = make_step(name, skills)[0]
+    CatLinearVariant.fused = True
+
+    def run(name: str) -> float:
+        CatLinearVariant.fused = not name.endswith("-unfused")
+        step = steps[name.removesuffix("-unfused")]
+        begin = time.perf_counter()
+        step()
+        return time.perf_counter() - begin
+
+    for name in PAIRED:  # warm-up
+        run(name)
+        run(name)
+    times = {name: [] for name in PAIRED}
+    foreign = ForeignLoad([os.getpid()])
+    for round_index in range(args.rounds):
+        shift = round_index % len(PAIRED)
+        for name in PAIRED[shift:] + PAIRED[:shift]:
+            times[name].append(run(name))
+    foreign_cores = foreign.cores()
+    CatLinearVariant.fused = True
+
+    def paired(a: str, b: str) -> float:
+        return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
+    ratios = {
+        "cat_over_floor": paired("cat2", "floor"),
+        "unfused_cat_over_floor": paired("cat2-unfused", "floor"),
+        "cat_k32_over_k1": paired("cat32", "cat1"),
+        "unfused_cat_k32_over_k1": paired("cat32-unfused", "cat1"),
+        "fused_over_unfused_k2": paired("cat2", "cat2-unfused"),
+        "fused_over_unfused_k32": paired("cat32", "cat32-unfused"),
+    }
+    report = {
+        **ratios,
+        "mode": "paired",
+        "rounds": args.rounds,
+        "medians_s": {name: statistics.median(values) for name, values in times.items()},
+        "step_times_s": times,
+        "machine": {
+            "cpu_model": cpu_model(),
+            "cores": os.cpu_count(),
+            "torch_threads": args.threads,
+            "loadavg_before": load_before,
+            "loadavg_after": os.getloadavg(),
+            "foreign_cpu_cores_while_timing": foreign_cores,
+        },
+        "wall_s": time.perf_counter() - wall,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'config':<14} {'median s':>9}")
+    for name in PAIRED:
+        print(f"{name:<14} {report['medians_s'][name]:>9.4f}")
+    print(f"\n{'ratio (median of per-round ratios)':<36} {'fused':>8} {'unfused':>8}")
+    print(
+        f"{'CAT K=2 / floor':<36} {ratios['cat_over_floor']:>8.3f} "
+        f"{ratios['unfused_cat_over_floor']:>8.3f}"
+    )
+    print(
+        f"{'CAT K=32 / CAT K=1 (fused)':<36} {ratios['cat_k32_over_k1']:>8.3f} "
+        f"{ratios['unfused_cat_k32_over_k1']:>8.3f}"
+    )
+    print(f"{'fused / unfused, K=2':<36} {ratios['fused_over_unfused_k2']:>8.3f}")
+    print(f"{'fused / unfused, K=32':<36} {ratios['fused_over_unfused_k32']:>8.3f}")
+    print(
+        f"\n{args.threads} torch threads; load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
+        f"other processes kept {foreign_cores or 0:.2f} cores busy while timing"
+    )
+    print(f"wrote {args.out} ({report['wall_s']:.0f} s)")
+
+
 def run_profile(name: str) -> None:
     """Profile three steps of one configuration with torch.profiler (run in this process)."""
     import torch
@@ -649,6 +745,12 @@ def main() -> None:
         "processes share the cores",
     )
     parser.add_argument("--profile", metavar="CONFIG", choices=CONFIGS, help="profile one config")
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="fused vs unfused vs floor in one process, ratios taken per round (robust to load)",
+    )
+    parser.add_argument("--rounds", type=int, default=20, help="rounds of --paired")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--skills-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -656,6 +758,8 @@ def main() -> None:
         run_worker(args.worker, args.skills_file)
     elif args.profile:
         run_profile(args.profile)
+    elif args.paired:
+        run_paired(args)
     else:
         run_parent(args)
 

@@ -169,7 +169,7 @@ def profile_table(config: Config, args, device) -> str:
     sort = "self_cpu_time_total"
     if device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-        sort = "self_cuda_time_total"
+        sort = "self_device_time_total"  # the kernels' own GPU time
     with profile(activities=activities) as prof:
         config.steps(args, device, 1)
     return prof.key_averages().table(sort_by=sort, row_limit=args.profile_rows)

@@ -3,9 +3,10 @@
 On the tiny world model (fp32): logits bit for bit (the same kernels), the input-embedding
 gradient and every coefficient gradient within 1e-6 relative to their largest entry (the
 fused backward sums g W + g' A in one kernel, so the last bits round differently: measured
-2.7e-7 relative on rank-free) between `CatLinearVariant.fused` on and off, for every granularity
-and parametrization. On the Function itself (fp64, gradcheck and against autograd on the
-plain formula): the diagonal mix w (R,) and the full mix M (R, R), in place or not.
+2.7e-7 relative on rank-free) between `CatLinearVariant.fused` on and off, for every
+granularity and parametrization, `core` (the matrix mix M) included. On the Function itself
+(fp64, gradcheck and against autograd on the plain formula): the diagonal mix w (R,) and the
+full mix M (R, R), in place or not.
 """
 
 import contextlib
@@ -21,6 +22,8 @@ from axolotl_cat_plugin.core.layer import CatLinearVariant
 
 GRANULARITIES = ["module", "layer", "adapter", "rank"]
 PARAMETRIZATIONS = ["free", "softmax"]
+# granularity core (an R x R matrix M per module) is fitted with parametrization free only
+CONFIGS = [(g, p) for g in GRANULARITIES for p in PARAMETRIZATIONS] + [("core", "free")]
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70], [1, 15, 25, 35, 45, 55, 65, 75]])
 TOLERANCE = 1e-6
 
@@ -68,8 +71,7 @@ def count_fused_calls(model, monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("parametrization", PARAMETRIZATIONS)
-@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize(("granularity", "parametrization"), CONFIGS)
 def test_fused_equals_unfused_on_a_model(world, monkeypatch, granularity, parametrization):
     model = cat_model(world, granularity=granularity, parametrization=parametrization)
     with fused(False):

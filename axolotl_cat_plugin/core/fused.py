@@ -36,8 +36,10 @@ def _mix_dtype(a: torch.Tensor, mix: torch.Tensor) -> torch.dtype:
 
 def _mix(a: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """mix(a) in fp32: a ⊙ w for a vector w (R,), a Mᵀ for a matrix M (R, R); a is (..., R)."""
-    a = a.to(_mix_dtype(a, mix))
-    return a * mix if mix.dim() == 1 else a @ mix.t()
+    dtype = _mix_dtype(a, mix)
+    a = a.to(dtype)
+    # F.linear as CatLinearVariant's unfused `core` path, so fp32 results agree bit for bit
+    return a * mix if mix.dim() == 1 else F.linear(a, mix.to(dtype))
 
 
 def _mix_transposed(gb: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,11 @@ def is_core(layer) -> bool:
     return getattr(layer, "cat_core", False)
 
 
+def slot_mix(layer) -> torch.Tensor:
+    """How the rank slots are mixed, fp32: w (R,) (diagonal), or the core M (R, R) for `core`."""
+    return layer.cat_alpha if is_core(layer) else slot_weights(layer)
+
+
 def mixed_B(layer, lora_B: torch.Tensor) -> torch.Tensor:
     """B diag(w) or B M: the B factor with the coefficients folded in, fp32, (d_out, R)."""
     if is_core(layer):
@@ -97,15 +102,15 @@ class CatLinearVariant(LoraVariant):
     @staticmethod
     def forward(module, active_adapter, x, result, **kwargs) -> torch.Tensor:
         if CatLinearVariant.fused and fused_applicable(module, active_adapter, x):
-            # base + B(w ⊙ A x) with one input gradient (the base's and the adapter's summed
-            # in place) and nothing full-width saved beyond what the base saves
+            # base + B(w ⊙ A x) (or B M A x) with one input gradient (the base's and the
+            # adapter's summed in place) and nothing full-width saved beyond what the base saves
             return cat_linear(
                 x,
                 result,
                 module.base_layer.weight,
                 module.lora_A[active_adapter].weight,
                 module.lora_B[active_adapter].weight,
-                slot_weights(module),
+                slot_mix(module),
                 in_place=_owns_output(module, result),
             )
         return CatLinearVariant.unfused_forward(module, active_adapter, x, result)

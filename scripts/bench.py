@@ -386,6 +386,48 @@ def export_bench(folder: Path) -> dict:
     return result
 
 
+def run_rank_ops(args: argparse.Namespace) -> None:
+    """The arithmetic floor of CAT here: the rank-R matmuls alone against the base's matmuls.
+
+    Per decoder layer of the benchmark model, N = batch x sequence tokens, fp32, timed one
+    by one (lower quartile of 20): the base's forward and input-gradient matmuls (x Wᵀ, g W)
+    against the four rank-R ones any exact CAT step needs (A x, B hidden, gᵀ B, and the
+    adapter's share of the input gradient), for R = K x 8 at K = 1, 2, 32.
+    """
+    import torch
+
+    torch.set_num_threads(args.threads)
+    tokens, hidden, inter = BATCH * SEQ, SMALL["hidden"], SMALL["intermediate"]
+    kv = hidden // SMALL["heads"] * SMALL["kv_heads"]
+    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden)]
+    shapes += [(hidden, inter), (hidden, inter), (inter, hidden)]
+
+    def timed(a, b) -> float:
+        for _ in range(3):
+            torch.matmul(a, b)
+        times = []
+        for _ in range(20):
+            begin = time.perf_counter()
+            torch.matmul(a, b)
+            times.append(time.perf_counter() - begin)
+        return sorted(times)[len(times) // 4]
+
+    for count in (1, 2, 32):
+        rank = count * SKILL_RANK
+        base = adapter = 0.0
+        for d_in, d_out in shapes:
+            x, g = torch.randn(tokens, d_in), torch.randn(tokens, d_out)
+            weight, h = torch.randn(d_out, d_in), torch.randn(tokens, rank)
+            lora_A, lora_B = torch.randn(rank, d_in), torch.randn(d_out, rank)
+            base += timed(x, weight.t()) + timed(g, weight)
+            adapter += timed(x, lora_A.t()) + timed(h, lora_B.t())
+            adapter += timed(g, lora_B) + timed(h, lora_A)
+        print(
+            f"K={count:<3} R={rank:<4} per layer: base matmuls {base * 1e3:7.2f} ms, rank-R "
+            f"matmuls {adapter * 1e3:7.2f} ms ({100 * adapter / base:.1f}% of the base's)"
+        )
+
+
 PAIRED = ["floor", "cat1", "cat2", "cat2-unfused", "cat32", "cat32-unfused"]
 
 
@@ -751,6 +793,9 @@ def main() -> None:
         help="fused vs unfused vs floor in one process, ratios taken per round (robust to load)",
     )
     parser.add_argument("--rounds", type=int, default=20, help="rounds of --paired")
+    parser.add_argument(
+        "--rank-ops", action="store_true", help="time the rank-R matmuls against the base's"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--skills-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -760,6 +805,8 @@ def main() -> None:
         run_profile(args.profile)
     elif args.paired:
         run_paired(args)
+    elif args.rank_ops:
+        run_rank_ops(args)
     else:
         run_parent(args)
 

@@ -317,7 +317,8 @@ def export_bench(folder: Path) -> dict:
     from torch import nn
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from axolotl_cat_plugin.core import CatConfig, attach_cat, fold, write_export
+    from axolotl_cat_plugin.core import CatConfig, attach_cat, write_export
+    from axolotl_cat_plugin.core.fold import fold  # the package attribute may be the submodule
 
     began = time.perf_counter()
     paths = []

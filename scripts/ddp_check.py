@@ -38,7 +38,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fixtures import build_base, build_skills, load_base  # noqa: E402
 
-from axolotl_cat_plugin.core import CatConfig, attach_cat, export_cat, fold  # noqa: E402
+from axolotl_cat_plugin.core import CatConfig, attach_cat, export_cat  # noqa: E402
+from axolotl_cat_plugin.core.fold import fold  # noqa: E402  (see fsdp2_check.py)
 
 SEQUENCE_LEN = 16
 

@@ -47,7 +47,7 @@ ensure_env() {
   if [ -n "$torch_pin" ]; then
     _pip "$venv/bin/python" -m pip install -q "$torch_pin"
   fi
-  _pip "$venv/bin/python" -m pip install -q "axolotl==$axolotl_version" -e ".[test,plots]"
+  _pip "$venv/bin/python" -m pip install -q "axolotl==$axolotl_version" -e ".[test]"
   # DeepSpeed for the ZeRO-3 tests, in the range this axolotl's [deepspeed] extra allows;
   # DS_BUILD_OPS=0: no CUDA kernels are compiled at install (none are needed on the CPU)
   DS_BUILD_OPS=0 _pip "$venv/bin/python" -m pip install -q "$deepspeed_pin"

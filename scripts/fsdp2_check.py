@@ -38,8 +38,16 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from fixtures import build_base, build_skills, load_base  # noqa: E402
 
-from axolotl_cat_plugin.core import CatConfig, attach_cat, fold, write_export  # noqa: E402
-from axolotl_cat_plugin.core.fold import full_tensor, gathered, skill_coefficients  # noqa: E402
+from axolotl_cat_plugin.core import CatConfig, attach_cat, write_export  # noqa: E402
+
+# `fold` from its home module: once the submodule axolotl_cat_plugin.core.fold is imported,
+# the package attribute `fold` is that module, not the function the lazy __getattr__ gives
+from axolotl_cat_plugin.core.fold import (  # noqa: E402
+    fold,
+    full_tensor,
+    gathered,
+    skill_coefficients,
+)
 
 SEQUENCE_LEN = 16
 SKILLS = ("math", "code", "prose")

@@ -25,6 +25,10 @@
 #             the loss stays finite and the coefficients move; tokens/s is reported. The export
 #             reloaded with plain PEFT on a fresh bf16 base gives the CAT model's logits to bf16
 #             tolerance (a few ulp of the logits, far below what the adapter changes).
+#   axolotl   `axolotl train` (axolotl.cli.main, launcher python) on the tiny world with bf16,
+#             sample_packing and sdpa attention, on the GPU; SKIP without axolotl (carry it
+#             and its missing dependencies as wheels in .whl/).
+# Throughput is a separate run: python scripts/bench_gpu.py (writes docs/measurements/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -357,6 +361,51 @@ else
   status=FAIL
 fi
 record bf16 $status $((SECONDS - started))
+
+# --- axolotl: `axolotl train` itself on the device: bf16, sample packing, sdpa --------------
+# The tiny world (scripts/tiny_world.py) and example_yamls/tiny-cpu/cat.yml with bf16: true,
+# sample_packing: true, attn_implementation: sdpa; PASS when the run writes the folded export.
+# Needs axolotl and what the image lacks (trl, datasets, pydantic, ...) carried as wheels in
+# .whl/ (installed into /tmp/cat-site above); SKIP when `import axolotl` fails.
+started=$SECONDS
+if [ "$DEVICE" = cuda ] && "$PY" -c "import axolotl.cli.main" > "$OUT/axolotl.log" 2>&1; then
+  W="$OUT/axolotl"
+  axolotl_ok=1
+  timeout 120 "$PY" scripts/tiny_world.py "$W/world" >> "$OUT/axolotl.log" 2>&1 || axolotl_ok=0
+  "$PY" - "$W" <<'PY' >> "$OUT/axolotl.log" 2>&1 || axolotl_ok=0
+import sys
+from pathlib import Path
+
+import yaml
+
+folder = Path(sys.argv[1])
+world = folder / "world"
+config = yaml.safe_load(Path("example_yamls/tiny-cpu/cat.yml").read_text())
+config["base_model"] = str(world / "base")
+config["cat_merge"]["adapters"] = [
+    {"path": str(world / "skills" / name), "name": name} for name in ("math", "code", "prose")
+]
+config["datasets"][0]["path"] = str(world / "data" / "mix.jsonl")
+config["dataset_prepared_path"] = str(folder / "prepared")
+config["output_dir"] = str(folder / "out")
+config.update(bf16=True, sample_packing=True, attn_implementation="sdpa", max_steps=10)
+(folder / "cat.yml").write_text(yaml.safe_dump(config))
+PY
+  if [ $axolotl_ok = 1 ]; then
+    timeout 300 "$PY" -m axolotl.cli.main train "$W/cat.yml" --launcher python \
+      >> "$OUT/axolotl.log" 2>&1 || axolotl_ok=0
+  fi
+  if [ $axolotl_ok = 1 ] && [ -f "$W/out/adapter_model.safetensors" ] \
+      && [ -f "$W/out/cat_coefficients.json" ]; then
+    grep -E "'loss'|train_runtime" "$OUT/axolotl.log" | tail -3
+    record axolotl PASS $((SECONDS - started))
+  else
+    tail -40 "$OUT/axolotl.log"
+    record axolotl FAIL $((SECONDS - started))
+  fi
+else
+  record axolotl SKIP $((SECONDS - started))
+fi
 
 echo "[gpu_checks] summary:"
 printf '  %s\n' "${RESULTS[@]}"

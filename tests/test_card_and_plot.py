@@ -6,7 +6,9 @@ export, the plugin's card handling and the push run on the tiny world.
 
 import hashlib
 import json
+import re
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,11 +21,17 @@ from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
 from axolotl_cat_plugin import CatConfig, attach_cat, export_cat
-from axolotl_cat_plugin.core.card import TAGS, model_card
+from axolotl_cat_plugin.core.card import (
+    TAGS,
+    VLLM_MAX_LORA_RANKS,
+    model_card,
+    vllm_max_lora_rank,
+)
 from axolotl_cat_plugin.core.plot import coefficient_heatmap
 from axolotl_cat_plugin.integration.trainer import CatModelCardMixin
 
 PNG = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parent.parent
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70]])
 
 
@@ -119,7 +127,9 @@ def test_granularity_rank_summarises_over_components():
     assert "| math | 1.0000 | 0.0000 | 2.0000 | 3 |" in card
 
 
-@pytest.mark.parametrize(("rank", "max_lora_rank"), [(3, 8), (8, 8), (12, 16), (257, 320)])
+@pytest.mark.parametrize(
+    ("rank", "max_lora_rank"), [(1, 1), (3, 8), (8, 8), (12, 16), (96, 128), (257, 320)]
+)
 def test_vllm_line_rounds_the_rank_up_to_a_size_vllm_accepts(rank, max_lora_rank):
     card = model_card(record(), config={"r": rank})
     assert (
@@ -128,13 +138,26 @@ def test_vllm_line_rounds_the_rank_up_to_a_size_vllm_accepts(rank, max_lora_rank
     )
 
 
+def test_the_readme_names_the_sizes_and_the_rounding_the_code_uses():
+    readme = " ".join((REPO / "README.md").read_text().split())
+    sizes = re.search(r"vLLM allows only ([\d, ]+),", readme).group(1)
+    assert tuple(int(size) for size in sizes.split(",")) == VLLM_MAX_LORA_RANKS
+    rank, max_rank = re.search(r"r = (\d+) needs `--max-lora-rank (\d+)`", readme).groups()
+    assert vllm_max_lora_rank(int(rank)) == int(max_rank)
+
+
 def test_a_rank_above_vllms_largest_says_how_to_export_smaller():
     card = model_card(record(), config={"r": 600})
     assert "--max-lora-rank 512" in card and "axolotl-cat export RUN_DIR --rank 512" in card
 
 
+def test_matplotlib_is_a_dependency_not_an_extra():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "matplotlib" in project["dependencies"]
+    assert project["optional-dependencies"]["plots"] == []  # an empty alias, for old commands
+
+
 def test_heatmap_is_a_png():
-    pytest.importorskip("matplotlib")
     assert coefficient_heatmap(record()).startswith(PNG)
     assert coefficient_heatmap(record(granularity="rank")).startswith(PNG)
 
@@ -156,19 +179,8 @@ def test_export_cat_writes_the_card_and_the_plot(world, tmp_path):
     assert front_matter(card)["library_name"] == "peft"
     for name in world["skills"]:
         assert f"| {name} |" in card
-    has_plot = (out / "cat_coefficients.png").exists()
-    assert has_plot == _importable("matplotlib")
-    if has_plot:
-        assert (out / "cat_coefficients.png").read_bytes().startswith(PNG)
-        assert "](cat_coefficients.png)" in card
-
-
-def _importable(name: str) -> bool:
-    try:
-        __import__(name)
-    except ImportError:
-        return False
-    return True
+    assert (out / "cat_coefficients.png").read_bytes().startswith(PNG)
+    assert "](cat_coefficients.png)" in card
 
 
 # --- the Axolotl plugin's card: written with the export, kept through Axolotl's own card ---

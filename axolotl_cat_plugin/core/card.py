@@ -15,7 +15,7 @@ from .summary import layer_table, max_svd_error, pruned, skill_names, skill_stat
 
 TAGS = ["axolotl", "lora", "cat-merge", "lora-soups", "peft"]
 # vLLM's --max-lora-rank accepts only these sizes (vllm/config/lora.py)
-VLLM_MAX_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DATA_FILE = re.compile(r"\.(jsonl?|csv|tsv|parquet|arrow|txt)(\.(gz|bz2|xz|zst))?$", re.I)
 _PLACEHOLDER_ADAPTER = "path/to/this/adapter"

@@ -32,6 +32,8 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 from torch import nn
 
+from .fused import cat_linear, fused_applicable
+
 
 def effective_coefficients(alpha: torch.Tensor, mask: torch.Tensor, parametrization: str):
     """c from alpha: itself (`free`), or a softmax over the skills present in each group."""
@@ -49,6 +51,11 @@ def slot_weights(layer) -> torch.Tensor:
 def is_core(layer) -> bool:
     """Whether the layer mixes its rank slots with a full core M (granularity `core`)."""
     return getattr(layer, "cat_core", False)
+
+
+def slot_mix(layer) -> torch.Tensor:
+    """How the rank slots are mixed, fp32: w (R,) (diagonal), or the core M (R, R) for `core`."""
+    return layer.cat_alpha if is_core(layer) else slot_weights(layer)
 
 
 def mixed_B(layer, lora_B: torch.Tensor) -> torch.Tensor:
@@ -83,6 +90,10 @@ def _owns_output(module, result: torch.Tensor) -> bool:
 
 
 class CatLinearVariant(LoraVariant):
+    # the fused Function (core/fused.py) where it applies; False: always the unfused path
+    # (benchmarks and tests compare the two)
+    fused = True
+
     @staticmethod
     def init(module, adapter_name, **kwargs) -> None:
         # attach_cat installs the coefficients and buffers itself
@@ -90,6 +101,23 @@ class CatLinearVariant(LoraVariant):
 
     @staticmethod
     def forward(module, active_adapter, x, result, **kwargs) -> torch.Tensor:
+        if CatLinearVariant.fused and fused_applicable(module, active_adapter, x):
+            # base + B(w ⊙ A x) (or B M A x) with one input gradient (the base's and the
+            # adapter's summed in place) and nothing full-width saved beyond what the base saves
+            return cat_linear(
+                x,
+                result,
+                module.base_layer.weight,
+                module.lora_A[active_adapter].weight,
+                module.lora_B[active_adapter].weight,
+                slot_mix(module),
+                in_place=_owns_output(module, result),
+            )
+        return CatLinearVariant.unfused_forward(module, active_adapter, x, result)
+
+    @staticmethod
+    def unfused_forward(module, active_adapter, x, result) -> torch.Tensor:
+        """The adapter added by separate ops, autograd deriving the backward (any base, dropout)."""
         # Compute in the activations' dtype and cast only the small factors: attach_cat turns
         # off PEFT's cast of x to the (fp32) adapter weights, which copied every activation.
         lora_A = module.lora_A[active_adapter].weight.to(x.dtype)

@@ -1,6 +1,7 @@
 """A heatmap of the learned coefficients, for the model card (cat_coefficients.png).
 
-matplotlib is optional (the `plots` extra): without it the export simply has no picture.
+matplotlib is a dependency of the package; an environment without it (`pip install --no-deps`)
+still exports, only without the picture.
 """
 
 from __future__ import annotations

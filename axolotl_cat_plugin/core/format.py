@@ -23,6 +23,8 @@ COEFFICIENTS_FILE = "cat_coefficients.json"
 CARD_FILE = "README.md"
 PLOT_FILE = "cat_coefficients.png"
 STAGING_PREFIX = ".cat-export-"
+# in a trainer checkpoint, beside the folded adapter: the raw coefficients resume restores
+CHECKPOINT_COEFFICIENTS_FILE = "cat_alpha.safetensors"
 # the order an export is moved in: adapter_config.json last, since it makes a folder loadable
 EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FILE)
 # cat_coefficients.json's schema version: readers refuse records from a newer writer

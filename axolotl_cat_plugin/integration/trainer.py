@@ -23,11 +23,11 @@ from ..core.baselines import is_sharded, static_coefficients, static_mixes
 from ..core.errors import CatError
 from ..core.export import compose, write
 from ..core.fold import full_tensor, gathered, skill_coefficients
+from ..core.format import CHECKPOINT_COEFFICIENTS_FILE as COEFFICIENTS_SIDECAR
 from ..core.format import COEFFICIENTS_FILE
 from ..core.state import cat_metadata, coefficient_parameters, has_coefficients
 
 LOG = logging.getLogger(__name__)
-COEFFICIENTS_SIDECAR = "cat_alpha.safetensors"
 
 
 class CatModelCardMixin:
@@ -173,14 +173,14 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
         model = self.model if model is None else model
         sidecar = os.path.join(resume_from_checkpoint, COEFFICIENTS_SIDECAR)
         if not os.path.isfile(sidecar):
-            raise FileNotFoundError(
+            raise CatError(
                 f"{resume_from_checkpoint} has no {COEFFICIENTS_SIDECAR}; it was not written by a "
                 "cat_merge run, so its coefficients cannot be restored"
             )
         saved = load_file(sidecar)
         parameters = coefficient_parameters(model)
         if set(saved) != set(parameters):
-            raise ValueError(
+            raise CatError(
                 f"{sidecar} holds coefficients for other modules than this model; was it written "
                 "with other skills or another granularity?"
             )

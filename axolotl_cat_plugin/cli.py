@@ -20,6 +20,7 @@ LOGGER = "axolotl_cat_plugin"
 
 
 def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
+    """The argparse parser of `axolotl-cat` (inspect, export, merge)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Inspect, re-export or statically merge CAT (LoRA Soups) adapters.",
@@ -71,6 +72,8 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
+    """Run one command; returns the exit status (2 for a CatError or OSError, printed as
+    one line on stderr)."""
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "merge":  # checked here: the method registry imports torch and peft

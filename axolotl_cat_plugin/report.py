@@ -17,6 +17,10 @@ from .core.summary import layer_table, max_svd_error, pruned, skill_names, skill
 
 
 def show_export(folder: str | Path, console: Console) -> None:
+    """Print an export folder's overview, skills, coefficients and per-layer table.
+
+    Raises CatError when the folder holds no readable cat_coefficients.json (read_record).
+    """
     folder = Path(folder)
     record = read_record(folder)
     config_path = folder / CONFIG_FILE

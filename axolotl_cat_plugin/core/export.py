@@ -111,6 +111,14 @@ def write_export(
     card: str | None = None,
     plot: bytes | None = None,
 ) -> Path:
+    """The one writer of an export folder: stage every file in a temporary folder inside
+    output_dir, fsync, then move them in with adapter_config.json last (see the module
+    docstring). card / plot: README.md and cat_coefficients.png, written when given.
+
+    Returns output_dir. Raises OSError when the folder cannot be written; an interrupted
+    write leaves the previous export or none, never a mix, and no staging folder survives
+    the next write.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed export

@@ -90,6 +90,14 @@ def _owns_output(module, result: torch.Tensor) -> bool:
 
 
 class CatLinearVariant(LoraVariant):
+    """The CAT computation on one PEFT LoRA Linear layer, through PEFT's LoraVariant hook.
+
+    Installed by attach_cat on every layer a skill touches. PEFT calls `forward` only while
+    the adapter is active and unmerged (its Linear.forward handles disabled and merged
+    adapters), and `merge_*` / `unmerge` from merge_and_unload: those add or remove
+    ΔW = B diag(w) A (or B M A for `core`) in the base weight's dtype and layout.
+    """
+
     # the fused Function (core/fused.py) where it applies; False: always the unfused path
     # (benchmarks and tests compare the two)
     fused = True
@@ -101,6 +109,9 @@ class CatLinearVariant(LoraVariant):
 
     @staticmethod
     def forward(module, active_adapter, x, result, **kwargs) -> torch.Tensor:
+        """result (..., d_out, the base output) + B·mix(A x); x (..., d_in) in any float
+        dtype, the factors cast to it, the coefficients fp32. May update `result` in place
+        (see _owns_output)."""
         if CatLinearVariant.fused and fused_applicable(module, active_adapter, x):
             # base + B(w ⊙ A x) (or B M A x) with one input gradient (the base's and the
             # adapter's summed in place) and nothing full-width saved beyond what the base saves
@@ -140,12 +151,15 @@ class CatLinearVariant(LoraVariant):
 
     @staticmethod
     def merge_safe(module, active_adapter, orig_weight) -> torch.Tensor:
+        """W + ΔW as a new tensor (PEFT's safe_merge)."""
         return orig_weight + delta_weight(module, active_adapter).to(orig_weight.dtype)
 
     @staticmethod
     def merge_unsafe(module, active_adapter, orig_weight) -> None:
+        """W += ΔW in place."""
         orig_weight.data += delta_weight(module, active_adapter).to(orig_weight.dtype)
 
     @staticmethod
     def unmerge(module, active_adapter, orig_weight) -> torch.Tensor:
+        """W - ΔW (undoes merge_*)."""
         return orig_weight - delta_weight(module, active_adapter).to(orig_weight.dtype)

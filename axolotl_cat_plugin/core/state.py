@@ -50,6 +50,7 @@ def has_coefficients(model: nn.Module) -> bool:
 
 
 def cat_metadata(model: nn.Module) -> CatMetadata:
+    """The CatMetadata attach_cat put on the model. Raises CatError on a model without one."""
     for module in model.modules():
         metadata = getattr(module, "cat_metadata", None)
         if isinstance(metadata, CatMetadata):

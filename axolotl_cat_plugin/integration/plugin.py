@@ -36,6 +36,13 @@ def _is_main_process() -> bool:
 
 
 class CatMergePlugin(BasePlugin):
+    """`adapter: cat_merge` for Axolotl (hooks in the order Axolotl calls them).
+
+    pre_model_load moves an earlier export aside; load_adapter builds the CAT model from the
+    `cat_merge` block (or, with lora_model_dir, loads a finished export for inference);
+    get_trainer_cls supplies CatTrainer; post_train writes the export (see there).
+    """
+
     def __init__(self):
         super().__init__()
         self._trainer = None
@@ -46,16 +53,24 @@ class CatMergePlugin(BasePlugin):
         )
 
     def get_input_args(self) -> str:
+        """The pydantic model Axolotl mixes into its config (the `cat_merge` block)."""
         return "axolotl_cat_plugin.integration.args.CatMergeArgs"
 
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
+        """Declares the adapter name `cat_merge` to Axolotl."""
         return [AdapterCapabilities(name="cat_merge", lora_like=False)]
 
     def pre_model_load(self, cfg):
+        """Before Axolotl writes anything: an export already in output_dir goes to
+        output_dir/previous_export/ (retire_previous_export)."""
         if _is_cat(cfg) and not cfg.lora_model_dir and _is_main_process():
             retire_previous_export(cfg.output_dir)
 
     def load_adapter(self, model, cfg, inference=False, config_only=False):
+        """(PeftModel, LoraConfig): the CAT model for training, or the export for inference.
+
+        Raises CatError for lora_model_dir in a training run and for RL (rl:) configs.
+        """
         if not _is_cat(cfg):
             return None
         if cfg.lora_model_dir:
@@ -77,6 +92,7 @@ class CatMergePlugin(BasePlugin):
         return peft_model, peft_model.peft_config["default"]
 
     def get_trainer_cls(self, cfg):
+        """CatTrainer for a cat_merge training run, else None (Axolotl's default)."""
         if not _is_cat(cfg) or cfg.lora_model_dir:
             return None
         from .trainer import CatTrainer
@@ -84,6 +100,7 @@ class CatMergePlugin(BasePlugin):
         return CatTrainer
 
     def post_trainer_create(self, cfg, trainer):
+        """Keeps the trainer, which post_train asks for the static-mix comparison."""
         if _is_cat(cfg) and hasattr(trainer, "cat_baselines"):
             self._trainer = trainer  # post_train asks it for the static-mix comparison
 

@@ -35,6 +35,7 @@ class CatModelCardMixin:
     the export (with its own card) is written there, the folder must stay as written."""
 
     def create_model_card(self, *args, **kwargs):
+        """The Trainer's card, unless output_dir already holds the export and its card."""
         if _holds_export(self.args.output_dir) and not has_coefficients(self.model):
             LOG.info("CAT: keeping the export's model card in %s", self.args.output_dir)
             return None
@@ -51,6 +52,8 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
         return (block or {}).get("learning_rate") or self.args.learning_rate
 
     def create_optimizer(self, model=None):
+        """The configured optimizer over the coefficients alone, at cat_learning_rate, with
+        no weight decay."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
             coefficients = list(coefficient_parameters(opt_model).values())
@@ -73,6 +76,7 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
         return self.optimizer
 
     def training_step(self, model, inputs, *args, **kwargs):
+        """Axolotl's step; raises CatError (no export) when the loss is not finite."""
         loss = super().training_step(model, inputs, *args, **kwargs)
         if not torch.isfinite(loss).all():
             # stop here: an export of diverged coefficients would be a broken adapter
@@ -83,6 +87,7 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
         return loss
 
     def log(self, logs, *args, **kwargs):
+        """Adds cat/<skill>/mean|min|max of the effective coefficients to each loss log."""
         if "loss" in logs:
             for skill, values in skill_coefficients(self.model).items():
                 logs[f"cat/{skill}/mean"] = sum(values) / len(values)

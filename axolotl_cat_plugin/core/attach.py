@@ -38,7 +38,14 @@ class _ModulePlan:
 
 
 def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
-    """Wrap `model` in a PeftModel whose only trainable parameters are CAT coefficients."""
+    """Wrap `model` in a PeftModel whose only trainable parameters are CAT coefficients.
+
+    CAT ("LoRA Soups", arXiv 2410.13025): one PEFT adapter of rank R (the largest per-module
+    concatenation of the skills' ranks) holds every skill's factors; each wrapped layer gets
+    fp32 coefficients shaped by config.granularity. Raises CatError for a PeftModel input,
+    for skills that cannot be read or do not fit the base (names the skill and module), and
+    for a coefficients_from record that does not match.
+    """
     if isinstance(model, PeftModel):
         raise CatError("attach_cat expects the plain base model, not a PeftModel")
     skills = load_skills(config.skills)

@@ -1,4 +1,4 @@
-"""The math of CAT on one wrapped module.
+"""The math of CAT on one wrapped module (LoRA Soups, Prabhakar et al., arXiv 2410.13025).
 
 Skill i brings frozen factors A_i (r_i x d_in), B_i (d_out x r_i) and a scaling s_i.
 CAT learns coefficients c and computes

@@ -11,11 +11,11 @@
 # What each check proves (one PASS/FAIL line each, and a summary at the end):
 #   install   `pip install --no-deps .` works with the image's own packages (GPU runs only;
 #             if it fails, the other checks import the package from the repo instead)
-#   fsdp2     scripts/fsdp2_check.py under torchrun with ONE rank (nccl on the GPU): the FSDP2
+#   fsdp2     tests/workers/fsdp2_check.py under torchrun with ONE rank (nccl on the GPU): the FSDP2
 #             code path (fully_shard per decoder layer and root, DTensor coefficients, collective
 #             fold, rank-0 export) on CUDA, against an unsharded run of the same batches. One
 #             GPU cannot shard across ranks: the two-rank proof is tests/test_fsdp2.py (CPU).
-#   zero3     scripts/zero3_check.py under torchrun with ONE rank (nccl on the GPU), DeepSpeed
+#   zero3     tests/workers/zero3_check.py under torchrun with ONE rank (nccl on the GPU), DeepSpeed
 #             ZeRO-3 with every parameter partitioned: the fold gathers factors and coefficients
 #             with GatheredParameters, against a plain run of the same batches. Needs deepspeed
 #             (carry its wheel: .whl/ is installed first when present). Two ranks: CPU tests.
@@ -92,12 +92,12 @@ fi
 started=$SECONDS
 CONFIGS=(module:free layer:softmax rank:free)
 fsdp2_ok=1
-timeout 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/fsdp2_check.py \
+timeout 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 tests/workers/fsdp2_check.py \
   --device "$DEVICE" --backend "$BACKEND" --out "$OUT/fsdp2" --configs "${CONFIGS[@]}" \
   > "$OUT/fsdp2.log" 2>&1 || fsdp2_ok=0
 if [ $fsdp2_ok = 1 ]; then
   W="$OUT/fsdp2/world"
-  timeout 120 "$PY" scripts/fsdp2_check.py --device "$DEVICE" --out "$OUT/fsdp2-ref" \
+  timeout 120 "$PY" tests/workers/fsdp2_check.py --device "$DEVICE" --out "$OUT/fsdp2-ref" \
     --base "$W/base" --skills "$W/skills/math" "$W/skills/code" "$W/skills/prose" \
     --configs "${CONFIGS[@]}" >> "$OUT/fsdp2.log" 2>&1 || fsdp2_ok=0
 fi
@@ -145,12 +145,12 @@ record fsdp2 $status $((SECONDS - started))
 started=$SECONDS
 CONFIGS=(module:free layer:softmax adapter:free)
 zero3_ok=1
-timeout 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 scripts/zero3_check.py \
+timeout 240 "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 tests/workers/zero3_check.py \
   --device "$DEVICE" --backend "$BACKEND" --out "$OUT/zero3" --configs "${CONFIGS[@]}" \
   > "$OUT/zero3.log" 2>&1 || zero3_ok=0
 if [ $zero3_ok = 1 ]; then
   W="$OUT/zero3/world"
-  timeout 120 "$PY" scripts/zero3_check.py --device "$DEVICE" --out "$OUT/zero3-ref" \
+  timeout 120 "$PY" tests/workers/zero3_check.py --device "$DEVICE" --out "$OUT/zero3-ref" \
     --base "$W/base" --skills "$W/skills/math" "$W/skills/code" "$W/skills/prose" \
     --configs "${CONFIGS[@]}" >> "$OUT/zero3.log" 2>&1 || zero3_ok=0
 fi

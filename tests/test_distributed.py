@@ -1,6 +1,6 @@
 """CAT under DDP: two processes fit the same coefficients as one, and rank 0 alone exports.
 
-scripts/ddp_check.py fits CAT with a transformers Trainer (or TRL's SFTTrainer) on
+tests/workers/ddp_check.py fits CAT with a transformers Trainer (or TRL's SFTTrainer) on
 accelerate's DDP over gloo, in two processes with a per-device batch of 2, and in one plain
 process (no process group at all) with a batch of 4: the same global batch of the same
 examples at every step, so the same loss, gradient and AdamW updates up to float rounding.
@@ -23,7 +23,7 @@ from axolotl_cat_plugin.core import export
 
 pytestmark = [pytest.mark.e2e, pytest.mark.core_distributed]
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "ddp_check.py"
+SCRIPT = REPO / "tests" / "workers" / "ddp_check.py"
 STEPS = 6
 REQUIRED = {export.CONFIG_FILE, export.WEIGHTS_FILE, export.COEFFICIENTS_FILE}
 TOLERANCE = 1e-5

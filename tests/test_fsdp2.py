@@ -1,6 +1,6 @@
 """CAT under FSDP2: two sharded processes fit the same coefficients as one unsharded process.
 
-scripts/fsdp2_check.py shards the CAT model as accelerate does for Axolotl's `fsdp_version: 2`
+tests/workers/fsdp2_check.py shards the CAT model as accelerate does for Axolotl's `fsdp_version: 2`
 (`fully_shard` on each decoder layer, then on the root), on the CPU over gloo with two ranks
 and a per-device batch of 2, and fits the coefficients with AdamW; the reference is one plain
 process, no process group, no sharding, with a batch of 4: the same global batch at every
@@ -24,7 +24,7 @@ from axolotl_cat_plugin.core import export
 
 pytestmark = [pytest.mark.e2e, pytest.mark.core_distributed]
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "fsdp2_check.py"
+SCRIPT = REPO / "tests" / "workers" / "fsdp2_check.py"
 STEPS = 4
 FITTED = ["module-free", "layer-softmax", "rank-free"]
 REFUSED = "adapter-free"

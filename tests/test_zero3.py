@@ -1,6 +1,6 @@
 """CAT under DeepSpeed ZeRO-3: two partitioned processes fit what one plain process fits.
 
-scripts/zero3_check.py wraps the CAT model in `deepspeed.initialize` with ZeRO stage 3 (every
+tests/workers/zero3_check.py wraps the CAT model in `deepspeed.initialize` with ZeRO stage 3 (every
 parameter partitioned, none kept whole for being small), on the CPU over gloo with two ranks
 and a per-device batch of 2; the reference is one plain torch process with a batch of 4 and
 the same AdamW. Every rank folds (fold gathers the partitioned factors and coefficients with
@@ -27,7 +27,7 @@ pytestmark = [
     ),
 ]
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "scripts" / "zero3_check.py"
+SCRIPT = REPO / "tests" / "workers" / "zero3_check.py"
 STEPS = 4
 CONFIGS = ["module-free", "layer-softmax", "rank-free", "adapter-free"]
 TOLERANCE = 1e-5

@@ -1,8 +1,8 @@
 """Fit CAT coefficients with DDP (gloo, CPU) and export from rank 0; one level below Axolotl.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/ddp_check.py \
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/workers/ddp_check.py \
         --out OUT --per-device-batch 2
-    python -m torch.distributed.run --standalone --nproc_per_node 1 scripts/ddp_check.py \
+    python -m torch.distributed.run --standalone --nproc_per_node 1 tests/workers/ddp_check.py \
         --out OUT1 --per-device-batch 4
 
 What a run proves, together with tests/test_distributed.py: under DistributedDataParallel the
@@ -33,7 +33,7 @@ import torch.distributed as dist
 from datasets import Dataset
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
 from fixtures import build_base, build_skills, load_base  # noqa: E402

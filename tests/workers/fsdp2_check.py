@@ -1,8 +1,8 @@
 """Fit CAT coefficients under FSDP2 (`fully_shard`) and fold them; one level below Axolotl.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/fsdp2_check.py \
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/workers/fsdp2_check.py \
         --out OUT --per-device-batch 2            # FSDP2, two ranks, gloo on the CPU
-    python scripts/fsdp2_check.py --out OUT1 --per-device-batch 4   # unsharded reference
+    python tests/workers/fsdp2_check.py --out OUT1 --per-device-batch 4   # unsharded reference
 
 What a run proves, together with tests/test_fsdp2.py: sharded the way Axolotl shards with
 `fsdp_version: 2` (accelerate's fsdp2_prepare_model: `fully_shard` on every decoder layer,
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tests"))
 
 from fixtures import build_base, build_skills, load_base  # noqa: E402

@@ -1,8 +1,8 @@
 """Fit CAT coefficients under DeepSpeed ZeRO-3 and fold them; one level below Axolotl.
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 scripts/zero3_check.py \
+    python -m torch.distributed.run --standalone --nproc_per_node 2 tests/workers/zero3_check.py \
         --out OUT --per-device-batch 2            # ZeRO-3, two ranks, gloo on the CPU
-    python scripts/zero3_check.py --out OUT1 --per-device-batch 4   # plain torch reference
+    python tests/workers/zero3_check.py --out OUT1 --per-device-batch 4   # plain torch reference
 
 What a run proves, together with tests/test_zero3.py: under `deepspeed.initialize` with
 ZeRO stage 3 every parameter, the frozen skill factors and the fp32 `cat_alpha` coefficients
@@ -13,7 +13,7 @@ fitted by two partitioned ranks equal one plain process's over the same global b
 give every rank the same adapter, which rank 0 writes.
 
 Each --config is fitted in turn into OUT/<granularity>-<parametrization>/ as with
-scripts/fsdp2_check.py, whose helpers this reuses. On a CPU set DS_ACCELERATOR=cpu.
+tests/workers/fsdp2_check.py, whose helpers this reuses. On a CPU set DS_ACCELERATOR=cpu.
 """
 
 from __future__ import annotations

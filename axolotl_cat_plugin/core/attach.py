@@ -20,7 +20,7 @@ from .core_space import core_factors
 from .errors import CatError
 from .format import read_record_file
 from .layer import CatLinearVariant
-from .skills import Skill, SkillModule, load_skills
+from .skills import Skill, SkillModule, check_base_copies, load_skills
 from .state import ADAPTER, COEFFICIENTS, CatMetadata, is_coefficient
 
 LOG = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def _plan(model: nn.Module, skills: list[Skill]) -> list[_ModulePlan]:
     plans: dict[str, _ModulePlan] = {}
     for index, skill in enumerate(skills):
         _check_target_modules(skill, base_modules)
+        check_base_copies(skill, model)
         if skill.fan_in_fan_out != skills[0].fan_in_fan_out:
             raise CatError(
                 f"skill {skill.name!r}: fan_in_fan_out={skill.fan_in_fan_out} differs from skill "

@@ -33,7 +33,7 @@ from torch import nn
 from .config import CatConfig
 from .errors import CatError
 from .format import CONFIG_FILE, WEIGHTS_FILE
-from .skills import Skill, load_skills
+from .skills import Skill, check_base_copies, load_skills
 
 LOG = logging.getLogger(__name__)
 
@@ -82,6 +82,8 @@ def merge_skills(
     specs = CatConfig(adapters=adapters).skills  # names, duplicates: CAT's own rules
     _check_arguments(chosen, specs, weights, density)
     skills = load_skills(specs)
+    for skill in skills:  # PEFT's loading would write a differing copy over the base
+        check_base_copies(skill, base_model)
     _check_first_skill_flags(chosen, skills)
     if chosen.equal_ranks:
         _check_equal_ranks(chosen, skills)

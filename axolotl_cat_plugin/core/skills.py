@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,10 @@ BIN_NAME = "adapter_model.bin"
 _FACTOR_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
 )
+# PEFT's copy of a base matrix: `<module>.base_layer.weight` of a LoRA-wrapped embedding or
+# output layer, or `<module>.weight` of an unwrapped one, written by save_pretrained's default
+# save_embedding_layers="auto" (peft/utils/save_and_load.py, get_peft_model_state_dict)
+_BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.base_layer)?\.weight$")
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 # init_lora_weights values that move the principal part of W into the factors (PEFT warns
 # that such adapters must not be combined with others until converted to plain LoRA)
@@ -67,6 +71,8 @@ class Skill:
     weights_file: Path
     sha256: str
     modules: dict[str, SkillModule]
+    # module name -> the copy of the base's weight PEFT saved beside the factors
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -122,6 +128,7 @@ def load_skill(spec: SkillSpec) -> Skill:
     config = _read_config(spec, folder / CONFIG_NAME)
     _check_config(spec, config)
     tensors = _read_weights(spec, weights_file)
+    base_copies = _base_copies(tensors)
     modules = _factors_by_module(spec, config, tensors, weights_file)
     LOG.info(
         "skill %r: %d modules, r=%s, lora_alpha=%s%s from %s",
@@ -132,7 +139,7 @@ def load_skill(spec: SkillSpec) -> Skill:
         ", rsLoRA" if config.get("use_rslora") else "",
         folder,
     )
-    return Skill(spec, folder, config, weights_file, _sha256(weights_file), modules)
+    return Skill(spec, folder, config, weights_file, _sha256(weights_file), modules, base_copies)
 
 
 def preflight(spec: SkillSpec) -> None:
@@ -279,6 +286,80 @@ def _read_weights(spec: SkillSpec, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _base_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Take PEFT's copies of base matrices out of `tensors` (they are no factors), by module.
+
+    A copy of a LoRA-wrapped module's base weight (`<module>.base_layer.weight`) is taken
+    whatever the module; a bare `<module>.weight` only when nothing else in the file lives
+    under that module (PEFT's save of an embedding it did not wrap, after a resize).
+    """
+    copies = {}
+    for key in list(tensors):
+        match = _BASE_COPY_KEY.match(key)
+        if not match or any(part.startswith("lora_") for part in key.split(".")):
+            continue
+        inside = key.removesuffix("weight")  # "<...>.base_layer." or "<module>."
+        if not key.endswith(".base_layer.weight") and any(
+            other.startswith(inside) for other in tensors if other != key
+        ):
+            continue
+        copies[match["module"]] = tensors.pop(key)
+    return copies
+
+
+def check_base_copies(skill: Skill, model) -> None:
+    """Refuse a skill whose saved copy of a base matrix differs from the base's own weight.
+
+    PEFT's save_pretrained writes the embedding and output layers' weights beside the factors
+    when a LoRA targets them (save_embedding_layers="auto", peft/utils/save_and_load.py); PEFT's
+    loading then writes that copy over the base. Equal to the base, the copy says nothing and is
+    ignored. Different, the skill was trained on another matrix (a resized vocabulary, trained
+    embeddings) that CAT's W + Σ c s B A would silently drop.
+
+    model: the plain base model (tied weights are read through their module, so a tied lm_head
+    is compared with the shared matrix). Raises CatError naming the skill, the key, both shapes
+    and what to do. Weights ZeRO-3 partitioned or on the meta device are compared by shape only.
+    """
+    for module_name, copy in skill.base_copies.items():
+        try:
+            weight = model.get_submodule(module_name).weight
+        except AttributeError:
+            raise CatError(
+                f"skill {skill.name!r}: its weights hold a copy of {module_name}.weight, but the "
+                "base model has no such module; was the skill trained on another architecture?"
+            ) from None
+        shape = tuple(getattr(weight, "ds_shape", weight.shape))
+        if tuple(copy.shape) != shape:
+            rows = (
+                f"; the skill's vocabulary has {copy.shape[0]} tokens and the base's {shape[0]}"
+                if copy.dim() == 2 and len(shape) == 2 and copy.shape[1] == shape[1]
+                else ""
+            )
+            raise CatError(
+                f"skill {skill.name!r}: the copy of {module_name}.weight saved with it has shape "
+                f"{tuple(copy.shape)}, the base's has {shape}{rows}. The skill was trained on a "
+                "resized vocabulary: compose it on that base (the base with its embeddings "
+                f"resized to {copy.shape[0]} rows and this matrix loaded, e.g. PEFT's "
+                "merge_and_unload of the skill, saved), with skills trained on it"
+            )
+        if hasattr(weight, "ds_id") or weight.device.type == "meta":
+            LOG.info("skill %r: %s.weight compared by shape only", skill.name, module_name)
+            continue
+        base = weight.detach()
+        if torch.equal(copy.to(base.device, base.dtype), base) or torch.equal(
+            copy.to(base.device), base.to(copy.dtype)
+        ):
+            continue
+        difference = float((copy.to(base.device).float() - base.float()).abs().max())
+        raise CatError(
+            f"skill {skill.name!r}: the copy of {module_name}.weight saved with it differs from "
+            f"the base's (max |difference| {difference:.3g}, shape {shape}): the skill was trained "
+            "on another base, or with that matrix trained too, and PEFT would load the copy over "
+            "the base. CAT composes LoRA factors on one base; use the base the skill was trained "
+            "on, or a skill saved from this base"
+        )
+
+
 def _factors_by_module(
     spec: SkillSpec, config: dict, tensors: dict[str, torch.Tensor], path: Path
 ) -> dict[str, SkillModule]:
@@ -287,8 +368,9 @@ def _factors_by_module(
         match = _FACTOR_KEY.match(key)
         if not match:
             raise CatError(
-                f"skill {spec.name!r}: unexpected tensor {key!r} in {path}; CAT composes plain "
-                "LoRA factors only (no modules_to_save, trained biases, DoRA or embedding LoRAs)"
+                f"skill {spec.name!r}: unexpected tensor {key!r} in {path}; CAT composes LoRA "
+                "factors (lora_A/lora_B) and ignores PEFT's copies of base weights, nothing else "
+                "(no trained biases, DoRA magnitudes or embedding LoRAs)"
             )
         if not torch.isfinite(tensor).all():
             raise CatError(f"skill {spec.name!r}: tensor {key!r} in {path} holds NaN or Inf")

@@ -1,0 +1,204 @@
+"""The skills people really have: LoRAs on lm_head and embeddings, on tied-embedding models.
+
+Each kind is either composed exactly (the CAT model == base + Σ c·ΔW_i with every ΔW_i from
+PEFT's own get_delta_weight == the export loaded by plain PEFT == its merge_and_unload, fp32,
+within 1e-5) or refused with a message naming the skill, the module and the fix. The models
+are tiny Llama (untied) and Qwen2 (tie_word_embeddings) built here; nothing is downloaded.
+"""
+
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
+
+TOLERANCE = 1e-5
+TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70], [3, 15, 25, 35, 45, 55, 65, 75]])
+WEIGHTS = "adapter_model.safetensors"
+SMALL = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=120,
+)
+
+
+# ---------------------------------------------------------------- tiny bases and skills
+
+
+def build_model(folder, config, seed=0):
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def load(folder, *, untie=False):
+    """The base in fp32; `untie`: a tied lm_head gets its own copy of the embedding matrix."""
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if untie and model.config.tie_word_embeddings:
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    return model.eval()
+
+
+def build_skill(base, folder, *, seed, model=None, **lora):
+    """A skill saved by PEFT's own save_pretrained (defaults: save_embedding_layers="auto")."""
+    torch.manual_seed(seed)
+    config = LoraConfig(task_type="CAUSAL_LM", init_lora_weights=False, **lora)
+    peft_model = get_peft_model(model if model is not None else load(base), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn_like(param) * 0.2)
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bases")
+    return {
+        "llama": build_model(root / "llama", LlamaConfig(**SMALL)),
+        "qwen2": build_model(root / "qwen2", Qwen2Config(**SMALL, tie_word_embeddings=True)),
+    }
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=TOKENS).logits.float()
+
+
+def adapters(skills):
+    return [{"path": str(path), "name": name} for name, path in skills.items()]
+
+
+def randomize(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("cat_alpha"):
+                param.copy_(torch.randn(param.shape, generator=generator) + 0.5)
+
+
+def reference(base, skills, record):
+    """base + Σ_i c_i,m ΔW_i,m, every ΔW from PEFT's own get_delta_weight of the loaded skill."""
+    model = load(base, untie=True)
+    with torch.no_grad():
+        for name, path in skills.items():
+            peft_model = PeftModel.from_pretrained(load(base, untie=True), path)
+            for module_name, layer in peft_model.base_model.model.named_modules():
+                if not hasattr(layer, "get_delta_weight") or "default" not in layer.scaling:
+                    continue
+                c = record["modules"][module_name]["coefficients"][name]
+                weight = model.get_submodule(module_name).weight
+                weight += c * layer.get_delta_weight("default")
+    return model
+
+
+def assert_exact(base, skills, out):
+    """CAT == formula == export loaded by plain PEFT == its merge_and_unload (on an untied base:
+    merging into a tied lm_head changes the input embeddings too, huggingface/peft#2777)."""
+    model = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
+    randomize(model)
+    trained = logits(model)
+    export_cat(model, out)
+    record = json.loads((out / "cat_coefficients.json").read_text())
+    assert (logits(reference(base, skills, record)) - trained).abs().max() <= TOLERANCE
+    loaded = PeftModel.from_pretrained(load(base), out)
+    assert (logits(loaded) - trained).abs().max() <= TOLERANCE
+    merged = PeftModel.from_pretrained(load(base, untie=True), out).merge_and_unload()
+    assert (logits(merged) - trained).abs().max() <= TOLERANCE
+    return model, record
+
+
+def refused(base, skills, *names) -> str:
+    model = load(base)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(CatError) as info:
+        attach_cat(model, CatConfig(adapters=adapters(skills)))
+    message = str(info.value)
+    for name in names:
+        assert str(name) in message, f"{name!r} not named in: {message}"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    return message
+
+
+# ---------------------------------------------------------------- 1. lm_head LoRAs
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_lm_head_lora_with_peft_copy_of_the_base_is_composed_exactly(bases, tmp_path, arch):
+    base = bases[arch]
+    head = build_skill(base, tmp_path / "head", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj", "v_proj", "lm_head"])  # fmt: skip
+    attn = build_skill(base, tmp_path / "attn", seed=2, r=3, lora_alpha=3,
+                       target_modules=["q_proj", "o_proj"])  # fmt: skip
+    # PEFT's default save wrote the copy this issue is about
+    assert "base_model.model.lm_head.base_layer.weight" in load_file(str(head / WEIGHTS))
+    _, record = assert_exact(base, {"head": head, "attn": attn}, tmp_path / "out")
+    assert "lm_head" in record["modules"]
+    exported = load_file(str(tmp_path / "out" / WEIGHTS))
+    assert not any("base_layer" in key for key in exported)  # the export carries factors only
+
+
+def test_lm_head_copy_of_a_resized_vocabulary_is_refused_naming_both_shapes(bases, tmp_path):
+    base = bases["qwen2"]
+    resized = load(base)
+    resized.resize_token_embeddings(128)
+    head = build_skill(base, tmp_path / "head", seed=1, model=resized, r=2, lora_alpha=4,
+                       target_modules=["q_proj", "lm_head"])  # fmt: skip
+    message = refused(base, {"head": head}, "'head'", "lm_head.weight", "(128, 32)", "(120, 32)")
+    assert "resized vocabulary" in message and "128 tokens" in message
+
+
+def test_lm_head_copy_that_differs_from_the_base_is_refused(bases, tmp_path):
+    base = bases["llama"]
+    head = build_skill(base, tmp_path / "head", seed=1, r=2, lora_alpha=4,
+                       target_modules=["lm_head"])  # fmt: skip
+    tensors = load_file(str(head / WEIGHTS))
+    tensors["base_model.model.lm_head.base_layer.weight"] += 0.01
+    save_file(tensors, str(head / WEIGHTS))
+    refused(base, {"head": head}, "'head'", "lm_head.weight", "differs from the base's")
+
+
+def test_a_copy_of_a_module_the_base_lacks_is_refused(bases, tmp_path):
+    base = bases["llama"]
+    head = build_skill(base, tmp_path / "head", seed=1, r=2, lora_alpha=4,
+                       target_modules=["lm_head"])  # fmt: skip
+    tensors = load_file(str(head / WEIGHTS))
+    tensors["base_model.model.model.wte.base_layer.weight"] = torch.zeros(3, 3)
+    save_file(tensors, str(head / WEIGHTS))
+    refused(base, {"head": head}, "'head'", "model.wte.weight", "no such module")
+
+
+def test_merge_cat_accepts_an_lm_head_skill_and_refuses_a_differing_copy(bases, tmp_path, capsys):
+    from axolotl_cat_plugin.cli import main
+
+    base = bases["qwen2"]
+    head = build_skill(base, tmp_path / "head", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj", "lm_head"])  # fmt: skip
+    attn = build_skill(base, tmp_path / "attn", seed=2, r=3, lora_alpha=3,
+                       target_modules=["q_proj", "v_proj"])  # fmt: skip
+    argv = ["merge", "--method", "cat", "--weights", "0.5", "1.5", "--base", str(base)]
+    assert main([*argv, "--out", str(tmp_path / "m"), f"head={head}", f"attn={attn}"]) == 0
+    merged = logits(PeftModel.from_pretrained(load(base), tmp_path / "m"))
+    cat = attach_cat(load(base), CatConfig(adapters=adapters({"head": head, "attn": attn})))
+    for _, layer in cat.named_modules():
+        if hasattr(layer, "cat_alpha"):
+            with torch.no_grad():
+                for index, skill in enumerate(layer.cat_skill_names):
+                    layer.cat_alpha[:, index] = {"head": 0.5, "attn": 1.5}[skill]
+    assert (merged - logits(cat)).abs().max() <= TOLERANCE
+
+    tensors = load_file(str(head / WEIGHTS))
+    tensors["base_model.model.lm_head.base_layer.weight"] *= 2
+    save_file(tensors, str(head / WEIGHTS))
+    assert main([*argv, "--out", str(tmp_path / "m2"), f"head={head}", f"attn={attn}"]) == 2
+    err = capsys.readouterr().err
+    assert "'head'" in err and "lm_head.weight" in err and "differs" in err

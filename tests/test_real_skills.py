@@ -202,3 +202,76 @@ def test_merge_cat_accepts_an_lm_head_skill_and_refuses_a_differing_copy(bases, 
     assert main([*argv, "--out", str(tmp_path / "m2"), f"head={head}", f"attn={attn}"]) == 2
     err = capsys.readouterr().err
     assert "'head'" in err and "lm_head.weight" in err and "differs" in err
+
+
+# ---------------------------------------------------------------- 5. merge checks what CAT checks
+
+
+def set_coefficients(model, values):
+    with torch.no_grad():
+        for _, layer in model.named_modules():
+            if hasattr(layer, "cat_alpha"):
+                for index, skill in enumerate(layer.cat_skill_names):
+                    layer.cat_alpha[:, index] = values[skill]
+
+
+def test_merge_warns_about_a_skill_trained_on_another_base(bases, tmp_path, caplog):
+    import logging
+
+    from axolotl_cat_plugin.core.merges import merge_skills
+
+    base = bases["llama"]
+    skill = build_skill(base, tmp_path / "s", seed=1, r=2, lora_alpha=2, target_modules=["q_proj"])
+    config = json.loads((skill / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base)
+    with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
+        merge_skills(load(base), [str(skill)], [1.0], tmp_path / "same", method="cat")
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    config["base_model_name_or_path"] = "org/other-base"
+    (skill / "adapter_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
+        merge_skills(load(base), [str(skill)], [1.0], tmp_path / "other", method="cat")
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("'s'" in m and "org/other-base" in m for m in warned), warned
+
+
+def test_merge_advice_for_a_restricted_first_skill_leads_to_a_merge(bases, tmp_path):
+    from axolotl_cat_plugin.core.merges import merge_skills
+
+    base = bases["llama"]
+    late = build_skill(base, tmp_path / "late", seed=1, r=2, lora_alpha=2,
+                       target_modules=["q_proj"], layers_to_transform=[1])  # fmt: skip
+    free = build_skill(base, tmp_path / "free", seed=2, r=2, lora_alpha=4,
+                       target_modules=["q_proj", "v_proj"])  # fmt: skip
+    skills = {"late": late, "free": free}
+    with pytest.raises(CatError, match="list a skill without that restriction first .*'free'"):
+        merge_skills(load(base), adapters(skills), [0.5, 2.0], tmp_path / "m", method="cat")
+    # following the advice works, and gives Σ w_i ΔW_i
+    reordered = adapters({"free": free, "late": late})
+    out = merge_skills(load(base), reordered, [2.0, 0.5], tmp_path / "m", method="cat")
+    cat = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
+    set_coefficients(cat, {"late": 0.5, "free": 2.0})
+    merged = PeftModel.from_pretrained(load(base), out)
+    assert (logits(merged) - logits(cat)).abs().max() <= TOLERANCE
+
+
+def test_merge_advice_is_cat_when_no_order_can_work(bases, tmp_path):
+    from axolotl_cat_plugin.core.merges import merge_skills
+
+    base = bases["llama"]
+    late = build_skill(base, tmp_path / "late", seed=1, r=2, lora_alpha=2,
+                       target_modules=["o_proj"], layers_to_transform=[1])  # fmt: skip
+    free = build_skill(base, tmp_path / "free", seed=2, r=2, lora_alpha=4,
+                       target_modules=["q_proj"])  # fmt: skip
+    skills = {"late": late, "free": free}
+    with pytest.raises(CatError) as info:
+        merge_skills(load(base), adapters(skills), [1.0, 1.0], tmp_path / "m", method="cat")
+    message = str(info.value)
+    assert "would not help" in message and "model.layers.0.self_attn.o_proj" in message
+    assert "fit CAT instead" in message
+    # the other order is refused too, as the message said
+    with pytest.raises(CatError, match="fit CAT"):
+        merge_skills(load(base), adapters({"free": free, "late": late}), [1.0, 1.0],
+                     tmp_path / "m", method="cat")  # fmt: skip
+    # and CAT, as advised, composes them
+    assert_exact(base, skills, tmp_path / "cat")

@@ -20,7 +20,7 @@ from .core_space import core_factors
 from .errors import CatError
 from .format import read_record_file
 from .layer import CatLinearVariant
-from .skills import Skill, SkillModule, check_base_copies, load_skills
+from .skills import Skill, SkillModule, check_base_copies, load_skills, warn_on_foreign_base
 from .state import ADAPTER, COEFFICIENTS, CatMetadata, is_coefficient
 
 LOG = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     )
     # any save (a trainer's checkpoint, a Ctrl-C handler) must write a correct adapter
     peft_model.save_pretrained = types.MethodType(_save_folded, peft_model)
-    _warn_on_foreign_base(skills, base_name)
+    warn_on_foreign_base(skills, base_name)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     LOG.info(
         "CAT: %d skills on %d modules, concatenated rank %d, %d trainable coefficients "
@@ -380,16 +380,3 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
             f"coefficients_from: {path} holds no usable coefficients ({error!r})"
         ) from error
     return {name: by_group[_group_key(config.granularity, name)] for name in modules}
-
-
-def _warn_on_foreign_base(skills: list[Skill], base_name: str | None) -> None:
-    for skill in skills:
-        trained_on = skill.config.get("base_model_name_or_path")
-        if base_name and trained_on and trained_on != base_name:
-            LOG.warning(
-                "skill %r was trained on %r, not on %r; its shapes fit, but check that it is the "
-                "same base",
-                skill.name,
-                trained_on,
-                base_name,
-            )

@@ -33,7 +33,7 @@ from torch import nn
 from .config import CatConfig
 from .errors import CatError
 from .format import CONFIG_FILE, WEIGHTS_FILE
-from .skills import Skill, check_base_copies, load_skills
+from .skills import Skill, check_base_copies, load_skills, warn_on_foreign_base
 
 LOG = logging.getLogger(__name__)
 
@@ -84,7 +84,9 @@ def merge_skills(
     skills = load_skills(specs)
     for skill in skills:  # PEFT's loading would write a differing copy over the base
         check_base_copies(skill, base_model)
-    _check_first_skill_flags(chosen, skills)
+    base_name = getattr(getattr(base_model, "config", None), "_name_or_path", None)
+    warn_on_foreign_base(skills, base_name)  # the README promises it for merges too
+    _check_first_skill_flags(chosen, skills, base_model)
     if chosen.equal_ranks:
         _check_equal_ranks(chosen, skills)
     weights = [float(w) for w in weights]
@@ -149,7 +151,7 @@ def _check_arguments(method: MergeMethod, specs, weights, density) -> None:
         )
 
 
-def _check_first_skill_flags(method: MergeMethod, skills: list[Skill]) -> None:
+def _check_first_skill_flags(method: MergeMethod, skills: list[Skill], base_model) -> None:
     first = skills[0]
     if first.config.get("use_rslora"):
         plain = [s.name for s in skills if not s.config.get("use_rslora")]
@@ -169,8 +171,46 @@ def _check_first_skill_flags(method: MergeMethod, skills: list[Skill]) -> None:
             raise CatError(
                 f"skill {first.name!r} is listed first and sets {flag}={value!r}: PEFT's merged "
                 "adapter copies it, so the other skills would silently lose every module outside "
-                "it; list a skill without that restriction first"
+                f"it; {_reorder_advice(skills, base_model)}"
             )
+
+
+def _reorder_advice(skills: list[Skill], base_model) -> str:
+    """What to do about a restricted first skill: a skill to list first, where that merge then
+    covers every module it targets (see _check_every_target_has_a_skill), or CAT."""
+    cat = "fit CAT instead (attach_cat / adapter: cat_merge), which handles restricted skills"
+    free = [s for s in skills if not any(s.config.get(flag) for flag in _WHERE_FLAGS)]
+    if not free:
+        return f"no skill is free of {', '.join(_WHERE_FLAGS)} to list first: {cat}"
+    uncovered = _uncovered_by_an_unrestricted_merge(skills, base_model)
+    if uncovered:
+        return (
+            f"listing an unrestricted skill first ({free[0].name!r}) would not help: the merged "
+            f"adapter would then cover {uncovered[0]}, which no skill has factors on (only a "
+            f"restricted skill targets that module type); {cat}"
+        )
+    return f"list a skill without that restriction first (e.g. {free[0].name!r})"
+
+
+def _uncovered_by_an_unrestricted_merge(skills: list[Skill], base_model) -> list[str]:
+    """Base modules a merge whose first skill has no layer restriction would target (the union
+    of the target_modules, on every layer) but no skill has factors on."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    targets = [skill.config.get("target_modules") for skill in skills]
+    if all(isinstance(t, str) for t in targets):
+        union = "|".join(f"({t})" for t in targets)
+    elif not any(isinstance(t, str) for t in targets):
+        union = set().union(*(t or [] for t in targets))
+    else:
+        return []  # a mix of regexes and lists: PEFT refuses it itself, clearly
+    covered = {name for skill in skills for name in skill.modules}
+    probe = LoraConfig(target_modules=union)
+    return [
+        name
+        for name, _ in base_model.named_modules()
+        if name and name not in covered and check_target_module_exists(probe, name)
+    ]
 
 
 def _check_equal_ranks(method: MergeMethod, skills: list[Skill]) -> None:

@@ -360,6 +360,24 @@ def check_base_copies(skill: Skill, model) -> None:
         )
 
 
+def warn_on_foreign_base(skills: list[Skill], base_name: str | None) -> None:
+    """Log a warning for each skill whose base_model_name_or_path is not `base_name`.
+
+    Only a warning: the same base is often saved under several names (a local copy, a Hub id);
+    the shapes are checked separately.
+    """
+    for skill in skills:
+        trained_on = skill.config.get("base_model_name_or_path")
+        if base_name and trained_on and trained_on != base_name:
+            LOG.warning(
+                "skill %r was trained on %r, not on %r; its shapes fit, but check that it is the "
+                "same base",
+                skill.name,
+                trained_on,
+                base_name,
+            )
+
+
 def _factors_by_module(
     spec: SkillSpec, config: dict, tensors: dict[str, torch.Tensor], path: Path
 ) -> dict[str, SkillModule]:

@@ -275,3 +275,62 @@ def test_merge_advice_is_cat_when_no_order_can_work(bases, tmp_path):
                      tmp_path / "m", method="cat")  # fmt: skip
     # and CAT, as advised, composes them
     assert_exact(base, skills, tmp_path / "cat")
+
+
+# ---------------------------------------------------------------- 2. embedding LoRAs
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_embedding_lora_is_composed_exactly_and_exported_in_peft_format(bases, tmp_path, arch):
+    base = bases[arch]
+    emb = build_skill(base, tmp_path / "emb", seed=1, r=3, lora_alpha=6,
+                      target_modules=["embed_tokens", "q_proj"])  # fmt: skip
+    emb2 = build_skill(base, tmp_path / "emb2", seed=3, r=2, lora_alpha=2, use_rslora=True,
+                       target_modules=["embed_tokens", "v_proj"])  # fmt: skip
+    attn = build_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=4,
+                       target_modules=["q_proj", "v_proj"])  # fmt: skip
+    saved = load_file(str(emb / WEIGHTS))
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in saved
+    assert "base_model.model.model.embed_tokens.base_layer.weight" in saved  # PEFT's copy
+
+    skills = {"emb": emb, "emb2": emb2, "attn": attn}
+    model, record = assert_exact(base, skills, tmp_path / "out")
+    assert set(record["modules"]["model.embed_tokens"]["coefficients"]) == {"emb", "emb2"}
+    exported = load_file(str(tmp_path / "out" / WEIGHTS))
+    r = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["r"]
+    assert exported["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (r, 120)
+    assert exported["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (32, r)
+
+    # the coefficients of the embedding get gradients like any other
+    model.train()
+    model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+    grad = model.base_model.model.model.embed_tokens.cat_alpha.grad
+    assert grad is not None and grad.abs().sum() > 0
+
+
+def test_merge_cat_composes_embedding_skills_like_peft(bases, tmp_path):
+    from axolotl_cat_plugin.cli import main
+
+    base = bases["llama"]
+    emb = build_skill(base, tmp_path / "emb", seed=1, r=3, lora_alpha=6,
+                      target_modules=["embed_tokens", "q_proj"])  # fmt: skip
+    attn = build_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=4,
+                       target_modules=["q_proj"])  # fmt: skip
+    argv = ["merge", "--method", "cat", "--weights", "0.7", "1.3", "--base", str(base)]
+    assert main([*argv, "--out", str(tmp_path / "m"), f"emb={emb}", f"attn={attn}"]) == 0
+    merged = logits(PeftModel.from_pretrained(load(base), tmp_path / "m"))
+    cat = attach_cat(load(base), CatConfig(adapters=adapters({"emb": emb, "attn": attn})))
+    set_coefficients(cat, {"emb": 0.7, "attn": 1.3})
+    assert (merged - logits(cat)).abs().max() <= TOLERANCE
+
+
+def test_embedding_factors_on_a_linear_module_are_refused(bases, tmp_path):
+    base = bases["llama"]
+    skill = build_skill(base, tmp_path / "s", seed=1, r=2, lora_alpha=2,
+                        target_modules=["q_proj"])  # fmt: skip
+    tensors = load_file(str(skill / WEIGHTS))
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    tensors[f"{prefix}.lora_embedding_A"] = tensors.pop(f"{prefix}.lora_A.weight")
+    tensors[f"{prefix}.lora_embedding_B"] = tensors.pop(f"{prefix}.lora_B.weight")
+    save_file(tensors, str(skill / WEIGHTS))
+    refused(base, {"s": skill}, "'s'", "model.layers.0.self_attn.q_proj", "lora_embedding_A/B")

@@ -315,12 +315,13 @@ def test_weights_on_a_module_that_is_not_linear_are_refused(world, tmp_path):
 
 
 def test_foreign_tensors_in_the_weights_are_refused_naming_the_key(world, tmp_path):
-    key = "base_model.model.model.embed_tokens.lora_embedding_A"
+    # a DoRA magnitude vector in a skill whose config does not say use_dora
+    key = f"base_model.model.{Q_PROJ}.lora_magnitude_vector"
 
-    def add_embedding(tensors):
-        tensors[key] = torch.zeros(4, 104)
+    def add_magnitude(tensors):
+        tensors[key] = torch.ones(32)
 
-    folder = rewrite_weights(copy_skill(world, tmp_path), add_embedding)
+    folder = rewrite_weights(copy_skill(world, tmp_path), add_magnitude)
     refused(world, [skill(folder, "math")], "'math'", key)
 
 

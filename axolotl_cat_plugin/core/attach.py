@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import CatConfig
 from .core_space import core_factors
+from .embedding import CatEmbeddingVariant, factor_weights, is_embedding
 from .errors import CatError
 from .format import read_record_file
 from .layer import CatLinearVariant
@@ -50,6 +51,13 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         raise CatError("attach_cat expects the plain base model, not a PeftModel")
     skills = load_skills(config.skills)
     plans = _plan(model, skills)
+    embeddings = [plan.name for plan in plans if any(f.embedding for _, f in plan.blocks)]
+    if config.granularity == "core" and embeddings:
+        raise CatError(
+            f"granularity core builds its joint basis for Linear modules only, and these skills "
+            f"have embedding LoRAs on {embeddings[0]}; use granularity module, layer, adapter "
+            "or rank with embedding skills"
+        )
     starting = _starting_coefficients(config, skills)  # refuse a bad record before wrapping
     rank = max(plan.rank for plan in plans)
     target_modules = target_modules_for([plan.name for plan in plans])
@@ -193,13 +201,28 @@ def _check_target_modules(skill: Skill, base_modules: dict[str, nn.Module]) -> N
 
 
 def _in_out_features(module: nn.Module, skill: Skill, module_name: str) -> tuple[int, int]:
+    embedding = skill.modules[module_name].embedding
+    if isinstance(module, nn.Embedding):
+        if not embedding:
+            raise CatError(
+                f"skill {skill.name!r}: module {module_name} is an Embedding, but the skill has "
+                "lora_A/lora_B factors on it, not PEFT's lora_embedding_A/B; was it trained on "
+                "another architecture?"
+            )
+        return module.num_embeddings, module.embedding_dim
+    if embedding:
+        raise CatError(
+            f"skill {skill.name!r}: module {module_name} is a {type(module).__name__}, but the "
+            "skill has embedding factors (lora_embedding_A/B) on it; was it trained on another "
+            "architecture?"
+        )
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if type(module).__name__ == "Conv1D":  # transformers' GPT-2 style layer, weight (d_in, d_out)
         return module.weight.shape[0], module.weight.shape[1]
     raise CatError(
         f"skill {skill.name!r}: module {module_name} is a {type(module).__name__}; "
-        "CAT composes LoRAs on Linear layers only"
+        "CAT composes LoRAs on Linear and Embedding layers only"
     )
 
 
@@ -246,7 +269,7 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
             module.cat_module_name = name
     for plan, group, slot_index, slot_scale in layouts:
         layer = model.get_submodule(plan.name)
-        device = layer.lora_A[ADAPTER].weight.device
+        device = factor_weights(layer, ADAPTER)[0].device
         if config.granularity == "core":
             _install_core(layer, plan, skills, config, starting.get(plan.name), rank)
             continue
@@ -261,7 +284,9 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
         layer.cat_parametrization = config.parametrization
         layer.cat_module_name = plan.name
         layer.cat_skill_names = tuple(skill.name for skill in skills)
-        layer.lora_variant[ADAPTER] = CatLinearVariant()
+        layer.lora_variant[ADAPTER] = (
+            CatEmbeddingVariant() if is_embedding(layer) else CatLinearVariant()
+        )
         layer.cast_input_dtype_enabled = False  # the variant casts the factors instead
 
 
@@ -298,8 +323,7 @@ def _install_core(layer, plan: _ModulePlan, skills, config: CatConfig, previous,
 
 
 def _load_factors(layer, plan: _ModulePlan, rank: int) -> None:
-    lora_A = layer.lora_A[ADAPTER].weight
-    lora_B = layer.lora_B[ADAPTER].weight
+    lora_A, lora_B = factor_weights(layer, ADAPTER)
     with torch.no_grad():
         lora_A.zero_()
         lora_B.zero_()

@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .card import model_card
+from .embedding import factor_weights, is_embedding, set_factors
 from .fold import FoldedAdapter, fold
 from .format import (
     CARD_FILE,
@@ -180,12 +181,15 @@ def apply_export(
     folded = export.folded if isinstance(export, Export) else export
     peft_model = next(m for m in model.modules() if hasattr(m, "peft_config"))
     for name, layer in list(cat_layers(model)):
-        lora_A = layer.lora_A[ADAPTER].weight
-        lora_B = layer.lora_B[ADAPTER].weight
-        new_A = folded.tensors[peft_key(name, "A")].to(lora_A.device, lora_A.dtype)
-        new_B = folded.tensors[peft_key(name, "B")].to(lora_B.device, lora_B.dtype)
-        layer.lora_A[ADAPTER] = _frozen_linear(new_A)
-        layer.lora_B[ADAPTER] = _frozen_linear(new_B)
+        lora_A, lora_B = factor_weights(layer, ADAPTER)
+        embedding = is_embedding(layer)
+        new_A = folded.tensors[peft_key(name, "A", embedding)].to(lora_A.device, lora_A.dtype)
+        new_B = folded.tensors[peft_key(name, "B", embedding)].to(lora_B.device, lora_B.dtype)
+        if embedding:
+            set_factors(layer, new_A, new_B, ADAPTER)
+        else:
+            layer.lora_A[ADAPTER] = _frozen_linear(new_A)
+            layer.lora_B[ADAPTER] = _frozen_linear(new_B)
         layer.r[ADAPTER] = folded.rank
         layer.lora_alpha[ADAPTER] = folded.rank
         layer.scaling[ADAPTER] = 1.0

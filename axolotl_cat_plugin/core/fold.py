@@ -17,10 +17,13 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from .core_space import skill_weights
+from .embedding import factor_weights, is_embedding
 from .errors import CatError
 from .format import FORMAT_VERSION, peft_key
 from .layer import effective_coefficients, is_core
 from .state import ADAPTER, cat_layers, cat_metadata, is_coefficient, weighted
+
+_FACTOR_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 
 @dataclass
@@ -49,7 +52,8 @@ def fold(model, rank: int | None = None, prune_threshold: float | None = None) -
 def _fold(model, rank, prune_threshold) -> FoldedAdapter:
     metadata = cat_metadata(model)
     layers = list(cat_layers(model))
-    concatenated_rank = layers[0][1].lora_A[ADAPTER].weight.shape[0]
+    concatenated_rank = factor_weights(layers[0][1], ADAPTER)[0].shape[0]
+    embeddings = {name for name, layer in layers if is_embedding(layer)}
     if rank is not None:
         if (
             not isinstance(rank, numbers.Integral)
@@ -88,8 +92,9 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
     tensors = {}
     for name, (lora_A, lora_B) in factors.items():
         missing = exported_rank - lora_A.shape[0]
-        tensors[peft_key(name, "A")] = _pad_rows(lora_A, missing).contiguous()
-        tensors[peft_key(name, "B")] = _pad_rows(lora_B.t(), missing).t().contiguous()
+        embedding = name in embeddings
+        tensors[peft_key(name, "A", embedding)] = _pad_rows(lora_A, missing).contiguous()
+        tensors[peft_key(name, "B", embedding)] = _pad_rows(lora_B.t(), missing).t().contiguous()
 
     config = LoraConfig(
         r=exported_rank,
@@ -145,7 +150,7 @@ def skill_coefficients(model) -> dict[str, list[float]]:
 def _fold_layer(layer, prune_threshold):
     """Folded factors of one layer and its record: coefficients per skill, what was pruned."""
     if not weighted(layer):  # wrapped, but no skill touches it
-        lora_A, lora_B = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        lora_A, lora_B = factor_weights(layer, ADAPTER)
         # torch.zeros, not new_zeros: under FSDP2 the factors are DTensors, and new_zeros
         # would make these DTensors too, which safetensors cannot save
         empty_A = torch.zeros(0, lora_A.shape[1], dtype=torch.float32, device=lora_A.device)
@@ -162,8 +167,7 @@ def _fold_layer(layer, prune_threshold):
                 "training diverged, refusing to export"
             )
         slot_c = c.flatten()[layer.cat_slot_index]
-        lora_A = full_tensor(layer.lora_A[ADAPTER].weight).float()
-        lora_B = full_tensor(layer.lora_B[ADAPTER].weight).float()
+        lora_A, lora_B = (full_tensor(factor).float() for factor in factor_weights(layer, ADAPTER))
         num_skills = len(layer.cat_skill_names)
         present = layer.cat_slot_scale != 0
         keep = present.clone()
@@ -262,7 +266,7 @@ def gathered(model):
         param
         for _, layer in cat_layers(model)
         for name, param in layer.named_parameters()
-        if is_coefficient(name) or ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
+        if is_coefficient(name) or any(f".{factor}." in f".{name}." for factor in _FACTOR_NAMES)
     ]
     if not any(hasattr(param, "ds_id") for param in params):
         return contextlib.nullcontext()

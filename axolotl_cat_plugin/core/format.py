@@ -31,10 +31,13 @@ EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FI
 FORMAT_VERSION = 1
 
 
-def peft_key(module_name: str, factor: str) -> str:
+def peft_key(module_name: str, factor: str, embedding: bool = False) -> str:
     """The tensor name PEFT saves for a factor ('A' or 'B') of a module, e.g.
     peft_key("model.layers.0.self_attn.q_proj", "A") ->
-    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"."""
+    "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"; of an Embedding layer
+    (embedding=True) a parameter with no `.weight`: "base_model.model.<module>.lora_embedding_A"."""
+    if embedding:
+        return f"base_model.model.{module_name}.lora_embedding_{factor}"
     return f"base_model.model.{module_name}.lora_{factor}.weight"
 
 

@@ -31,6 +31,11 @@ BIN_NAME = "adapter_model.bin"
 _FACTOR_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
 )
+# an embedding LoRA's factors are parameters: `<module>.lora_embedding_A` (r, num_embeddings)
+# and `<module>.lora_embedding_B` (embedding_dim, r), maybe with the adapter name after them
+_EMBEDDING_FACTOR_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.[^.]+)?$"
+)
 # PEFT's copy of a base matrix: `<module>.base_layer.weight` of a LoRA-wrapped embedding or
 # output layer, or `<module>.weight` of an unwrapped one, written by save_pretrained's default
 # save_embedding_layers="auto" (peft/utils/save_and_load.py, get_peft_model_state_dict)
@@ -54,9 +59,10 @@ _OTHER_COMPUTATIONS = (
 class SkillModule:
     """One skill's factors on one wrapped module: ΔW = scaling · lora_B @ lora_A."""
 
-    lora_A: torch.Tensor  # (r, d_in)
-    lora_B: torch.Tensor  # (d_out, r)
+    lora_A: torch.Tensor  # (r, d_in); an embedding's lora_embedding_A: (r, num_embeddings)
+    lora_B: torch.Tensor  # (d_out, r); an embedding's lora_embedding_B: (embedding_dim, r)
     scaling: float
+    embedding: bool = False  # PEFT's embedding LoRA: ΔE = scaling * (B A)^T on the table
 
     @property
     def rank(self) -> int:
@@ -382,13 +388,16 @@ def _factors_by_module(
     spec: SkillSpec, config: dict, tensors: dict[str, torch.Tensor], path: Path
 ) -> dict[str, SkillModule]:
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    embeddings: set[str] = set()
     for key, tensor in tensors.items():
         match = _FACTOR_KEY.match(key)
+        if not match and (match := _EMBEDDING_FACTOR_KEY.match(key)):
+            embeddings.add(match["module"])
         if not match:
             raise CatError(
                 f"skill {spec.name!r}: unexpected tensor {key!r} in {path}; CAT composes LoRA "
-                "factors (lora_A/lora_B) and ignores PEFT's copies of base weights, nothing else "
-                "(no trained biases, DoRA magnitudes or embedding LoRAs)"
+                "factors (lora_A/lora_B, lora_embedding_A/B) and ignores PEFT's copies of base "
+                "weights, nothing else (no trained biases, DoRA magnitudes or other adapters)"
             )
         if not torch.isfinite(tensor).all():
             raise CatError(f"skill {spec.name!r}: tensor {key!r} in {path} holds NaN or Inf")
@@ -401,9 +410,18 @@ def _factors_by_module(
         if set(pair) != {"A", "B"}:
             missing = ({"A", "B"} - set(pair)).pop()
             raise CatError(
-                f"skill {spec.name!r}: module {module_name} has no lora_{missing} in {path}"
+                f"skill {spec.name!r}: module {module_name} has no "
+                f"lora_{'embedding_' if module_name in embeddings else ''}{missing} in {path}"
             )
         lora_A, lora_B = pair["A"], pair["B"]
+        if module_name in embeddings and any(
+            _FACTOR_KEY.match(key) and f"{module_name}.lora_" in key for key in tensors
+        ):
+            raise CatError(
+                f"skill {spec.name!r}: module {module_name} has both lora_A/lora_B and "
+                f"lora_embedding_A/B factors in {path}; a module is either a Linear or an "
+                "Embedding LoRA"
+            )
         if lora_A.dim() != 2 or lora_B.dim() != 2 or lora_A.shape[0] != lora_B.shape[1]:
             raise CatError(
                 f"skill {spec.name!r}: module {module_name} has lora_A {tuple(lora_A.shape)} and "
@@ -415,7 +433,7 @@ def _factors_by_module(
                 f"skill {spec.name!r}: module {module_name} has rank {lora_A.shape[0]} in {path}, "
                 f"but adapter_config.json gives it r={rank}"
             )
-        modules[module_name] = SkillModule(lora_A, lora_B, scaling)
+        modules[module_name] = SkillModule(lora_A, lora_B, scaling, module_name in embeddings)
     return modules
 
 

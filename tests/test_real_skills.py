@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
+from axolotl_cat_plugin.core.quantized import keep_gradients_through_4bit_layers
 
 TOLERANCE = 1e-5
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70], [3, 15, 25, 35, 45, 55, 65, 75]])
@@ -334,3 +335,77 @@ def test_embedding_factors_on_a_linear_module_are_refused(bases, tmp_path):
     tensors[f"{prefix}.lora_embedding_B"] = tensors.pop(f"{prefix}.lora_B.weight")
     save_file(tensors, str(skill / WEIGHTS))
     refused(base, {"s": skill}, "'s'", "model.layers.0.self_attn.q_proj", "lora_embedding_A/B")
+
+
+# ---------------------------------------------------------------- 6. a 4-bit or 8-bit base
+
+
+def quantized(base, mode):
+    """The base quantized by bitsandbytes on the CPU, as transformers loads it for QLoRA."""
+    from transformers import BitsAndBytesConfig
+
+    options = (
+        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        if mode == "4bit"
+        else dict(load_in_8bit=True)
+    )
+    return AutoModelForCausalLM.from_pretrained(
+        base, quantization_config=BitsAndBytesConfig(**options), device_map="cpu",
+        dtype=torch.float32,
+    ).eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_cat_fits_on_a_bitsandbytes_base_and_exports_the_same_adapter(bases, tmp_path, mode):
+    pytest.importorskip("bitsandbytes")
+    # hidden 64: bitsandbytes' CPU 4-bit kernels fail on a hidden size of 32 (a reshape to
+    # [32, 0] inside bitsandbytes/functional.py, in the base layer itself)
+    base = build_model(tmp_path / "base", LlamaConfig(**{**SMALL, "hidden_size": 64}))
+    skills = {
+        "a": build_skill(base, tmp_path / "a", seed=1, r=2, lora_alpha=4,
+                         target_modules=["q_proj", "v_proj", "lm_head"]),
+        "b": build_skill(base, tmp_path / "b", seed=2, r=3, lora_alpha=3,
+                         target_modules=["q_proj", "down_proj"]),
+    }  # fmt: skip
+    model = attach_cat(quantized(base, mode), CatConfig(adapters=adapters(skills)))
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__module__ == "peft.tuners.lora.bnb"  # PEFT's bnb LoRA layer
+    randomize(model)
+    trained = logits(model)
+
+    # every coefficient trains on the quantized base, also after an eval forward (which makes
+    # bitsandbytes repack 4-bit weights on the CPU unless attach_cat turned that off)
+    model.train()
+    model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+    alphas = [p for n, p in model.named_parameters() if n.endswith("cat_alpha")]
+    assert len(alphas) == 7 and all(a.grad is not None and a.grad.abs().sum() > 0 for a in alphas)
+    model.eval()
+
+    out = export_cat(model, tmp_path / "out")
+    # plain PEFT on the same quantized base, through the same bitsandbytes kernel (its packed
+    # CPU inference kernel computes the base layers in bf16: 5e-3 away, in the base alone)
+    plain_base = quantized(base, mode)
+    keep_gradients_through_4bit_layers(plain_base)
+    loaded = PeftModel.from_pretrained(plain_base, out)
+    assert (logits(loaded) - trained).abs().max() <= TOLERANCE
+
+    # the export is the very adapter the same coefficients give on the full-precision base
+    full = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
+    randomize(full)
+    export_cat(full, tmp_path / "full")
+    ours, theirs = load_file(str(out / WEIGHTS)), load_file(str(tmp_path / "full" / WEIGHTS))
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[key], theirs[key]) for key in ours)
+
+
+def test_a_4bit_base_already_repacked_for_cpu_inference_is_refused(bases, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    base = build_model(tmp_path / "base", LlamaConfig(**{**SMALL, "hidden_size": 64}))
+    skill = build_skill(base, tmp_path / "s", seed=1, r=2, lora_alpha=2, target_modules=["q_proj"])
+    model = quantized(base, "4bit")
+    logits(model)  # an inference forward: bitsandbytes repacks on CPUs with AVX512-BF16
+    q_proj = model.model.layers[0].self_attn.q_proj
+    if not getattr(q_proj.weight.quant_state, "packing_format_for_cpu", False):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
+    with pytest.raises(CatError, match="model.layers.0.self_attn.q_proj.*reload the base"):
+        attach_cat(model, CatConfig(adapters=[str(skill)]))

@@ -21,6 +21,7 @@ from .embedding import CatEmbeddingVariant, factor_weights, is_embedding
 from .errors import CatError
 from .format import read_record_file
 from .layer import CatLinearVariant
+from .quantized import keep_gradients_through_4bit_layers
 from .skills import Skill, SkillModule, check_base_copies, load_skills, warn_on_foreign_base
 from .state import ADAPTER, COEFFICIENTS, CatMetadata, is_coefficient
 
@@ -59,6 +60,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
             "or rank with embedding skills"
         )
     starting = _starting_coefficients(config, skills)  # refuse a bad record before wrapping
+    keep_gradients_through_4bit_layers(model)  # a QLoRA base on the CPU (see quantized.py)
     rank = max(plan.rank for plan in plans)
     target_modules = target_modules_for([plan.name for plan in plans])
     fan_in_fan_out = skills[0].fan_in_fan_out

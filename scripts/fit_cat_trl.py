@@ -32,6 +32,13 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--granularity", default="module")
     parser.add_argument("--parametrization", default="free")
+    quantize = parser.add_mutually_exclusive_group()
+    quantize.add_argument(
+        "--load-in-4bit", action="store_true", help="quantize the base with bitsandbytes (nf4)"
+    )
+    quantize.add_argument(
+        "--load-in-8bit", action="store_true", help="quantize the base with bitsandbytes (int8)"
+    )
     return parser.parse_args()
 
 
@@ -40,10 +47,28 @@ def skill(entry: str):
     return {"path": path, "name": name} if sep and name and "/" not in name else entry
 
 
+def quantized(args) -> dict:
+    """from_pretrained options for a bitsandbytes base (QLoRA style); {} for full precision."""
+    if not (args.load_in_4bit or args.load_in_8bit):
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    if args.load_in_4bit:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
+        )
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {
+        "quantization_config": config,
+        "device_map": {"": 0} if torch.cuda.is_available() else "cpu",
+    }
+
+
 def main():
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the library's progress lines
-    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32, **quantized(args))
     model = attach_cat(
         base,
         CatConfig(

@@ -28,6 +28,13 @@
 #   axolotl   `axolotl train` (axolotl.cli.main, launcher python) on the tiny world with bf16,
 #             sample_packing and sdpa attention, on the GPU; SKIP without axolotl (carry it
 #             and its missing dependencies as wheels in .whl/).
+#   qlora     scripts/qlora_check.py: attach_cat on a Llama loaded 4-bit (nf4) and 8-bit by
+#             bitsandbytes on the device (fp32 compute), a few AdamW steps with an eval forward
+#             before each: every coefficient gets a gradient at every step and moves; the export
+#             reloaded by plain PEFT on a fresh quantized base gives the CAT logits (<= 1e-4); the
+#             exported tensors equal those of the same coefficients on the full-precision base.
+#             Needs bitsandbytes (carry its wheel in .whl/); without it the check says SKIP.
+#             The CPU dry run (--device cpu) is what tests/test_real_skills.py also covers.
 # Throughput is a separate run: python scripts/bench_gpu.py (writes docs/measurements/).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -406,6 +413,17 @@ PY
 else
   record axolotl SKIP $((SECONDS - started))
 fi
+
+# --- qlora: fit on a bitsandbytes 4-bit / 8-bit base, export, reload with plain PEFT ---------
+started=$SECONDS
+timeout 300 "$PY" scripts/qlora_check.py --device "$DEVICE" --size "$SIZE" --steps "$STEPS" \
+  --out "$OUT/qlora"
+case $? in
+  0) status=PASS ;;
+  3) status=SKIP ;;
+  *) status=FAIL ;;
+esac
+record qlora $status $((SECONDS - started))
 
 echo "[gpu_checks] summary:"
 printf '  %s\n' "${RESULTS[@]}"

@@ -102,11 +102,22 @@ class CatMergeArgs(BaseModel):
             )
         if adapter != "cat_merge":
             return data
-        if data.get("load_in_4bit") or data.get("load_in_8bit") or data.get("gptq"):
+        if data.get("load_in_4bit") or data.get("load_in_8bit"):
+            # axolotl/loaders/model.py (0.19 and 0.21) builds a BitsAndBytesConfig only for
+            # adapter qlora (4-bit) or lora (8-bit): with cat_merge the flag would be ignored
             raise ValueError(
-                "adapter: cat_merge does not support a quantized base (load_in_4bit, load_in_8bit, "
-                "gptq): folding needs the skills' exact factors on a full-precision base. Load the "
-                "base in bf16/fp16 instead."
+                "adapter: cat_merge cannot take a quantized base from load_in_4bit/load_in_8bit: "
+                "Axolotl quantizes the base only for adapter qlora or lora, so the flag would be "
+                "silently ignored (a full-precision base). CAT itself fits on a bitsandbytes "
+                "4-bit/8-bit base: use the Python API (attach_cat on a model loaded with "
+                "transformers' BitsAndBytesConfig, e.g. scripts/fit_cat_trl.py --load-in-4bit), "
+                "or remove the flag."
+            )
+        if data.get("gptq"):
+            raise ValueError(
+                "adapter: cat_merge does not support a GPTQ-quantized base: PEFT's GPTQ LoRA "
+                "layer is not tested with CAT's forward. Load the base in bf16/fp16, or use "
+                "the Python API on a bitsandbytes 4-bit/8-bit base."
             )
         if data.get("fsdp_config") and (block or {}).get("granularity") == "adapter":
             raise ValueError(

@@ -3,7 +3,8 @@
 Each kind is either composed exactly (the CAT model == base + Σ c·ΔW_i with every ΔW_i from
 PEFT's own get_delta_weight == the export loaded by plain PEFT == its merge_and_unload, fp32,
 within 1e-5) or refused with a message naming the skill, the module and the fix. The models
-are tiny Llama (untied) and Qwen2 (tie_word_embeddings) built here; nothing is downloaded.
+are tiny Llama (untied), Qwen2 (tie_word_embeddings) and Mixtral (MoE) built here; nothing is
+downloaded.
 """
 
 import json
@@ -12,7 +13,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
 from axolotl_cat_plugin.core.quantized import keep_gradients_through_4bit_layers
@@ -67,6 +68,9 @@ def bases(tmp_path_factory):
     return {
         "llama": build_model(root / "llama", LlamaConfig(**SMALL)),
         "qwen2": build_model(root / "qwen2", Qwen2Config(**SMALL, tie_word_embeddings=True)),
+        "mixtral": build_model(
+            root / "mixtral", MixtralConfig(**SMALL, num_local_experts=4, num_experts_per_tok=2)
+        ),
     }
 
 
@@ -133,7 +137,7 @@ def refused(base, skills, *names) -> str:
 # ---------------------------------------------------------------- 1. lm_head LoRAs
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "mixtral"])
 def test_lm_head_lora_with_peft_copy_of_the_base_is_composed_exactly(bases, tmp_path, arch):
     base = bases[arch]
     head = build_skill(base, tmp_path / "head", seed=1, r=2, lora_alpha=4,
@@ -281,7 +285,7 @@ def test_merge_advice_is_cat_when_no_order_can_work(bases, tmp_path):
 # ---------------------------------------------------------------- 2. embedding LoRAs
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "mixtral"])
 def test_embedding_lora_is_composed_exactly_and_exported_in_peft_format(bases, tmp_path, arch):
     base = bases[arch]
     emb = build_skill(base, tmp_path / "emb", seed=1, r=3, lora_alpha=6,
@@ -466,3 +470,64 @@ def test_axolotl_yaml_refuses_a_quantized_base_saying_what_works(flag, named):
     with pytest.raises(ValidationError) as error:
         CatMergeArgs.model_validate(config)
     assert named in str(error.value)
+
+
+# ---------------------------------------------------------------- 4. MoE expert LoRAs
+
+
+def legacy_expert_skill(base, folder, seed=5, r=2):
+    """A Mixtral skill as an older PEFT saved it on transformers v4: LoRA on the per-expert
+    Linear modules block_sparse_moe.experts.N.w1/w2/w3 (and q_proj), which transformers v5
+    fuses into mlp.experts.gate_up_proj / down_proj."""
+    build_skill(base, folder, seed=seed, r=r, lora_alpha=2 * r, target_modules=["q_proj"])
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["target_modules"] = ["q_proj", "w1", "w2", "w3"]
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    tensors = load_file(str(folder / WEIGHTS))
+    generator = torch.Generator().manual_seed(seed)
+    hidden, inner = SMALL["hidden_size"], SMALL["intermediate_size"]
+    shapes = {"w1": (hidden, inner), "w3": (hidden, inner), "w2": (inner, hidden)}
+    for layer in range(SMALL["num_hidden_layers"]):
+        for expert in range(4):
+            for leaf, (d_in, d_out) in shapes.items():
+                prefix = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts"
+                key = f"{prefix}.{expert}.{leaf}"
+                tensors[f"{key}.lora_A.weight"] = torch.randn(r, d_in, generator=generator) * 0.2
+                tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, r, generator=generator) * 0.2
+    save_file(tensors, str(folder / WEIGHTS))
+    return folder
+
+
+def test_legacy_per_expert_lora_is_refused_naming_the_moe_form(bases, tmp_path, capsys):
+    from axolotl_cat_plugin.cli import main
+
+    base = bases["mixtral"]
+    legacy = legacy_expert_skill(base, tmp_path / "legacy")
+    # PEFT itself still loads and applies it (converting it to the fused expert parameters)
+    with torch.no_grad():
+        applied = logits(PeftModel.from_pretrained(load(base), legacy))
+    assert (applied - logits(load(base))).abs().max() > 1e-3
+
+    message = refused(base, {"legacy": legacy}, "'legacy'",
+                      "model.layers.0.block_sparse_moe.experts.0.w1",
+                      "per-expert MoE layout", "model.layers.0.mlp.experts.gate_up_proj",
+                      "merge_and_unload")  # fmt: skip
+    assert "is not in the base model" not in message
+    argv = ["merge", "--method", "cat", "--weights", "1", "--base", str(base)]
+    assert main([*argv, "--out", str(tmp_path / "m"), f"legacy={legacy}"]) == 2
+    assert "per-expert MoE layout" in capsys.readouterr().err
+
+
+def test_expert_lora_on_target_parameters_is_refused_naming_the_moe_form(bases, tmp_path, capsys):
+    from axolotl_cat_plugin.cli import main
+
+    base = bases["mixtral"]
+    fused = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    experts = build_skill(base, tmp_path / "experts", seed=1, r=2, lora_alpha=4,
+                          target_modules=["q_proj"], target_parameters=fused)  # fmt: skip
+    message = refused(base, {"experts": experts}, "'experts'", "target_parameters",
+                      "mlp.experts.gate_up_proj", "ParamWrapper", "merge_and_unload")  # fmt: skip
+    assert "computes something other than" not in message
+    argv = ["merge", "--method", "cat", "--weights", "1", "--base", str(base)]
+    assert main([*argv, "--out", str(tmp_path / "m"), f"experts={experts}"]) == 2
+    assert "ParamWrapper" in capsys.readouterr().err

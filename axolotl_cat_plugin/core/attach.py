@@ -21,6 +21,7 @@ from .embedding import CatEmbeddingVariant, factor_weights, is_embedding
 from .errors import CatError
 from .format import read_record_file
 from .layer import CatLinearVariant
+from .moe import refuse_per_expert_modules
 from .quantized import keep_gradients_through_4bit_layers
 from .skills import Skill, SkillModule, check_base_copies, load_skills, warn_on_foreign_base
 from .state import ADAPTER, COEFFICIENTS, CatMetadata, is_coefficient
@@ -148,6 +149,7 @@ def _plan(model: nn.Module, skills: list[Skill]) -> list[_ModulePlan]:
     base_modules = dict(model.named_modules())
     plans: dict[str, _ModulePlan] = {}
     for index, skill in enumerate(skills):
+        refuse_per_expert_modules(skill, model)  # before the target check, which misnames it
         _check_target_modules(skill, base_modules)
         check_base_copies(skill, model)
         if skill.fan_in_fan_out != skills[0].fan_in_fan_out:

@@ -33,6 +33,7 @@ from torch import nn
 from .config import CatConfig
 from .errors import CatError
 from .format import CONFIG_FILE, WEIGHTS_FILE
+from .moe import refuse_per_expert_modules
 from .skills import Skill, check_base_copies, load_skills, warn_on_foreign_base
 
 LOG = logging.getLogger(__name__)
@@ -82,8 +83,9 @@ def merge_skills(
     specs = CatConfig(adapters=adapters).skills  # names, duplicates: CAT's own rules
     _check_arguments(chosen, specs, weights, density)
     skills = load_skills(specs)
-    for skill in skills:  # PEFT's loading would write a differing copy over the base
-        check_base_copies(skill, base_model)
+    for skill in skills:
+        refuse_per_expert_modules(skill, base_model)  # PEFT's merge refuses them, less clearly
+        check_base_copies(skill, base_model)  # PEFT's loading would write it over the base
     base_name = getattr(getattr(base_model, "config", None), "_name_or_path", None)
     warn_on_foreign_base(skills, base_name)  # the README promises it for merges too
     _check_first_skill_flags(chosen, skills, base_model)

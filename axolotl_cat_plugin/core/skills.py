@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import SkillSpec
 from .errors import CatError
+from .moe import expert_parameters_message
 
 LOG = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ _OTHER_COMPUTATIONS = (
     "use_qalora",  # pools the input before lora_A
     "alora_invocation_tokens",  # activated LoRA: only applies after the invocation tokens
     "layer_replication",  # duplicates decoder layers
-    "target_parameters",  # LoRA on raw parameters (MoE experts), not on Linear modules
     "trainable_token_indices",  # trains embedding rows next to the LoRA
     "arrow_config",  # routes between several LoRAs per token
 )
@@ -251,6 +251,8 @@ def _check_config(spec: SkillSpec, config: dict) -> None:
             "skill's factors only hold on that modified base. Convert it to a plain LoRA first "
             "(PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...))."
         )
+    if config.get("target_parameters"):  # MoE experts: see moe.py
+        raise CatError(expert_parameters_message(where, config["target_parameters"]))
     for key in _OTHER_COMPUTATIONS:
         if config.get(key):
             raise CatError(

@@ -11,7 +11,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .core.card import vllm_max_lora_rank
+from .core.card import saved_modules_note, vllm_max_lora_rank
 from .core.format import CONFIG_FILE, read_record
 from .core.summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
 
@@ -44,6 +44,8 @@ def _overview(folder: Path, record: dict, config: dict) -> Table:
         f"{rank} (concatenated {record.get('concatenated_rank')}; "
         f"vLLM --max-lora-rank {vllm_max_lora_rank(int(rank or 1)) or 'too large'})",
     )
+    if record.get("saved_modules"):
+        table.add_row("modules_to_save", saved_modules_note(record))
     table.add_row("granularity", str(record.get("granularity")))
     table.add_row("parametrization", str(record.get("parametrization")))
     if record.get("prune_threshold") is not None:

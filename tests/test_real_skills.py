@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config
 
@@ -58,6 +59,8 @@ def build_skill(base, folder, *, seed, model=None, **lora):
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 param.copy_(torch.randn_like(param) * 0.2)
+            elif "modules_to_save" in name:  # a module trained in full
+                param.add_(torch.randn_like(param) * 0.05)
     peft_model.save_pretrained(folder)
     return folder
 
@@ -98,6 +101,13 @@ def reference(base, skills, record):
         for name, path in skills.items():
             peft_model = PeftModel.from_pretrained(load(base, untie=True), path)
             for module_name, layer in peft_model.base_model.model.named_modules():
+                if isinstance(layer, ModulesToSaveWrapper):  # M_i - M_base, per parameter
+                    c = record["saved_modules"][module_name]["coefficients"][name]
+                    target = model.get_submodule(module_name)
+                    for param_name, saved in layer.modules_to_save["default"].named_parameters():
+                        original = layer.original_module.get_parameter(param_name)
+                        target.get_parameter(param_name).add_(c * (saved - original))
+                    continue
                 if not hasattr(layer, "get_delta_weight") or "default" not in layer.scaling:
                     continue
                 c = record["modules"][module_name]["coefficients"][name]
@@ -531,3 +541,119 @@ def test_expert_lora_on_target_parameters_is_refused_naming_the_moe_form(bases, 
     argv = ["merge", "--method", "cat", "--weights", "1", "--base", str(base)]
     assert main([*argv, "--out", str(tmp_path / "m"), f"experts={experts}"]) == 2
     assert "ParamWrapper" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 3. modules_to_save
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "mixtral"])
+def test_modules_to_save_are_composed_with_coefficients_and_exported(bases, tmp_path, arch):
+    base = bases[arch]
+    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj"],
+                       modules_to_save=["embed_tokens", "lm_head"])  # fmt: skip
+    head = build_skill(base, tmp_path / "head", seed=2, r=2, lora_alpha=2,
+                       target_modules=["v_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    attn = build_skill(base, tmp_path / "attn", seed=3, r=3, lora_alpha=3,
+                       target_modules=["q_proj", "v_proj"])  # fmt: skip
+    assert "base_model.model.lm_head.weight" in load_file(str(chat / WEIGHTS))
+    skills = {"chat": chat, "head": head, "attn": attn}
+    model, record = assert_exact(base, skills, tmp_path / "out")
+    assert record["saved_modules"]["lm_head"]["coefficients"].keys() == {"chat", "head"}
+    assert record["saved_modules"]["model.embed_tokens"]["coefficients"].keys() == {"chat"}
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert sorted(config["modules_to_save"]) == ["lm_head", "model.embed_tokens"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "vLLM does not load `modules_to_save`" in card and "`lm_head` (chat " in card
+
+    # the saved modules' coefficients train; the base's own matrices stay as they were
+    base_embedding = load(base).model.embed_tokens.weight
+    model.train()
+    model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+    alphas = {n: p for n, p in model.named_parameters() if n.endswith("cat_alpha")}
+    saved = [p for n, p in alphas.items() if "modules_to_save" in n]
+    assert len(saved) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in saved)
+    inner = model.base_model.model.model.embed_tokens.original_module.weight
+    assert torch.equal(inner, base_embedding)
+
+    # apply_export leaves the plain PEFT model whose own save_pretrained writes the export
+    from axolotl_cat_plugin.core.export import apply_export
+    from axolotl_cat_plugin.core.fold import fold
+
+    model.eval()
+    folded = fold(model)
+    before = logits(model)
+    apply_export(model, folded)
+    assert (logits(model) - before).abs().max() <= TOLERANCE
+    model.save_pretrained(tmp_path / "peft_save")
+    again = load_file(str(tmp_path / "peft_save" / WEIGHTS))
+    exported = load_file(str(tmp_path / "out" / WEIGHTS))
+    for key in ("base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"):
+        assert (again[key] - exported[key]).abs().max() <= TOLERANCE
+
+
+def test_modules_to_save_of_a_resized_vocabulary_are_refused_naming_both_shapes(bases, tmp_path):
+    base = bases["llama"]
+    resized = load(base)
+    resized.resize_token_embeddings(128)
+    chat = build_skill(base, tmp_path / "chat", seed=1, model=resized, r=2, lora_alpha=4,
+                       target_modules=["q_proj"],
+                       modules_to_save=["embed_tokens", "lm_head"])  # fmt: skip
+    # PEFT saved the wrapper's original module too (save_embedding_layers after a resize):
+    # that copy of the base is what names the shapes first
+    message = refused(base, {"chat": chat}, "'chat'", "(128, 32)", "(120, 32)")
+    assert "128 tokens" in message and "resized vocabulary" in message
+
+
+def test_saved_modules_of_other_shapes_are_refused_naming_both_shapes(bases, tmp_path):
+    base = bases["llama"]
+    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    tensors = load_file(str(chat / WEIGHTS))
+    tensors["base_model.model.lm_head.weight"] = torch.randn(128, 32)
+    save_file(tensors, str(chat / WEIGHTS))
+    message = refused(base, {"chat": chat}, "'chat'", "lm_head.weight", "(128, 32)", "(120, 32)")
+    assert "vocabulary of 128 tokens" in message
+
+
+def test_a_module_saved_by_one_skill_and_lora_targeted_by_another_is_refused(bases, tmp_path):
+    base = bases["llama"]
+    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    head = build_skill(base, tmp_path / "head", seed=2, r=2, lora_alpha=4,
+                       target_modules=["lm_head"])  # fmt: skip
+    refused(base, {"chat": chat, "head": head}, "'chat'", "'head'", "lm_head")
+
+
+def test_merge_refuses_modules_to_save_pointing_to_cat(bases, tmp_path, capsys):
+    from axolotl_cat_plugin.cli import main
+
+    base = bases["llama"]
+    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    argv = ["merge", "--method", "cat", "--weights", "1", "--base", str(base)]
+    assert main([*argv, "--out", str(tmp_path / "m"), f"chat={chat}"]) == 2
+    err = capsys.readouterr().err
+    assert "'chat'" in err and "modules_to_save" in err and "Fit CAT" in err
+
+
+def test_inspect_and_reexport_of_an_export_with_modules_to_save(bases, tmp_path, capsys):
+    from axolotl_cat_plugin.cli import main
+
+    base = bases["qwen2"]
+    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    attn = build_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=2,
+                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    model = attach_cat(load(base), CatConfig(adapters=adapters({"chat": chat, "attn": attn})))
+    randomize(model)
+    export_cat(model, tmp_path / "out")
+    assert main(["inspect", str(tmp_path / "out")]) == 0
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "modules_to_save" in shown and "vLLM does not load" in shown
+    # axolotl-cat export rebuilds the fit from the record, saved modules' coefficients included
+    assert main(["export", str(tmp_path / "out"), "--out", str(tmp_path / "again")]) == 0
+    first = load_file(str(tmp_path / "out" / WEIGHTS))
+    again = load_file(str(tmp_path / "again" / WEIGHTS))
+    assert first.keys() == again.keys()
+    assert all((first[key] - again[key]).abs().max() <= TOLERANCE for key in first)

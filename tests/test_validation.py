@@ -207,14 +207,6 @@ def test_dora_adapter_is_refused(world, tmp_path):
     refused(world, [skill(folder, "dora")], "'dora'", "use_dora")
 
 
-def test_modules_to_save_is_refused(world, tmp_path):
-    config = LoraConfig(
-        task_type="CAUSAL_LM", r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]
-    )
-    folder = save_adapter(world, tmp_path / "head", config)
-    refused(world, [skill(folder, "head")], "'head'", "modules_to_save", "lm_head")
-
-
 @pytest.mark.parametrize("bias", [{"bias": "all"}, {"bias": "lora_only"}, {"lora_bias": True}])
 def test_trained_biases_are_refused(world, tmp_path, bias):
     config = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"], **bias)

@@ -23,6 +23,7 @@ from .format import read_record_file
 from .layer import CatLinearVariant
 from .moe import refuse_per_expert_modules
 from .quantized import keep_gradients_through_4bit_layers
+from .saved_modules import check_saved_modules, install_saved_modules, saved_module_names
 from .skills import Skill, SkillModule, check_base_copies, load_skills, warn_on_foreign_base
 from .state import ADAPTER, COEFFICIENTS, CatMetadata, is_coefficient
 
@@ -60,6 +61,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
             f"have embedding LoRAs on {embeddings[0]}; use granularity module, layer, adapter "
             "or rank with embedding skills"
         )
+    check_saved_modules(skills, model)  # modules_to_save: composed beside the LoRA
     starting = _starting_coefficients(config, skills)  # refuse a bad record before wrapping
     keep_gradients_through_4bit_layers(model)  # a QLoRA base on the CPU (see quantized.py)
     rank = max(plan.rank for plan in plans)
@@ -75,9 +77,11 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         task_type="CAUSAL_LM",
         # the factors are the skills': drawing random ones first would only waste time
         init_lora_weights=False,
+        modules_to_save=saved_module_names(skills) or None,
     )
     peft_model = get_peft_model(model, lora_config)
     _install(peft_model, plans, skills, config, starting)
+    install_saved_modules(peft_model, skills, config)
     for name, param in peft_model.named_parameters():
         param.requires_grad_(is_coefficient(name))
     for module in peft_model.modules():

@@ -208,6 +208,22 @@ def _baselines(record: dict) -> str:
     )
 
 
+def saved_modules_note(record: dict) -> str:
+    """What a server needs to know about an export that carries modules_to_save."""
+    names = ", ".join(
+        f"`{name}` ("
+        + ", ".join(f"{skill} {c:.3g}" for skill, c in entry.get("coefficients", {}).items())
+        + ")"
+        for name, entry in (record.get("saved_modules") or {}).items()
+    )
+    return (
+        f"This adapter also carries full modules ({names}) in `modules_to_save`, composed from "
+        "the skills' saved modules: PEFT (and so transformers and Axolotl) loads them, vLLM "
+        "does not load `modules_to_save` (it refuses such an adapter): serve it merged into "
+        "the base instead."
+    )
+
+
 def _usage(record: dict, config: dict, hub_model_id: str | None) -> str:
     base = record.get("base_model") or "BASE_MODEL"
     adapter = hub_model_id or _PLACEHOLDER_ADAPTER
@@ -225,6 +241,8 @@ def _usage(record: dict, config: dict, hub_model_id: str | None) -> str:
             f"--max-lora-rank must be at least the adapter's rank ({rank}); {max_rank} is the "
             "smallest size vLLM accepts that fits."
         )
+    if record.get("saved_modules"):
+        vllm_note += " " + saved_modules_note(record)
     return "\n".join(
         [
             "## How to use it",

@@ -40,6 +40,7 @@ from .format import (
     peft_key,
 )
 from .plot import coefficient_heatmap
+from .saved_modules import unparametrize_saved_modules
 from .state import ADAPTER, COEFFICIENTS, cat_layers
 
 LOG = logging.getLogger(__name__)
@@ -204,6 +205,7 @@ def apply_export(
         ):
             if hasattr(layer, name):
                 delattr(layer, name)
+    unparametrize_saved_modules(model)  # the copies hold the composed modules_to_save
     peft_model.peft_config[ADAPTER] = folded.config
     peft_model.__dict__.pop("save_pretrained", None)  # PEFT's own save now writes the export
     if written_to is not None:

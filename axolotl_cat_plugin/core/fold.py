@@ -21,6 +21,7 @@ from .embedding import factor_weights, is_embedding
 from .errors import CatError
 from .format import FORMAT_VERSION, peft_key
 from .layer import effective_coefficients, is_core
+from .saved_modules import fold_saved_modules
 from .state import ADAPTER, cat_layers, cat_metadata, is_coefficient, weighted
 
 _FACTOR_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
@@ -96,6 +97,8 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         tensors[peft_key(name, "A", embedding)] = _pad_rows(lora_A, missing).contiguous()
         tensors[peft_key(name, "B", embedding)] = _pad_rows(lora_B.t(), missing).t().contiguous()
 
+    saved_tensors, saved_record, saved_names = fold_saved_modules(model)  # modules_to_save
+    tensors.update(saved_tensors)
     config = LoraConfig(
         r=exported_rank,
         lora_alpha=exported_rank,
@@ -108,6 +111,7 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=metadata.base_model,
+        modules_to_save=saved_names or None,
     )
     record = {
         "format_version": FORMAT_VERSION,
@@ -122,6 +126,8 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         **metadata.extra,
         "modules": modules,
     }
+    if saved_record:
+        record["saved_modules"] = saved_record
     return FoldedAdapter(config, tensors, record)
 
 

@@ -12,8 +12,9 @@ and what it needs. Before PEFT runs, we refuse what PEFT would get silently wron
   detect that on a toy layer and divide the weights by the scaling, which is exact only when a
   skill has one scaling for all its modules.
 
-DoRA, trained biases, modules_to_save and the other non-LoRA computations are refused by the
-same reader that CAT uses (skills.load_skills).
+DoRA, trained biases and the other non-LoRA computations are refused by the same reader that
+CAT uses (skills.load_skills); skills with modules_to_save, which CAT composes but merge does
+not, are refused here.
 """
 
 from __future__ import annotations
@@ -84,6 +85,12 @@ def merge_skills(
     _check_arguments(chosen, specs, weights, density)
     skills = load_skills(specs)
     for skill in skills:
+        if skill.saved_modules:
+            raise CatError(
+                f"skill {skill.name!r} saved {sorted(skill.saved_modules)} in full "
+                "(modules_to_save); merge composes LoRA factors only. Fit CAT, which composes "
+                "saved modules with learned coefficients (attach_cat / adapter: cat_merge)"
+            )
         refuse_per_expert_modules(skill, base_model)  # PEFT's merge refuses them, less clearly
         check_base_copies(skill, base_model)  # PEFT's loading would write it over the base
     base_name = getattr(getattr(base_model, "config", None), "_name_or_path", None)

@@ -79,6 +79,8 @@ class Skill:
     modules: dict[str, SkillModule]
     # module name -> the copy of the base's weight PEFT saved beside the factors
     base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
+    # module name -> {parameter name: tensor} of each module saved in full (modules_to_save)
+    saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -99,6 +101,7 @@ class Skill:
             "use_rslora": bool(self.config.get("use_rslora", False)),
             "rank_pattern": self.config.get("rank_pattern") or {},
             "alpha_pattern": self.config.get("alpha_pattern") or {},
+            "modules_to_save": sorted(self.saved_modules),
             "weights_sha256": self.sha256,
         }
 
@@ -134,7 +137,8 @@ def load_skill(spec: SkillSpec) -> Skill:
     config = _read_config(spec, folder / CONFIG_NAME)
     _check_config(spec, config)
     tensors = _read_weights(spec, weights_file)
-    base_copies = _base_copies(tensors)
+    saved_modules, originals = _saved_modules(config, tensors)
+    base_copies = {**_base_copies(tensors), **originals}
     modules = _factors_by_module(spec, config, tensors, weights_file)
     LOG.info(
         "skill %r: %d modules, r=%s, lora_alpha=%s%s from %s",
@@ -145,7 +149,8 @@ def load_skill(spec: SkillSpec) -> Skill:
         ", rsLoRA" if config.get("use_rslora") else "",
         folder,
     )
-    return Skill(spec, folder, config, weights_file, _sha256(weights_file), modules, base_copies)
+    digest = _sha256(weights_file)
+    return Skill(spec, folder, config, weights_file, digest, modules, base_copies, saved_modules)
 
 
 def preflight(spec: SkillSpec) -> None:
@@ -234,11 +239,6 @@ def _check_config(spec: SkillSpec, config: dict) -> None:
             f"{where}: use_dora is true; DoRA's magnitude vector does not compose linearly, "
             "so CAT would silently change the skill. Use plain LoRA skills."
         )
-    if config.get("modules_to_save"):
-        raise CatError(
-            f"{where}: modules_to_save {config['modules_to_save']} trains full modules, which "
-            "CAT cannot weight per skill. Retrain the skill without modules_to_save."
-        )
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
         raise CatError(
             f"{where}: trained biases (bias={config.get('bias')!r}, lora_bias="
@@ -292,6 +292,38 @@ def _read_weights(spec: SkillSpec, path: Path) -> dict[str, torch.Tensor]:
                 "not a tensor named by a string"
             )
     return tensors
+
+
+def _saved_modules(config: dict, tensors: dict[str, torch.Tensor]):
+    """Take the modules saved in full (modules_to_save) out of `tensors`, by module name.
+
+    PEFT saves the ModulesToSaveWrapper's copy as `base_model.model.<module>.<param>`, the
+    module matched by name or name suffix (peft/utils/other.py, _set_trainable). When it also
+    saves embedding layers (save_embedding_layers, e.g. after a vocabulary resize), the
+    wrapper's insides come too: `<module>.modules_to_save.<param>` (the same copy again) and
+    `<module>.original_module.weight` (the base it was trained on). Returns the saved modules
+    and those base copies, by module name.
+    """
+    targets = config.get("modules_to_save") or []
+    if isinstance(targets, str):
+        targets = [targets]
+    saved: dict[str, dict[str, torch.Tensor]] = {}
+    originals: dict[str, torch.Tensor] = {}
+    for key in list(tensors):
+        if any(part.startswith("lora_") or part == "base_layer" for part in key.split(".")):
+            continue
+        module, _, param = key.removeprefix("base_model.model.").rpartition(".")
+        owner, _, inside = module.rpartition(".")
+        if inside not in ("modules_to_save", "original_module"):
+            owner, inside = module, None
+        if not owner or not any(owner == t or owner.endswith(f".{t}") for t in targets):
+            continue
+        tensor = tensors.pop(key)
+        if inside is None:
+            saved.setdefault(owner, {})[param] = tensor
+        elif inside == "original_module" and param == "weight":
+            originals[owner] = tensor
+    return saved, originals
 
 
 def _base_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

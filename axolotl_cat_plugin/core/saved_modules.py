@@ -1,0 +1,211 @@
+"""Skills with `modules_to_save`: full modules trained next to the LoRA, composed with CAT.
+
+A chat skill that added tokens typically trains `embed_tokens` and `lm_head` in full: PEFT
+saves each such module's parameters as `base_model.model.<module>.<param>` (the copy in its
+ModulesToSaveWrapper, peft/utils/other.py) and, on load, wraps the module again and loads them
+into that copy. Skill i's update of a saved module is M_i - M_base, so CAT learns one
+coefficient per skill per saved module (fp32, `cat_alpha`, free or softmax like the LoRA
+coefficients) and computes
+
+    M = M_base + Σ_i c_i (M_i - M_base)
+
+on the copy PEFT's own ModulesToSaveWrapper holds (a torch parametrization of its parameters;
+the base module, and a tied embedding, are untouched, as in PEFT). The export carries M in
+`modules_to_save`, which PEFT loads; vLLM does not load `modules_to_save`.
+
+Saved modules whose shapes differ from the base's (a resized vocabulary) are refused, naming
+both shapes. One coefficient per skill per saved module whatever the granularity.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import CatError
+from .layer import effective_coefficients
+
+ADAPTER = "default"
+
+
+def saved_module_names(skills) -> list[str]:
+    """The base-model names of every module some skill saved in full, in first-seen order."""
+    names: list[str] = []
+    for skill in skills:
+        for name in skill.saved_modules:
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def check_saved_modules(skills, model: nn.Module) -> None:
+    """Refuse saved modules the base lacks, of other shapes, or that another skill LoRA-targets.
+
+    Raises CatError naming the skill, the module, both shapes and the fix.
+    """
+    lora_targets = {name: skill.name for skill in skills for name in skill.modules}
+    for skill in skills:
+        for name, params in skill.saved_modules.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise CatError(
+                    f"skill {skill.name!r}: it saved module {name} in full (modules_to_save), "
+                    "but the base model has no such module; was it trained on another "
+                    "architecture?"
+                ) from None
+            if name in lora_targets:
+                raise CatError(
+                    f"skill {skill.name!r} saved {name} in full (modules_to_save) and skill "
+                    f"{lora_targets[name]!r} has LoRA factors on it; PEFT cannot hold both on one "
+                    "module. Compose them in two steps, or use skills that agree"
+                )
+            own = dict(module.named_parameters(recurse=False))
+            for param_name, tensor in params.items():
+                base = own.get(param_name)
+                if base is None:
+                    raise CatError(
+                        f"skill {skill.name!r}: saved module {name} holds {param_name!r}, which "
+                        f"the base's {type(module).__name__} does not have"
+                    )
+                if tuple(tensor.shape) != tuple(base.shape):
+                    rows = (
+                        f" (a vocabulary of {tensor.shape[0]} tokens, the base has {base.shape[0]})"
+                        if tensor.dim() == 2 and tensor.shape[1:] == base.shape[1:]
+                        else ""
+                    )
+                    raise CatError(
+                        f"skill {skill.name!r}: its saved {name}.{param_name} has shape "
+                        f"{tuple(tensor.shape)}, the base's {tuple(base.shape)}{rows}. CAT "
+                        "composes saved modules of the base's shapes: compose on the base the "
+                        "skill was trained on (with its resized vocabulary), with skills "
+                        "trained on it"
+                    )
+
+
+class SavedModuleMix(nn.Module):
+    """The parametrization M_base -> M_base + Σ_i c_i D_i of one parameter of a saved module.
+
+    deltas: (K, *shape) buffer, D_i = M_i - M_base (zero for a skill that did not save it);
+    cat_alpha: (1, K) fp32, shared by the module's parameters (weight and bias).
+    """
+
+    def __init__(self, deltas: torch.Tensor, alpha: nn.Parameter, mask, parametrization: str):
+        super().__init__()
+        self.register_buffer("deltas", deltas, persistent=False)
+        self.register_buffer("cat_group_mask", mask, persistent=False)
+        self.cat_alpha = alpha
+        self.cat_parametrization = parametrization
+
+    def coefficients(self) -> torch.Tensor:
+        """c, fp32, shape (K,)."""
+        return effective_coefficients(
+            self.cat_alpha, self.cat_group_mask, self.cat_parametrization
+        ).flatten()
+
+    def forward(self, base: torch.Tensor) -> torch.Tensor:
+        mixed = torch.tensordot(self.coefficients(), self.deltas.float(), dims=1)
+        return base + mixed.to(base.dtype)
+
+
+def install_saved_modules(peft_model, skills, config) -> None:
+    """Put the CAT mix on the copies PEFT's ModulesToSaveWrapper made of every saved module.
+
+    attach_cat passes the saved modules' names as modules_to_save to get_peft_model first.
+    """
+    names = saved_module_names(skills)
+    starting = _starting(config, names)
+    model = peft_model.base_model.model
+    for name in names:
+        wrapper = model.get_submodule(name)
+        copy = wrapper.modules_to_save[ADAPTER]
+        mask = torch.tensor([[name in skill.saved_modules for skill in skills]])
+        if config.parametrization == "softmax":
+            alpha = torch.zeros(mask.shape, dtype=torch.float32)
+        else:
+            alpha = torch.full(mask.shape, float(config.init), dtype=torch.float32)
+        for index, skill in enumerate(skills):
+            if skill.name in starting.get(name, {}):
+                value = float(starting[name][skill.name])
+                alpha[0, index] = (
+                    torch.tensor(value).clamp_min(1e-12).log()
+                    if config.parametrization == "softmax"
+                    else value
+                )
+        device = next(copy.parameters()).device
+        alpha = nn.Parameter(alpha.to(device))
+        for param_name, param in list(copy.named_parameters(recurse=False)):
+            deltas = torch.zeros((len(skills), *param.shape), dtype=torch.float32)
+            for index, skill in enumerate(skills):
+                saved = skill.saved_modules.get(name, {}).get(param_name)
+                if saved is not None:
+                    deltas[index] = saved.float() - param.detach().float().cpu()
+            mix = SavedModuleMix(deltas.to(device), alpha, mask.to(device), config.parametrization)
+            parametrize.register_parametrization(copy, param_name, mix)
+        wrapper.cat_saved_module_name = name
+        wrapper.cat_skill_names = tuple(skill.name for skill in skills)
+
+
+def _starting(config, names) -> dict[str, dict[str, float]]:
+    """Per saved module, per skill, the coefficient a previous cat_coefficients.json recorded."""
+    if not config.coefficients_from:
+        return {}
+    try:
+        record = json.loads(Path(config.coefficients_from).read_text())
+        saved = record.get("saved_modules") or {}
+        return {name: dict(saved[name]["coefficients"]) for name in names if name in saved}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise CatError(
+            f"coefficients_from: cannot read the saved modules' coefficients in "
+            f"{config.coefficients_from} ({error!r})"
+        ) from error
+
+
+def saved_module_wrappers(model: nn.Module):
+    """(module name in the base model, ModulesToSaveWrapper) of every composed saved module."""
+    for module in model.modules():
+        if hasattr(module, "cat_saved_module_name"):
+            yield module.cat_saved_module_name, module
+
+
+def fold_saved_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
+    """The export's tensors of the composed saved modules (PEFT's keys), their record, and the
+    module names for the adapter config's modules_to_save (PEFT matches them by suffix)."""
+    tensors, record, names = {}, {}, []
+    with torch.no_grad():
+        for name, wrapper in saved_module_wrappers(model):
+            copy = wrapper.modules_to_save[ADAPTER]
+            mix = None
+            for param_name in list(copy.parametrizations):
+                value = getattr(copy, param_name).detach().float().cpu().contiguous()
+                if not torch.isfinite(value).all():
+                    raise CatError(f"saved module {name}: the composed {param_name} is not finite")
+                tensors[f"base_model.model.{name}.{param_name}"] = value
+                mix = copy.parametrizations[param_name][0]
+            c = mix.coefficients().tolist()
+            mask = mix.cat_group_mask.flatten().tolist()
+            record[name] = {
+                "coefficients": {
+                    skill: value
+                    for skill, value, present in zip(wrapper.cat_skill_names, c, mask, strict=True)
+                    if present
+                }
+            }
+            names.append(name)
+    return tensors, record, names
+
+
+def unparametrize_saved_modules(model: nn.Module) -> None:
+    """Leave each saved module's copy holding M as a plain parameter (for apply_export)."""
+    for _, wrapper in list(saved_module_wrappers(model)):
+        copy = wrapper.modules_to_save[ADAPTER]
+        for param_name in list(copy.parametrizations):
+            parametrize.remove_parametrizations(copy, param_name, leave_parametrized=True)
+        for param in copy.parameters():
+            param.requires_grad_(False)
+        del wrapper.cat_saved_module_name
+        del wrapper.cat_skill_names

@@ -657,3 +657,32 @@ def test_inspect_and_reexport_of_an_export_with_modules_to_save(bases, tmp_path,
     again = load_file(str(tmp_path / "again" / WEIGHTS))
     assert first.keys() == again.keys()
     assert all((first[key] - again[key]).abs().max() <= TOLERANCE for key in first)
+
+
+def test_a_saved_module_the_base_lacks_or_a_parameter_it_lacks_is_refused(bases, tmp_path):
+    base = bases["llama"]
+    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    tensors = load_file(str(chat / WEIGHTS))
+    tensors["base_model.model.lm_head.bias"] = torch.zeros(120)
+    save_file(tensors, str(chat / WEIGHTS))
+    refused(base, {"chat": chat}, "'chat'", "lm_head", "'bias'")
+
+    config = json.loads((chat / "adapter_config.json").read_text())
+    config["modules_to_save"] = ["lm_head", "score"]
+    (chat / "adapter_config.json").write_text(json.dumps(config))
+    del tensors["base_model.model.lm_head.bias"]
+    tensors["base_model.model.score.weight"] = torch.zeros(2, 32)
+    save_file(tensors, str(chat / WEIGHTS))
+    refused(base, {"chat": chat}, "'chat'", "score", "no such module")
+
+
+def test_linear_and_embedding_factors_on_one_module_are_refused(bases, tmp_path):
+    base = bases["llama"]
+    emb = build_skill(base, tmp_path / "emb", seed=1, r=2, lora_alpha=2,
+                      target_modules=["embed_tokens"])  # fmt: skip
+    tensors = load_file(str(emb / WEIGHTS))
+    tensors["base_model.model.model.embed_tokens.lora_A.weight"] = torch.zeros(2, 120)
+    tensors["base_model.model.model.embed_tokens.lora_B.weight"] = torch.zeros(32, 2)
+    save_file(tensors, str(emb / WEIGHTS))
+    refused(base, {"emb": emb}, "'emb'", "model.embed_tokens", "both lora_A/lora_B")

@@ -686,3 +686,34 @@ def test_linear_and_embedding_factors_on_one_module_are_refused(bases, tmp_path)
     tensors["base_model.model.model.embed_tokens.lora_B.weight"] = torch.zeros(32, 2)
     save_file(tensors, str(emb / WEIGHTS))
     refused(base, {"emb": emb}, "'emb'", "model.embed_tokens", "both lora_A/lora_B")
+
+
+def test_static_mixes_set_the_saved_modules_coefficients_too(bases, tmp_path):
+    from axolotl_cat_plugin.core.baselines import static_coefficients
+
+    base = bases["llama"]
+    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    attn = build_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=2,
+                       target_modules=["q_proj"])  # fmt: skip
+    model = attach_cat(load(base), CatConfig(adapters=adapters({"chat": chat, "attn": attn})))
+    randomize(model)
+    fitted = logits(model)
+    head = model.base_model.model.lm_head.modules_to_save["default"]
+    w0 = load(base).lm_head.weight
+    saved = load_file(str(chat / WEIGHTS))["base_model.model.lm_head.weight"]
+    with static_coefficients(model, [0.0, 1.0]):  # "attn alone": no chat, in lm_head too
+        assert (head.weight - w0).abs().max() <= TOLERANCE
+    with static_coefficients(model, [0.5, 0.5]):
+        assert (head.weight - (w0 + 0.5 * (saved - w0))).abs().max() <= TOLERANCE
+    assert torch.equal(logits(model), fitted)  # restored bit for bit
+
+
+def test_granularity_core_with_an_embedding_skill_is_refused(bases, tmp_path):
+    base = bases["llama"]
+    emb = build_skill(base, tmp_path / "emb", seed=1, r=2, lora_alpha=2,
+                      target_modules=["embed_tokens", "q_proj"])  # fmt: skip
+    model = load(base)
+    with pytest.raises(CatError, match="granularity core .* model.embed_tokens"):
+        attach_cat(model, CatConfig(adapters=[str(emb)], granularity="core"))
+    assert not any("lora_" in name for name, _ in model.named_modules())  # not wrapped

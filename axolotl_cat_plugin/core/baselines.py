@@ -16,6 +16,7 @@ import torch
 
 from .errors import CatError
 from .layer import is_core
+from .saved_modules import saved_module_mixes, saved_module_wrappers
 from .state import cat_layers, weighted
 
 
@@ -76,6 +77,15 @@ def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
                     param.copy_(w.expand_as(param))
                     parametrizations.append((layer, layer.cat_parametrization))
                     layer.cat_parametrization = "free"
+            # modules_to_save composed by CAT: M_base + Σ_i weights[i] (M_i - M_base)
+            for _, wrapper in saved_module_wrappers(model):
+                for mix in saved_module_mixes(wrapper):
+                    param = mix.cat_alpha
+                    saved.setdefault(id(param), (param, param.detach().clone()))
+                    w = torch.tensor(weights, dtype=torch.float32, device=param.device)
+                    param.copy_(w.expand_as(param))
+                    parametrizations.append((mix, mix.cat_parametrization))
+                    mix.cat_parametrization = "free"
         yield
     finally:
         with torch.no_grad():

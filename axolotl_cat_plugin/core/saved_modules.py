@@ -172,6 +172,12 @@ def saved_module_wrappers(model: nn.Module):
             yield module.cat_saved_module_name, module
 
 
+def saved_module_mixes(wrapper) -> list[SavedModuleMix]:
+    """The CAT mixes on one composed saved module's parameters (they share one cat_alpha)."""
+    copy = wrapper.modules_to_save[ADAPTER]
+    return [copy.parametrizations[name][0] for name in copy.parametrizations]
+
+
 def fold_saved_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """The export's tensors of the composed saved modules (PEFT's keys), their record, and the
     module names for the adapter config's modules_to_save (PEFT matches them by suffix)."""

@@ -717,3 +717,18 @@ def test_granularity_core_with_an_embedding_skill_is_refused(bases, tmp_path):
     with pytest.raises(CatError, match="granularity core .* model.embed_tokens"):
         attach_cat(model, CatConfig(adapters=[str(emb)], granularity="core"))
     assert not any("lora_" in name for name, _ in model.named_modules())  # not wrapped
+
+
+def test_set_adapter_leaves_the_saved_modules_frozen(bases, tmp_path):
+    """PEFT's set_adapter (also on enable_adapter_layers and leaving disable_adapter) marks a
+    ModulesToSaveWrapper's copy trainable; on CAT only the coefficients may train."""
+    base = bases["llama"]
+    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    model = attach_cat(load(base), CatConfig(adapters=[str(chat)]))
+    with model.disable_adapter():
+        pass
+    model.base_model.enable_adapter_layers()
+    model.set_adapter("default")
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(name.endswith("cat_alpha") for name in trainable), trainable

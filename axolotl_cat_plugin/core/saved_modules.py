@@ -20,6 +20,7 @@ both shapes. One coefficient per skill per saved module whatever the granularity
 from __future__ import annotations
 
 import json
+import types
 from pathlib import Path
 
 import torch
@@ -148,6 +149,17 @@ def install_saved_modules(peft_model, skills, config) -> None:
             parametrize.register_parametrization(copy, param_name, mix)
         wrapper.cat_saved_module_name = name
         wrapper.cat_skill_names = tuple(skill.name for skill in skills)
+        wrapper.set_adapter = types.MethodType(_set_adapter_keeping_module_frozen, wrapper)
+
+
+def _set_adapter_keeping_module_frozen(wrapper, *args, **kwargs):
+    """PEFT's ModulesToSaveWrapper.set_adapter marks the copy trainable (it runs on
+    set_adapter, enable_adapter_layers and on leaving disable_adapter()); on CAT only the
+    coefficients train, so everything else is frozen again (as attach does for LoRA layers)."""
+    type(wrapper).set_adapter(wrapper, *args, **kwargs)
+    for param_name, param in wrapper.named_parameters():
+        if not param_name.endswith("cat_alpha"):
+            param.requires_grad_(False)
 
 
 def _starting(config, names) -> dict[str, dict[str, float]]:

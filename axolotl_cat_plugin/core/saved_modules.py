@@ -19,18 +19,16 @@ both shapes. One coefficient per skill per saved module whatever the granularity
 
 from __future__ import annotations
 
-import json
 import types
-from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import CatError
+from .format import read_record_file
 from .layer import effective_coefficients
-
-ADAPTER = "default"
+from .state import ADAPTER
 
 
 def saved_module_names(skills) -> list[str]:
@@ -166,11 +164,11 @@ def _starting(config, names) -> dict[str, dict[str, float]]:
     """Per saved module, per skill, the coefficient a previous cat_coefficients.json recorded."""
     if not config.coefficients_from:
         return {}
+    record = read_record_file(config.coefficients_from)  # the one record reader
     try:
-        record = json.loads(Path(config.coefficients_from).read_text())
         saved = record.get("saved_modules") or {}
         return {name: dict(saved[name]["coefficients"]) for name in names if name in saved}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CatError(
             f"coefficients_from: cannot read the saved modules' coefficients in "
             f"{config.coefficients_from} ({error!r})"

@@ -16,12 +16,16 @@ def module_name(path: Path) -> str:
 
 
 def imports(path: Path) -> set[str]:
-    """Every module this file imports, at any depth of the code (function-level too)."""
+    """Every module this file imports at run time, at any depth (function-level too)."""
     package = (
         module_name(path) if path.name == "__init__.py" else module_name(path).rsplit(".", 1)[0]
     )
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for block in ast.walk(tree):  # `if TYPE_CHECKING:` imports exist for annotations only
+        if isinstance(block, ast.If) and getattr(block.test, "id", None) == "TYPE_CHECKING":
+            block.body = []
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):

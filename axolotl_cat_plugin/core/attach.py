@@ -6,9 +6,7 @@ What a finished CAT model is asked (its layers, its metadata) lives in state.py.
 from __future__ import annotations
 
 import logging
-import re
 import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,24 +19,14 @@ from .embedding import CatEmbeddingVariant, factor_weights, is_embedding
 from .errors import CatError
 from .format import read_record_file
 from .layer import CatLinearVariant
-from .moe import refuse_per_expert_modules
+from .plan import ModulePlan, group_key, plan_modules, target_modules_for
 from .quantized import keep_gradients_through_4bit_layers
 from .saved_modules import check_saved_modules, install_saved_modules, saved_module_names
-from .skills import Skill, SkillModule, check_base_copies, load_skills, warn_on_foreign_base
+from .skill_checks import warn_on_foreign_base
+from .skills import Skill, load_skills
 from .state import ADAPTER, COEFFICIENTS, CatMetadata, is_coefficient
 
 LOG = logging.getLogger(__name__)
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
-
-@dataclass
-class _ModulePlan:
-    name: str
-    blocks: list[tuple[int, SkillModule]]  # (skill index, factors), in skill order
-
-    @property
-    def rank(self) -> int:
-        return sum(factors.rank for _, factors in self.blocks)
 
 
 def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
@@ -53,7 +41,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     if isinstance(model, PeftModel):
         raise CatError("attach_cat expects the plain base model, not a PeftModel")
     skills = load_skills(config.skills)
-    plans = _plan(model, skills)
+    plans = plan_modules(model, skills)
     embeddings = [plan.name for plan in plans if any(f.embedding for _, f in plan.blocks)]
     if config.granularity == "core" and embeddings:
         raise CatError(
@@ -139,110 +127,6 @@ def _set_adapter_keeping_factors_frozen(layer, *args, **kwargs):
             param.requires_grad_(False)
 
 
-def target_modules_for(names: list[str]) -> list[str]:
-    """PEFT target_modules for these modules: their leaf names, which every server reads.
-
-    A module the leaf names select but no skill touches (a skill limited to some layers)
-    carries zero factors, so the adapter stays exactly the union of the skills.
-    """
-    return sorted({name.rsplit(".", 1)[-1] for name in names})
-
-
-def _plan(model: nn.Module, skills: list[Skill]) -> list[_ModulePlan]:
-    """Which skills touch which base module, validated against the base's shapes."""
-    base_modules = dict(model.named_modules())
-    plans: dict[str, _ModulePlan] = {}
-    for index, skill in enumerate(skills):
-        refuse_per_expert_modules(skill, model)  # before the target check, which misnames it
-        _check_target_modules(skill, base_modules)
-        check_base_copies(skill, model)
-        if skill.fan_in_fan_out != skills[0].fan_in_fan_out:
-            raise CatError(
-                f"skill {skill.name!r}: fan_in_fan_out={skill.fan_in_fan_out} differs from skill "
-                f"{skills[0].name!r}; all skills must be trained on the same base"
-            )
-        for module_name, factors in skill.modules.items():
-            module = base_modules.get(module_name)
-            if module is None:
-                raise CatError(
-                    f"skill {skill.name!r}: module {module_name} is not in the base model; "
-                    "was the skill trained on another architecture?"
-                )
-            d_in, d_out = _in_out_features(module, skill, module_name)
-            if factors.lora_A.shape[1] != d_in or factors.lora_B.shape[0] != d_out:
-                raise CatError(
-                    f"skill {skill.name!r}: module {module_name} has lora_A "
-                    f"{tuple(factors.lora_A.shape)} and lora_B {tuple(factors.lora_B.shape)}, but "
-                    f"the base module maps {d_in} -> {d_out} features; was the skill trained on "
-                    "another base model?"
-                )
-            plans.setdefault(module_name, _ModulePlan(module_name, [])).blocks.append(
-                (index, factors)
-            )
-    position = {name: i for i, name in enumerate(base_modules)}
-    return sorted(plans.values(), key=lambda plan: position[plan.name])
-
-
-def _check_target_modules(skill: Skill, base_modules: dict[str, nn.Module]) -> None:
-    targets = skill.config.get("target_modules")
-    names = [name for name in base_modules if name]
-    if isinstance(targets, str):
-        try:
-            pattern = re.compile(targets)
-        except re.error as error:
-            raise CatError(
-                f"skill {skill.name!r}: target_modules {targets!r} from its adapter_config.json "
-                f"is not a valid regular expression ({error})"
-            ) from error
-        if not any(pattern.fullmatch(name) for name in names):
-            raise CatError(
-                f"skill {skill.name!r}: target_modules regex {targets!r} matches no module of "
-                "the base model"
-            )
-    elif isinstance(targets, list):
-        for target in targets:
-            if not any(name == target or name.endswith("." + target) for name in names):
-                raise CatError(
-                    f"skill {skill.name!r}: target module {target!r} from its adapter_config.json "
-                    "is not in the base model"
-                )
-
-
-def _in_out_features(module: nn.Module, skill: Skill, module_name: str) -> tuple[int, int]:
-    embedding = skill.modules[module_name].embedding
-    if isinstance(module, nn.Embedding):
-        if not embedding:
-            raise CatError(
-                f"skill {skill.name!r}: module {module_name} is an Embedding, but the skill has "
-                "lora_A/lora_B factors on it, not PEFT's lora_embedding_A/B; was it trained on "
-                "another architecture?"
-            )
-        return module.num_embeddings, module.embedding_dim
-    if embedding:
-        raise CatError(
-            f"skill {skill.name!r}: module {module_name} is a {type(module).__name__}, but the "
-            "skill has embedding factors (lora_embedding_A/B) on it; was it trained on another "
-            "architecture?"
-        )
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if type(module).__name__ == "Conv1D":  # transformers' GPT-2 style layer, weight (d_in, d_out)
-        return module.weight.shape[0], module.weight.shape[1]
-    raise CatError(
-        f"skill {skill.name!r}: module {module_name} is a {type(module).__name__}; "
-        "CAT composes LoRAs on Linear and Embedding layers only"
-    )
-
-
-def _group_key(granularity: str, module_name: str) -> str:
-    if granularity == "adapter":
-        return "adapter"
-    if granularity == "layer":
-        match = _LAYER_INDEX.search(module_name)
-        return f"layer {match.group(1)}" if match else module_name
-    return module_name
-
-
 def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
     """Load the concatenated factors and register the coefficients on every wrapped module."""
     num_skills = len(skills)
@@ -264,7 +148,7 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
                 mask[row, skill_index] = True
             slot_scale[offset : offset + factors.rank] = factors.scaling
             offset += factors.rank
-        group = _group_key(config.granularity, plan.name)
+        group = group_key(config.granularity, plan.name)
         masks[group] = masks[group] | mask if group in masks else mask
         layouts.append((plan, group, slot_index, slot_scale))
 
@@ -273,7 +157,7 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
     planned = {plan.name for plan in plans}
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and ADAPTER in module.lora_A and name not in planned:
-            _load_factors(module, _ModulePlan(name, []), rank)
+            _load_factors(module, ModulePlan(name, []), rank)
             module.cat_module_name = name
     for plan, group, slot_index, slot_scale in layouts:
         layer = model.get_submodule(plan.name)
@@ -298,7 +182,7 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
         layer.cast_input_dtype_enabled = False  # the variant casts the factors instead
 
 
-def _install_core(layer, plan: _ModulePlan, skills, config: CatConfig, previous, rank) -> None:
+def _install_core(layer, plan: ModulePlan, skills, config: CatConfig, previous, rank) -> None:
     """Granularity `core`: the joint basis as factors, the learned core M as `cat_alpha`."""
     device = layer.lora_A[ADAPTER].weight.device
     basis = core_factors(plan.blocks, len(skills), rank)
@@ -330,7 +214,7 @@ def _install_core(layer, plan: _ModulePlan, skills, config: CatConfig, previous,
     layer.cast_input_dtype_enabled = False
 
 
-def _load_factors(layer, plan: _ModulePlan, rank: int) -> None:
+def _load_factors(layer, plan: ModulePlan, rank: int) -> None:
     lora_A, lora_B = factor_weights(layer, ADAPTER)
     with torch.no_grad():
         lora_A.zero_()
@@ -401,7 +285,7 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
     by_group: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for name, entry in modules.items():
-            group = by_group.setdefault(_group_key(config.granularity, name), {})
+            group = by_group.setdefault(group_key(config.granularity, name), {})
             for skill, value in entry["coefficients"].items():
                 value = torch.as_tensor(value, dtype=torch.float32)
                 if not torch.isfinite(value).all():
@@ -411,4 +295,4 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
         raise CatError(
             f"coefficients_from: {path} holds no usable coefficients ({error!r})"
         ) from error
-    return {name: by_group[_group_key(config.granularity, name)] for name in modules}
+    return {name: by_group[group_key(config.granularity, name)] for name in modules}

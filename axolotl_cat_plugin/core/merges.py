@@ -35,7 +35,8 @@ from .config import CatConfig
 from .errors import CatError
 from .format import CONFIG_FILE, WEIGHTS_FILE
 from .moe import refuse_per_expert_modules
-from .skills import Skill, check_base_copies, load_skills, warn_on_foreign_base
+from .skill_checks import check_base_copies, warn_on_foreign_base
+from .skills import Skill, load_skills
 
 LOG = logging.getLogger(__name__)
 

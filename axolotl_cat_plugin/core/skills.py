@@ -20,13 +20,12 @@ from tqdm.auto import tqdm
 
 from .config import SkillSpec
 from .errors import CatError
-from .moe import expert_parameters_message
+from .format import CONFIG_FILE
+from .locate import is_hub_id, locate
+from .skill_checks import check_config
 
 LOG = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
 
 # PEFT saves `base_model.model.<module>.lora_A.weight`; some tools keep the adapter name.
 _FACTOR_KEY = re.compile(
@@ -41,18 +40,6 @@ _EMBEDDING_FACTOR_KEY = re.compile(
 # output layer, or `<module>.weight` of an unwrapped one, written by save_pretrained's default
 # save_embedding_layers="auto" (peft/utils/save_and_load.py, get_peft_model_state_dict)
 _BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.base_layer)?\.weight$")
-_REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
-# init_lora_weights values that move the principal part of W into the factors (PEFT warns
-# that such adapters must not be combined with others until converted to plain LoRA)
-_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
-# LoraConfig options whose adapter is not ΔW = scaling * B A on the targeted Linear layers
-_OTHER_COMPUTATIONS = (
-    "use_qalora",  # pools the input before lora_A
-    "alora_invocation_tokens",  # activated LoRA: only applies after the invocation tokens
-    "layer_replication",  # duplicates decoder layers
-    "trainable_token_indices",  # trains embedding rows next to the LoRA
-    "arrow_config",  # routes between several LoRAs per token
-)
 
 
 @dataclass
@@ -133,9 +120,9 @@ def load_skills(specs: list[SkillSpec]) -> list[Skill]:
 
 
 def load_skill(spec: SkillSpec) -> Skill:
-    folder, weights_file = _locate(spec)
-    config = _read_config(spec, folder / CONFIG_NAME)
-    _check_config(spec, config)
+    folder, weights_file = locate(spec)
+    config = _read_config(spec, folder / CONFIG_FILE)
+    check_config(spec, config)
     tensors = _read_weights(spec, weights_file)
     saved_modules, originals = _saved_modules(config, tensors)
     base_copies = {**_base_copies(tensors), **originals}
@@ -158,63 +145,10 @@ def preflight(spec: SkillSpec) -> None:
 
     A Hub id is left for load time, when it is downloaded and checked in full.
     """
-    if _is_hub_id(spec.path):
+    if is_hub_id(spec.path):
         return
-    folder, _ = _locate(spec)
-    _check_config(spec, _read_config(spec, folder / CONFIG_NAME))
-
-
-def _is_hub_id(path: str) -> bool:
-    looks_local = path.startswith((".", "/", "~")) or not _REPO_ID.match(path)
-    return not looks_local and not Path(path).expanduser().exists()
-
-
-def _locate(spec: SkillSpec) -> tuple[Path, Path]:
-    """The local folder holding the skill and its weights file, fetched from the Hub if need be."""
-    folder = Path(spec.path).expanduser()
-    if folder.exists():
-        if not folder.is_dir():
-            raise CatError(f"skill {spec.name!r}: {spec.path} is a file; give the adapter's folder")
-        if not (folder / CONFIG_NAME).is_file():
-            raise CatError(
-                f"skill {spec.name!r}: no {CONFIG_NAME} in {folder}; is this a PEFT adapter folder?"
-            )
-        for weights_name in (SAFETENSORS_NAME, BIN_NAME):
-            if (folder / weights_name).is_file():
-                return folder, folder / weights_name
-        raise CatError(
-            f"skill {spec.name!r}: {folder} has {CONFIG_NAME} but no {SAFETENSORS_NAME} or "
-            f"{BIN_NAME}"
-        )
-    if not _is_hub_id(spec.path):
-        raise CatError(f"skill {spec.name!r}: path {spec.path} does not exist")
-    return _download(spec)
-
-
-def _download(spec: SkillSpec) -> tuple[Path, Path]:
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
-    def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(spec.path, filename, revision=spec.revision))
-
-    where = f"Hub repo {spec.path!r}" + (f" at revision {spec.revision!r}" if spec.revision else "")
-    try:
-        config_file = fetch(CONFIG_NAME)
-        try:
-            weights_file = fetch(SAFETENSORS_NAME)
-        except EntryNotFoundError:
-            weights_file = fetch(BIN_NAME)
-    except Exception as error:  # noqa: BLE001 - every Hub failure becomes one clear message
-        if constants.HF_HUB_OFFLINE:
-            why = "HF_HUB_OFFLINE is set (offline mode) and it is not in the local Hub cache"
-        else:
-            why = "offline, gated, private or misspelled?"
-        raise CatError(
-            f"skill {spec.name!r}: no local folder {spec.path!r}, and could not download it "
-            f"from the {where}: {why} ({type(error).__name__}: {error})"
-        ) from error
-    return config_file.parent, weights_file
+    folder, _ = locate(spec)
+    check_config(spec, _read_config(spec, folder / CONFIG_FILE))
 
 
 def _read_config(spec: SkillSpec, path: Path) -> dict:
@@ -225,44 +159,6 @@ def _read_config(spec: SkillSpec, path: Path) -> dict:
     if not isinstance(config, dict):
         raise CatError(f"skill {spec.name!r}: {path} must hold a JSON object")
     return config
-
-
-def _check_config(spec: SkillSpec, config: dict) -> None:
-    where = f"skill {spec.name!r} ({spec.path})"
-    peft_type = config.get("peft_type")
-    if peft_type != "LORA":
-        raise CatError(
-            f"{where}: peft_type is {peft_type!r}; CAT combines LoRA adapters only (peft_type LORA)"
-        )
-    if config.get("use_dora"):
-        raise CatError(
-            f"{where}: use_dora is true; DoRA's magnitude vector does not compose linearly, "
-            "so CAT would silently change the skill. Use plain LoRA skills."
-        )
-    if config.get("bias", "none") != "none" or config.get("lora_bias"):
-        raise CatError(
-            f"{where}: trained biases (bias={config.get('bias')!r}, lora_bias="
-            f"{config.get('lora_bias')!r}) are not supported; use bias: none"
-        )
-    init = config.get("init_lora_weights")
-    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
-        raise CatError(
-            f"{where}: init_lora_weights is {init!r}, which rewrites the base weights, so the "
-            "skill's factors only hold on that modified base. Convert it to a plain LoRA first "
-            "(PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...))."
-        )
-    if config.get("target_parameters"):  # MoE experts: see moe.py
-        raise CatError(expert_parameters_message(where, config["target_parameters"]))
-    for key in _OTHER_COMPUTATIONS:
-        if config.get(key):
-            raise CatError(
-                f"{where}: {key} is set ({config[key]!r}); that LoRA variant computes something "
-                "other than W + scaling * B A, which CAT cannot combine. Use plain LoRA skills."
-            )
-    for key in ("r", "lora_alpha"):
-        value = config.get(key)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
-            raise CatError(f"{where}: {key} must be a positive number, got {value!r}")
 
 
 def _read_weights(spec: SkillSpec, path: Path) -> dict[str, torch.Tensor]:
@@ -345,77 +241,6 @@ def _base_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             continue
         copies[match["module"]] = tensors.pop(key)
     return copies
-
-
-def check_base_copies(skill: Skill, model) -> None:
-    """Refuse a skill whose saved copy of a base matrix differs from the base's own weight.
-
-    PEFT's save_pretrained writes the embedding and output layers' weights beside the factors
-    when a LoRA targets them (save_embedding_layers="auto", peft/utils/save_and_load.py); PEFT's
-    loading then writes that copy over the base. Equal to the base, the copy says nothing and is
-    ignored. Different, the skill was trained on another matrix (a resized vocabulary, trained
-    embeddings) that CAT's W + Σ c s B A would silently drop.
-
-    model: the plain base model (tied weights are read through their module, so a tied lm_head
-    is compared with the shared matrix). Raises CatError naming the skill, the key, both shapes
-    and what to do. Weights ZeRO-3 partitioned or on the meta device are compared by shape only.
-    """
-    for module_name, copy in skill.base_copies.items():
-        try:
-            weight = model.get_submodule(module_name).weight
-        except AttributeError:
-            raise CatError(
-                f"skill {skill.name!r}: its weights hold a copy of {module_name}.weight, but the "
-                "base model has no such module; was the skill trained on another architecture?"
-            ) from None
-        shape = tuple(getattr(weight, "ds_shape", weight.shape))
-        if tuple(copy.shape) != shape:
-            rows = (
-                f"; the skill's vocabulary has {copy.shape[0]} tokens and the base's {shape[0]}"
-                if copy.dim() == 2 and len(shape) == 2 and copy.shape[1] == shape[1]
-                else ""
-            )
-            raise CatError(
-                f"skill {skill.name!r}: the copy of {module_name}.weight saved with it has shape "
-                f"{tuple(copy.shape)}, the base's has {shape}{rows}. The skill was trained on a "
-                "resized vocabulary: compose it on that base (the base with its embeddings "
-                f"resized to {copy.shape[0]} rows and this matrix loaded, e.g. PEFT's "
-                "merge_and_unload of the skill, saved), with skills trained on it"
-            )
-        if hasattr(weight, "ds_id") or weight.device.type == "meta":
-            LOG.info("skill %r: %s.weight compared by shape only", skill.name, module_name)
-            continue
-        base = weight.detach()
-        if torch.equal(copy.to(base.device, base.dtype), base) or torch.equal(
-            copy.to(base.device), base.to(copy.dtype)
-        ):
-            continue
-        difference = float((copy.to(base.device).float() - base.float()).abs().max())
-        raise CatError(
-            f"skill {skill.name!r}: the copy of {module_name}.weight saved with it differs from "
-            f"the base's (max |difference| {difference:.3g}, shape {shape}): the skill was trained "
-            "on another base, or with that matrix trained too, and PEFT would load the copy over "
-            "the base. CAT composes LoRA factors on one base; use the base the skill was trained "
-            "on, or a skill saved from this base"
-        )
-
-
-def warn_on_foreign_base(skills: list[Skill], base_name: str | None) -> None:
-    """Log a warning for each skill whose base_model_name_or_path is not `base_name`.
-
-    Only a warning: the same base is often saved under several names (a local copy, a Hub id);
-    the shapes are checked separately.
-    """
-    for skill in skills:
-        trained_on = skill.config.get("base_model_name_or_path")
-        if base_name and trained_on and trained_on != base_name:
-            LOG.warning(
-                "skill %r was trained on %r, not on %r; its shapes fit, but check that it is the "
-                "same base",
-                skill.name,
-                trained_on,
-                base_name,
-            )
 
 
 def _factors_by_module(

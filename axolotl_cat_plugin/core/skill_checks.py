@@ -1,0 +1,147 @@
+"""Checks on skills that decide whether CAT can compose them at all.
+
+`check_config` reads only adapter_config.json (cheap enough for config validation);
+`check_base_copies` compares what PEFT saved of the base with the base itself;
+`warn_on_foreign_base` says when a skill names another base model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+from .config import SkillSpec
+from .errors import CatError
+from .moe import expert_parameters_message
+
+if TYPE_CHECKING:
+    from .skills import Skill
+
+LOG = logging.getLogger(__name__)
+
+# init_lora_weights values that move the principal part of W into the factors (PEFT warns
+# that such adapters must not be combined with others until converted to plain LoRA)
+_BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
+# LoraConfig options whose adapter is not ΔW = scaling * B A on the targeted Linear layers
+_OTHER_COMPUTATIONS = (
+    "use_qalora",  # pools the input before lora_A
+    "alora_invocation_tokens",  # activated LoRA: only applies after the invocation tokens
+    "layer_replication",  # duplicates decoder layers
+    "trainable_token_indices",  # trains embedding rows next to the LoRA
+    "arrow_config",  # routes between several LoRAs per token
+)
+
+
+def check_config(spec: SkillSpec, config: dict) -> None:
+    """Refuse an adapter_config.json whose adapter is not a plain LoRA CAT can compose.
+
+    Raises CatError naming the skill, its path, the offending key and what to use instead.
+    """
+    where = f"skill {spec.name!r} ({spec.path})"
+    peft_type = config.get("peft_type")
+    if peft_type != "LORA":
+        raise CatError(
+            f"{where}: peft_type is {peft_type!r}; CAT combines LoRA adapters only (peft_type LORA)"
+        )
+    if config.get("use_dora"):
+        raise CatError(
+            f"{where}: use_dora is true; DoRA's magnitude vector does not compose linearly, "
+            "so CAT would silently change the skill. Use plain LoRA skills."
+        )
+    if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        raise CatError(
+            f"{where}: trained biases (bias={config.get('bias')!r}, lora_bias="
+            f"{config.get('lora_bias')!r}) are not supported; use bias: none"
+        )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
+        raise CatError(
+            f"{where}: init_lora_weights is {init!r}, which rewrites the base weights, so the "
+            "skill's factors only hold on that modified base. Convert it to a plain LoRA first "
+            "(PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+        )
+    if config.get("target_parameters"):  # MoE experts: see moe.py
+        raise CatError(expert_parameters_message(where, config["target_parameters"]))
+    for key in _OTHER_COMPUTATIONS:
+        if config.get(key):
+            raise CatError(
+                f"{where}: {key} is set ({config[key]!r}); that LoRA variant computes something "
+                "other than W + scaling * B A, which CAT cannot combine. Use plain LoRA skills."
+            )
+    for key in ("r", "lora_alpha"):
+        value = config.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise CatError(f"{where}: {key} must be a positive number, got {value!r}")
+
+
+def check_base_copies(skill: Skill, model) -> None:
+    """Refuse a skill whose saved copy of a base matrix differs from the base's own weight.
+
+    PEFT's save_pretrained writes the embedding and output layers' weights beside the factors
+    when a LoRA targets them (save_embedding_layers="auto", peft/utils/save_and_load.py); PEFT's
+    loading then writes that copy over the base. Equal to the base, the copy says nothing and is
+    ignored. Different, the skill was trained on another matrix (a resized vocabulary, trained
+    embeddings) that CAT's W + Σ c s B A would silently drop.
+
+    model: the plain base model (tied weights are read through their module, so a tied lm_head
+    is compared with the shared matrix). Raises CatError naming the skill, the key, both shapes
+    and what to do. Weights ZeRO-3 partitioned or on the meta device are compared by shape only.
+    """
+    for module_name, copy in skill.base_copies.items():
+        try:
+            weight = model.get_submodule(module_name).weight
+        except AttributeError:
+            raise CatError(
+                f"skill {skill.name!r}: its weights hold a copy of {module_name}.weight, but the "
+                "base model has no such module; was the skill trained on another architecture?"
+            ) from None
+        shape = tuple(getattr(weight, "ds_shape", weight.shape))
+        if tuple(copy.shape) != shape:
+            rows = (
+                f"; the skill's vocabulary has {copy.shape[0]} tokens and the base's {shape[0]}"
+                if copy.dim() == 2 and len(shape) == 2 and copy.shape[1] == shape[1]
+                else ""
+            )
+            raise CatError(
+                f"skill {skill.name!r}: the copy of {module_name}.weight saved with it has shape "
+                f"{tuple(copy.shape)}, the base's has {shape}{rows}. The skill was trained on a "
+                "resized vocabulary: compose it on that base (the base with its embeddings "
+                f"resized to {copy.shape[0]} rows and this matrix loaded, e.g. PEFT's "
+                "merge_and_unload of the skill, saved), with skills trained on it"
+            )
+        if hasattr(weight, "ds_id") or weight.device.type == "meta":
+            LOG.info("skill %r: %s.weight compared by shape only", skill.name, module_name)
+            continue
+        base = weight.detach()
+        if torch.equal(copy.to(base.device, base.dtype), base) or torch.equal(
+            copy.to(base.device), base.to(copy.dtype)
+        ):
+            continue
+        difference = float((copy.to(base.device).float() - base.float()).abs().max())
+        raise CatError(
+            f"skill {skill.name!r}: the copy of {module_name}.weight saved with it differs from "
+            f"the base's (max |difference| {difference:.3g}, shape {shape}): the skill was trained "
+            "on another base, or with that matrix trained too, and PEFT would load the copy over "
+            "the base. CAT composes LoRA factors on one base; use the base the skill was trained "
+            "on, or a skill saved from this base"
+        )
+
+
+def warn_on_foreign_base(skills: list[Skill], base_name: str | None) -> None:
+    """Log a warning for each skill whose base_model_name_or_path is not `base_name`.
+
+    Only a warning: the same base is often saved under several names (a local copy, a Hub id);
+    the shapes are checked separately.
+    """
+    for skill in skills:
+        trained_on = skill.config.get("base_model_name_or_path")
+        if base_name and trained_on and trained_on != base_name:
+            LOG.warning(
+                "skill %r was trained on %r, not on %r; its shapes fit, but check that it is the "
+                "same base",
+                skill.name,
+                trained_on,
+                base_name,
+            )

@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
+from test_exactness import randomize
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
@@ -84,14 +85,6 @@ def logits(model):
 
 def adapters(skills):
     return [{"path": str(path), "name": name} for name, path in skills.items()]
-
-
-def randomize(model, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("cat_alpha"):
-                param.copy_(torch.randn(param.shape, generator=generator) + 0.5)
 
 
 def reference(base, skills, record):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Embedding, LoraVariant
 
-from .layer import slot_weights
+from .layer import DeltaMerges, slot_weights
 
 
 def is_embedding(layer) -> bool:
@@ -60,7 +60,7 @@ def delta_weight(layer, adapter: str = "default") -> torch.Tensor:
     return ((lora_B.float() * slot_weights(layer)) @ lora_A.float()).t()
 
 
-class CatEmbeddingVariant(LoraVariant):
+class CatEmbeddingVariant(DeltaMerges, LoraVariant):
     """CAT's forward and merges on PEFT's LoRA Embedding layer (see the module docstring)."""
 
     @staticmethod
@@ -78,14 +78,4 @@ class CatEmbeddingVariant(LoraVariant):
             update = update * embed_scale.to(update.dtype)
         return result + update
 
-    @staticmethod
-    def merge_safe(module, active_adapter, orig_weight) -> torch.Tensor:
-        return orig_weight + delta_weight(module, active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def merge_unsafe(module, active_adapter, orig_weight) -> None:
-        orig_weight.data += delta_weight(module, active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def unmerge(module, active_adapter, orig_weight) -> torch.Tensor:
-        return orig_weight - delta_weight(module, active_adapter).to(orig_weight.dtype)
+    delta = staticmethod(delta_weight)  # ΔW for DeltaMerges

@@ -89,7 +89,27 @@ def _owns_output(module, result: torch.Tensor) -> bool:
     )
 
 
-class CatLinearVariant(LoraVariant):
+class DeltaMerges:
+    """PEFT's merge_safe / merge_unsafe / unmerge of a CAT variant, from its `delta(module,
+    adapter)`: ΔW in the base weight's layout, added or removed in the base weight's dtype."""
+
+    @classmethod
+    def merge_safe(cls, module, active_adapter, orig_weight) -> torch.Tensor:
+        """W + ΔW as a new tensor (PEFT's safe_merge)."""
+        return orig_weight + cls.delta(module, active_adapter).to(orig_weight.dtype)
+
+    @classmethod
+    def merge_unsafe(cls, module, active_adapter, orig_weight) -> None:
+        """W += ΔW in place."""
+        orig_weight.data += cls.delta(module, active_adapter).to(orig_weight.dtype)
+
+    @classmethod
+    def unmerge(cls, module, active_adapter, orig_weight) -> torch.Tensor:
+        """W - ΔW (undoes merge_*)."""
+        return orig_weight - cls.delta(module, active_adapter).to(orig_weight.dtype)
+
+
+class CatLinearVariant(DeltaMerges, LoraVariant):
     """The CAT computation on one PEFT LoRA Linear layer, through PEFT's LoraVariant hook.
 
     Installed by attach_cat on every layer a skill touches. PEFT calls `forward` only while
@@ -149,17 +169,4 @@ class CatLinearVariant(LoraVariant):
         flat = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.flatten(0, -2), lora_B.t())
         return flat.view(result.shape)
 
-    @staticmethod
-    def merge_safe(module, active_adapter, orig_weight) -> torch.Tensor:
-        """W + ΔW as a new tensor (PEFT's safe_merge)."""
-        return orig_weight + delta_weight(module, active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def merge_unsafe(module, active_adapter, orig_weight) -> None:
-        """W += ΔW in place."""
-        orig_weight.data += delta_weight(module, active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def unmerge(module, active_adapter, orig_weight) -> torch.Tensor:
-        """W - ΔW (undoes merge_*)."""
-        return orig_weight - delta_weight(module, active_adapter).to(orig_weight.dtype)
+    delta = staticmethod(delta_weight)  # ΔW for DeltaMerges

@@ -34,11 +34,10 @@ def _mix_dtype(a: torch.Tensor, mix: torch.Tensor) -> torch.dtype:
     return torch.promote_types(torch.promote_types(a.dtype, mix.dtype), torch.float32)
 
 
-def _mix(a: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
+def mix_slots(a: torch.Tensor, mix: torch.Tensor) -> torch.Tensor:
     """mix(a) in fp32: a ⊙ w for a vector w (R,), a Mᵀ for a matrix M (R, R); a is (..., R)."""
     dtype = _mix_dtype(a, mix)
     a = a.to(dtype)
-    # F.linear as CatLinearVariant's unfused `core` path, so fp32 results agree bit for bit
     return a * mix if mix.dim() == 1 else F.linear(a, mix.to(dtype))
 
 
@@ -68,7 +67,7 @@ class CatLinearFunction(torch.autograd.Function):
             # for bit
             weight, lora_A, lora_B = weight.to(dtype), lora_A.to(dtype), lora_B.to(dtype)
             a = F.linear(x.to(dtype), lora_A)  # (..., R)
-            hidden = _mix(a, mix).to(dtype)
+            hidden = mix_slots(a, mix).to(dtype)
             if in_place and base_out.is_contiguous() and base_out.dim() in (2, 3):
                 if base_out.dim() == 2:
                     base_out.addmm_(hidden, lora_B.t())

@@ -32,7 +32,7 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 from torch import nn
 
-from .fused import cat_linear, fused_applicable
+from .fused import cat_linear, fused_applicable, mix_slots
 
 
 def effective_coefficients(alpha: torch.Tensor, mask: torch.Tensor, parametrization: str):
@@ -60,9 +60,8 @@ def slot_mix(layer) -> torch.Tensor:
 
 def mixed_B(layer, lora_B: torch.Tensor) -> torch.Tensor:
     """B diag(w) or B M: the B factor with the coefficients folded in, fp32, (d_out, R)."""
-    if is_core(layer):
-        return lora_B.float() @ layer.cat_alpha.float()
-    return lora_B.float() * slot_weights(layer)
+    mix = slot_mix(layer).float()
+    return lora_B.float() @ mix if mix.dim() == 2 else lora_B.float() * mix
 
 
 def delta_weight(layer, adapter: str = "default") -> torch.Tensor:
@@ -154,11 +153,8 @@ class CatLinearVariant(DeltaMerges, LoraVariant):
         lora_A = module.lora_A[active_adapter].weight.to(x.dtype)
         lora_B = module.lora_B[active_adapter].weight.to(result.dtype)
         hidden = F.linear(module.lora_dropout[active_adapter](x), lora_A)
-        if is_core(module):
-            hidden = F.linear(hidden, module.cat_alpha.to(hidden.dtype))  # (A x) Mᵀ
-        else:
-            hidden = hidden * slot_weights(module)
-        hidden = hidden.to(result.dtype)  # w is fp32: the product promoted
+        # the same mix as the fused Function (fp32, w ⊙ a or M a), then the output's dtype
+        hidden = mix_slots(hidden, slot_mix(module)).to(result.dtype)
         if _owns_output(module, result):
             # add B·hidden into the base output itself: allocating (and page-faulting in) a new
             # full-width tensor per module costs more than the rank-R matmul does

@@ -129,8 +129,19 @@ def _set_adapter_keeping_factors_frozen(layer, *args, **kwargs):
 
 def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
     """Load the concatenated factors and register the coefficients on every wrapped module."""
-    num_skills = len(skills)
     rank = peft_model.peft_config[ADAPTER].r
+    model = peft_model.base_model.model
+    planned = {plan.name for plan in plans}
+    for name, module in model.named_modules():
+        if hasattr(module, "lora_A") and ADAPTER in module.lora_A and name not in planned:
+            _load_factors(module, ModulePlan(name, []), rank)
+            module.cat_module_name = name
+    if config.granularity == "core":  # a core per module: no slot layout, nothing shared
+        for plan in plans:
+            layer = model.get_submodule(plan.name)
+            _install_core(layer, plan, skills, config, starting.get(plan.name), rank)
+        return
+    num_skills = len(skills)
     rows = max(max(f.rank for _, f in plan.blocks) for plan in plans)
     rows = rows if config.granularity == "rank" else 1
 
@@ -153,18 +164,9 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
         layouts.append((plan, group, slot_index, slot_scale))
 
     alphas: dict[str, nn.Parameter] = {}
-    model = peft_model.base_model.model
-    planned = {plan.name for plan in plans}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and ADAPTER in module.lora_A and name not in planned:
-            _load_factors(module, ModulePlan(name, []), rank)
-            module.cat_module_name = name
     for plan, group, slot_index, slot_scale in layouts:
         layer = model.get_submodule(plan.name)
         device = factor_weights(layer, ADAPTER)[0].device
-        if config.granularity == "core":
-            _install_core(layer, plan, skills, config, starting.get(plan.name), rank)
-            continue
         if group not in alphas:
             alpha = _initial_alpha(config, masks[group], starting.get(plan.name), skills)
             alphas[group] = nn.Parameter(alpha.to(device))
@@ -173,13 +175,19 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
         layer.register_buffer("cat_group_mask", masks[group].to(device), persistent=False)
         layer.register_buffer("cat_slot_index", slot_index.to(device), persistent=False)
         layer.register_buffer("cat_slot_scale", slot_scale.to(device), persistent=False)
-        layer.cat_parametrization = config.parametrization
-        layer.cat_module_name = plan.name
-        layer.cat_skill_names = tuple(skill.name for skill in skills)
-        layer.lora_variant[ADAPTER] = (
-            CatEmbeddingVariant() if is_embedding(layer) else CatLinearVariant()
-        )
-        layer.cast_input_dtype_enabled = False  # the variant casts the factors instead
+        _mark_cat_layer(layer, plan, skills, config)
+
+
+def _mark_cat_layer(layer, plan: ModulePlan, skills, config: CatConfig) -> None:
+    """What every CAT layer carries besides its coefficients: names, parametrization, and
+    the CAT variant in place of PEFT's LoRA forward."""
+    layer.cat_parametrization = config.parametrization
+    layer.cat_module_name = plan.name
+    layer.cat_skill_names = tuple(skill.name for skill in skills)
+    layer.lora_variant[ADAPTER] = (
+        CatEmbeddingVariant() if is_embedding(layer) else CatLinearVariant()
+    )
+    layer.cast_input_dtype_enabled = False  # the variant casts the factors instead
 
 
 def _install_core(layer, plan: ModulePlan, skills, config: CatConfig, previous, rank) -> None:
@@ -207,11 +215,7 @@ def _install_core(layer, plan: ModulePlan, skills, config: CatConfig, previous, 
     layer.register_buffer("cat_skill_cores", basis.skill_cores.to(device), persistent=False)
     layer.register_buffer("cat_group_mask", present.to(device), persistent=False)
     layer.cat_core = True
-    layer.cat_parametrization = config.parametrization
-    layer.cat_module_name = plan.name
-    layer.cat_skill_names = tuple(skill.name for skill in skills)
-    layer.lora_variant[ADAPTER] = CatLinearVariant()
-    layer.cast_input_dtype_enabled = False
+    _mark_cat_layer(layer, plan, skills, config)
 
 
 def _load_factors(layer, plan: ModulePlan, rank: int) -> None:
@@ -271,8 +275,6 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
             f"and parametrization {record.get('parametrization')!r}; this config asks for "
             f"{config.granularity!r} / {config.parametrization!r}"
         )
-    # modules sharing coefficients (granularity layer / adapter) each record only the skills
-    # they carry: a group starts from the union of what its modules recorded
     if config.granularity == "core":
         try:
             return {
@@ -282,6 +284,8 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
             raise CatError(
                 f"coefficients_from: {path} holds no usable cores ({error!r})"
             ) from error
+    # modules sharing coefficients (granularity layer / adapter) each record only the skills
+    # they carry: a group starts from the union of what its modules recorded
     by_group: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for name, entry in modules.items():

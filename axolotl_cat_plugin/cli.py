@@ -2,7 +2,7 @@
 
     axolotl-cat inspect OUT_DIR
     axolotl-cat export RUN_DIR [--rank K] [--prune-threshold T] --out DIR [--base BASE]
-    axolotl-cat merge --method cat --weights 0.6 0.4 --base BASE --out DIR math=./a code=./b
+    axolotl-cat merge --method concat --weights 0.6 0.4 --base BASE --out DIR math=./a code=./b
 
 Only argument parsing and terminal output live here; the work is done by the core.
 Errors a user can fix print one line and exit with status 2.
@@ -57,8 +57,9 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
     merge.add_argument(
         "--method",
         required=True,
-        help="a combination of PEFT's add_weighted_adapter (cat, linear, ties, ...; "
-        "core.merges.METHODS lists them, and so does the error for an unknown one)",
+        help="a combination of PEFT's add_weighted_adapter (concat, linear, ties, ...; "
+        "core.merges.METHODS lists them, and so does the error for an unknown one); "
+        "`concat` was called `cat` before 0.2",
     )
     merge.add_argument(
         "--weights", required=True, type=float, nargs="+", help="one weight per skill"
@@ -77,9 +78,9 @@ def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "merge":  # checked here: the method registry imports torch and peft
-        from .core.merges import METHODS
+        from .core.merges import METHODS, RENAMED_METHODS
 
-        if args.method not in METHODS:
+        if args.method not in METHODS and args.method not in RENAMED_METHODS:
             parser.error(
                 f"argument --method: invalid choice: {args.method!r} "
                 f"(choose from {', '.join(sorted(METHODS))})"

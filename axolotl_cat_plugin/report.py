@@ -13,6 +13,7 @@ from rich.table import Table
 
 from .core.card import saved_modules_note, vllm_max_lora_rank
 from .core.format import CONFIG_FILE, read_record
+from .core.granularity import Granularity
 from .core.summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
 
 
@@ -83,7 +84,7 @@ def _skills(record: dict) -> Table:
 
 
 def _coefficients(record: dict) -> Table:
-    over = "components" if record.get("granularity") == "rank" else "modules"
+    over = "components" if record.get("granularity") == Granularity.RANK else "modules"
     table = Table(title=f"Coefficients (over {over})", title_justify="left")
     table.add_column("skill")
     for column in ("mean", "min", "max", over):

@@ -102,7 +102,7 @@ controls() { # random skills shaped like the real ones, the same fits over them,
 
 static_merges() {
   local spec name rest
-  for spec in "uniform cat 1 1" "average cat 0.5 0.5" "ties ties 1 1 --density 0.5" \
+  for spec in "uniform concat 1 1" "average concat 0.5 0.5" "ties ties 1 1 --density 0.5" \
     "dare dare_linear 1 1 --density 0.5"; do
     read -r name rest <<< "$spec"
     # shellcheck disable=SC2086 # word splitting of the method's arguments is intended

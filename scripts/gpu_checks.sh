@@ -291,8 +291,8 @@ print(
 )
 check(attention == "sdpa", "the base runs sdpa attention")
 trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
-only_alphas = bool(trainable) and all(n.endswith("cat_alpha") for n in trainable)
-check(only_alphas, f"only the {len(trainable)} cat_alpha tensors train")
+only_alphas = bool(trainable) and all(is_coefficient(n) for n in trainable)
+check(only_alphas, f"only the {len(trainable)} coefficient tensors train")
 check(all(p.dtype == torch.float32 for p in trainable.values()), "the coefficients are fp32")
 base_dtypes = {p.dtype for n, p in model.named_parameters() if "base_layer" in n}
 check(base_dtypes == {torch.bfloat16}, f"the base weights are bf16 ({base_dtypes})")

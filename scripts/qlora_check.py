@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from axolotl_cat_plugin import CatConfig, attach_cat, export_cat
+from axolotl_cat_plugin.core.state import is_coefficient
 
 SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, vocab_size=128),
@@ -90,7 +91,7 @@ def main() -> int:
             )
 
         model = attach_cat(load(), CatConfig(adapters=skills))
-        alphas = [p for n, p in model.named_parameters() if n.endswith("cat_alpha")]
+        alphas = [p for n, p in model.named_parameters() if is_coefficient(n)]
         start = [a.detach().clone() for a in alphas]
         optimizer = torch.optim.AdamW(alphas, lr=0.05, weight_decay=0.0)
         every_step = True
@@ -123,7 +124,7 @@ def main() -> int:
             AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32),
             CatConfig(adapters=skills),
         )
-        full_alphas = [p for n, p in full.named_parameters() if n.endswith("cat_alpha")]
+        full_alphas = [p for n, p in full.named_parameters() if is_coefficient(n)]
         with torch.no_grad():
             for mine, theirs in zip(full_alphas, alphas, strict=True):
                 mine.copy_(theirs.cpu())

@@ -83,7 +83,7 @@ def test_skill_sources_are_byte_identical_afterwards(e2e_world, trained):
 
 def test_checkpoints_hold_a_loadable_adapter_and_the_raw_coefficients(trained):
     checkpoint = trained["out"] / "checkpoint-2"
-    assert (checkpoint / "cat_alpha.safetensors").is_file()
+    assert (checkpoint / "cat_coefficients.safetensors").is_file()
     assert (checkpoint / "cat_coefficients.json").is_file()
     config = json.loads((checkpoint / "adapter_config.json").read_text())
     assert config["r"] == config["lora_alpha"]

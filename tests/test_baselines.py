@@ -45,7 +45,7 @@ def test_mixes_name_each_skill_the_sum_and_the_average():
         ("module", "free"),
         ("rank", "free"),
         ("layer", "softmax"),
-        ("adapter", "free"),
+        ("model", "free"),
         ("core", "free"),
     ],
 )

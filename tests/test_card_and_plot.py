@@ -28,6 +28,7 @@ from axolotl_cat_plugin.core.card import (
     vllm_max_lora_rank,
 )
 from axolotl_cat_plugin.core.plot import coefficient_heatmap
+from axolotl_cat_plugin.core.state import is_coefficient
 from axolotl_cat_plugin.integration.trainer import CatModelCardMixin
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -83,7 +84,7 @@ def fitted_cat_model(world, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("cat_alpha"):
+            if is_coefficient(name):
                 param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
     return model
 

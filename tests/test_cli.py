@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
 from axolotl_cat_plugin.cli import main
 from axolotl_cat_plugin.core import cat_metadata
+from axolotl_cat_plugin.core.format import read_record
+from axolotl_cat_plugin.core.state import is_coefficient, state_of
 
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70], [1, 15, 25, 35, 45, 55, 65, 75]])
 PRUNED_MODULE = "model.layers.1.self_attn.v_proj"  # math (r=4) + prose (r=3): rank 7
@@ -40,7 +42,7 @@ def set_coefficients(model, values: dict[str, float]):
     """Every coefficient set: `values` per skill name, one value for the whole model."""
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("cat_alpha"):
+            if is_coefficient(name):
                 param.copy_(torch.tensor([list(values.values())]))
 
 
@@ -51,10 +53,10 @@ def run_dir(world, tmp_path_factory):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("cat_alpha"):
+            if is_coefficient(name):
                 param.copy_(torch.rand(param.shape, generator=generator) + 0.5)
         layer = model.base_model.model.get_submodule(PRUNED_MODULE)
-        layer.cat_alpha[0, layer.cat_skill_names.index("math")] = 0.01
+        state_of(layer).coefficients[0, state_of(layer).skill_names.index("math")] = 0.01
     cat_metadata(model).extra["training"] = TRAINING
     return export_cat(model, tmp_path_factory.mktemp("fit") / "out")
 
@@ -141,7 +143,7 @@ def test_export_refuses_skills_whose_weights_changed_since_the_fit(world, run_di
 def test_merge_cat_equals_peft_add_weighted_adapter_and_the_weighted_sum(world, tmp_path):
     out = tmp_path / "merged"
     skills = [f"{n}={world['skills'][n]}" for n in ("math", "code")]  # code: rsLoRA, not first
-    argv = ["merge", "--method", "cat", "--weights", "0.5", "1.5", "--base", str(world["base"])]
+    argv = ["merge", "--method", "concat", "--weights", "0.5", "1.5", "--base", str(world["base"])]
     assert main([*argv, "--out", str(out), *skills]) == 0
     assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
     merged = logits(PeftModel.from_pretrained(load_base(world["base"]), out))
@@ -157,10 +159,43 @@ def test_merge_cat_equals_peft_add_weighted_adapter_and_the_weighted_sum(world, 
     # and it is Σ w_i ΔW_i: CAT with one coefficient per skill set to the weights
     cat = attach_cat(
         load_base(world["base"]),
-        CatConfig(adapters=adapters(world, ["math", "code"]), granularity="adapter"),
+        CatConfig(adapters=adapters(world, ["math", "code"]), granularity="model"),
     )
     set_coefficients(cat, {"math": 0.5, "code": 1.5})
     assert (merged - logits(cat)).abs().max() <= 1e-5
+
+
+def test_merge_method_cat_still_works_as_concat_with_a_deprecation_warning(world, tmp_path, caplog):
+    """`cat` is PEFT's name for the fixed-weight concatenation, easily read as the learned CAT."""
+    skills = [f"{n}={world['skills'][n]}" for n in ("math", "code")]
+    outputs = {}
+    for method in ("cat", "concat"):
+        out = tmp_path / method
+        argv = ["merge", "--method", method, "--weights", "0.5", "1.5"]
+        argv += ["--base", str(world["base"]), "--out", str(out), *skills]
+        assert main(argv) == 0
+        outputs[method] = load_file(str(out / "adapter_model.safetensors"))
+    assert "merge method 'cat' is deprecated" in caplog.text and "use 'concat'" in caplog.text
+    assert outputs["cat"].keys() == outputs["concat"].keys()
+    assert all(torch.equal(outputs["cat"][k], outputs["concat"][k]) for k in outputs["cat"])
+
+
+def test_a_record_written_with_granularity_adapter_reads_as_model(world, tmp_path):
+    out = export_cat(
+        attach_cat(
+            load_base(world["base"]), CatConfig(adapters=adapters(world), granularity="model")
+        ),
+        tmp_path / "run",
+    )
+    record_file = out / "cat_coefficients.json"
+    record = json.loads(record_file.read_text())
+    assert record["granularity"] == "model"
+    record_file.write_text(json.dumps({**record, "granularity": "adapter"}))  # written by 0.1
+    assert read_record(out)["granularity"] == "model"
+    config = CatConfig(
+        adapters=adapters(world), granularity="model", coefficients_from=str(record_file)
+    )
+    attach_cat(load_base(world["base"]), config)  # resumes from it without a mismatch
 
 
 def test_merge_svd_is_the_weighted_sum_despite_peft_scaling_twice(world, tmp_path):
@@ -169,9 +204,7 @@ def test_merge_svd_is_the_weighted_sum_despite_peft_scaling_twice(world, tmp_pat
     argv = ["merge", "--method", "svd", "--weights", "0.3", "0.2", "--base", str(world["base"])]
     assert main([*argv, "--out", str(tmp_path / "svd"), f"a={math}", f"b={math}"]) == 0
     merged = logits(PeftModel.from_pretrained(load_base(world["base"]), tmp_path / "svd"))
-    cat = attach_cat(
-        load_base(world["base"]), CatConfig(adapters=[str(math)], granularity="adapter")
-    )
+    cat = attach_cat(load_base(world["base"]), CatConfig(adapters=[str(math)], granularity="model"))
     set_coefficients(cat, {"math": 0.5})
     assert (merged - logits(cat)).abs().max() <= 1e-4
 
@@ -181,13 +214,13 @@ def test_merge_linear_on_unequal_ranks_is_refused_naming_the_ranks(world, tmp_pa
     argv = ["merge", "--method", "linear", "--weights", "1", "1", "--base", str(world["base"])]
     assert main([*argv, "--out", str(tmp_path / "out"), *skills]) == 2
     err = capsys.readouterr().err
-    assert "math r=4" in err and "prose r=3" in err and "use --method cat or svd" in err
+    assert "math r=4" in err and "prose r=3" in err and "use --method concat or svd" in err
     assert not (tmp_path / "out").exists()
 
 
 def test_merge_refuses_an_rslora_skill_listed_first(world, tmp_path, capsys):
     skills = [f"{n}={world['skills'][n]}" for n in ("code", "math")]
-    argv = ["merge", "--method", "cat", "--weights", "1", "1", "--base", str(world["base"])]
+    argv = ["merge", "--method", "concat", "--weights", "1", "1", "--base", str(world["base"])]
     assert main([*argv, "--out", str(tmp_path / "out"), *skills]) == 2
     err = capsys.readouterr().err
     assert "'code' uses rsLoRA and is listed first" in err and "'math'" in err

@@ -15,18 +15,19 @@ from test_exactness import TOLERANCE, cat_model, logits, reference_model, skill_
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
 from axolotl_cat_plugin.core import cat_layers
+from axolotl_cat_plugin.core.state import is_coefficient, state_of, weighted
 
 
 def cores(model):
-    return [layer for _, layer in cat_layers(model) if hasattr(layer, "cat_alpha")]
+    return [layer for _, layer in cat_layers(model) if weighted(layer)]
 
 
 def randomize_cores(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in cores(model):
-            noise = torch.randn(layer.cat_alpha.shape, generator=generator)
-            layer.cat_alpha += 0.3 * noise * layer.cat_alpha.abs().mean()
+            noise = torch.randn(state_of(layer).coefficients.shape, generator=generator)
+            state_of(layer).coefficients += 0.3 * noise * state_of(layer).coefficients.abs().mean()
 
 
 def test_core_starts_as_the_plain_sum_of_the_skills(world, tmp_path):
@@ -92,8 +93,10 @@ def test_a_core_that_is_a_weighting_reports_those_weights(world, tmp_path):
     model = cat_model(world, granularity="core")
     with torch.no_grad():
         for layer in cores(model):
-            weights = torch.tensor([chosen[name] for name in layer.cat_skill_names])
-            layer.cat_alpha.copy_(torch.einsum("i,iab->ab", weights, layer.cat_skill_cores))
+            weights = torch.tensor([chosen[name] for name in state_of(layer).skill_names])
+            state_of(layer).coefficients.copy_(
+                torch.einsum("i,iab->ab", weights, state_of(layer).skill_cores)
+            )
     out = export_cat(model, tmp_path)
     record = json.loads((out / "cat_coefficients.json").read_text())
     for entry in record["modules"].values():
@@ -126,10 +129,10 @@ def test_resume_from_the_record_restores_the_core(world, tmp_path):
 def test_only_the_cores_train_and_they_get_gradients(world):
     model = cat_model(world, granularity="core")
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(name.endswith("cat_alpha") for name in trainable)
+    assert trainable and all(is_coefficient(name) for name in trainable)
     tokens = torch.tensor([[1, 10, 20, 30, 40, 50]])
     model(input_ids=tokens, labels=tokens).loss.backward()
-    grads = [p.grad for name, p in model.named_parameters() if name.endswith("cat_alpha")]
+    grads = [p.grad for name, p in model.named_parameters() if is_coefficient(name)]
     assert all(g is not None and g.dtype == torch.float32 for g in grads)
     assert any(g.abs().max() > 0 for g in grads)
 

@@ -13,6 +13,7 @@ from fixtures import load_base
 from peft import PeftModel
 
 from axolotl_cat_plugin import CatConfig, attach_cat, export_cat
+from axolotl_cat_plugin.core.state import is_coefficient
 
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70], [1, 15, 25, 35, 45, 55, 65, 75]])
 TOLERANCE = 1e-5
@@ -32,7 +33,7 @@ def randomize(model, seed=0):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("cat_alpha"):
+            if is_coefficient(name):
                 param.copy_(torch.randn(param.shape, generator=generator) + 0.5)
 
 
@@ -63,7 +64,7 @@ def reference_model(world, coefficients):
     return model
 
 
-GRANULARITIES = ["module", "layer", "adapter", "rank"]
+GRANULARITIES = ["module", "layer", "model", "rank"]
 PARAMETRIZATIONS = ["free", "softmax"]
 
 
@@ -127,7 +128,7 @@ def test_softmax_starts_uniform_over_the_skills_present(world, tmp_path):
 def test_layer_and_adapter_granularity_share_coefficients(world, tmp_path):
     for granularity, group_of in (
         ("layer", lambda name: name.split(".")[2]),
-        ("adapter", lambda name: "all"),
+        ("model", lambda name: "all"),
     ):
         model = cat_model(world, granularity=granularity)
         randomize(model)

@@ -159,7 +159,7 @@ def test_the_sharded_fit_equals_the_unsharded_fit(runs, config):
     skills = largest_difference(sharded["skill_coefficients"], single["skill_coefficients"])
     tensors, coefficients = export_difference(two, one)
     print(
-        f"{config}: max difference losses {losses:.3g}, cat_alpha {alphas:.3g}, "
+        f"{config}: max difference losses {losses:.3g}, coefficients {alphas:.3g}, "
         f"skill_coefficients {skills:.3g}, adapter tensors {tensors:.3g}, "
         f"exported coefficients {coefficients:.3g}"
     )

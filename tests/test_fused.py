@@ -19,8 +19,9 @@ from torch import nn
 from axolotl_cat_plugin import CatConfig, attach_cat
 from axolotl_cat_plugin.core.fused import CatLinearFunction, cat_linear, fused_applicable
 from axolotl_cat_plugin.core.layer import CatLinearVariant
+from axolotl_cat_plugin.core.state import is_coefficient, weighted
 
-GRANULARITIES = ["module", "layer", "adapter", "rank"]
+GRANULARITIES = ["module", "layer", "model", "rank"]
 PARAMETRIZATIONS = ["free", "softmax"]
 # granularity core (an R x R matrix M per module) is fitted with parametrization free only
 CONFIGS = [(g, p) for g in GRANULARITIES for p in PARAMETRIZATIONS] + [("core", "free")]
@@ -44,7 +45,7 @@ def cat_model(world, **options):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("cat_alpha"):
+            if is_coefficient(name):
                 param.copy_(torch.randn(param.shape, generator=generator) + 0.5)
     return model.train()
 
@@ -102,7 +103,7 @@ def test_dropout_and_trainable_bases_fall_back(world, monkeypatch):
     assert calls  # dropout inactive in eval: fused
 
     model = cat_model(world).train()
-    layer = next(m for m in model.modules() if hasattr(m, "cat_alpha"))
+    layer = next(m for m in model.modules() if weighted(m))
     assert fused_applicable(layer, "default", torch.zeros(2, 3, 4))
     layer.base_layer.weight.requires_grad_(True)
     assert not fused_applicable(layer, "default", torch.zeros(2, 3, 4))

@@ -5,6 +5,7 @@ does before anything else.
 """
 
 import contextlib
+import logging
 import shutil
 from pathlib import Path
 
@@ -100,6 +101,10 @@ def test_defaults_fill_the_block():
         (example(load_in_4bit=True), "quantized"),
         (example(load_in_8bit=True), "quantized"),
         (
+            {**with_block(granularity="model"), "fsdp_version": 2, "fsdp_config": {"a": 1}},
+            "granularity: model",
+        ),
+        (
             {**with_block(granularity="adapter"), "fsdp_version": 2, "fsdp_config": {"a": 1}},
             "granularity: adapter",
         ),
@@ -111,6 +116,15 @@ def test_config_mistakes_fail_at_validation_naming_the_key(config, named):
     with pytest.raises((ValidationError, ValueError)) as error:
         validate(config)
     assert named in str(error.value)
+
+
+def test_granularity_adapter_still_reads_as_model_with_a_deprecation_warning(caplog):
+    """`adapter` was this option's name before 0.2; it collided with the YAML's `adapter:`."""
+    with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
+        block = validate(with_block(granularity="adapter")).cat_merge
+    assert block["granularity"] == "model" and type(block["granularity"]) is str
+    assert "'adapter' is deprecated" in caplog.text and "'model'" in caplog.text
+    assert validate(with_block(granularity="model")).cat_merge["granularity"] == "model"
 
 
 def test_deepspeed_zero3_is_accepted():

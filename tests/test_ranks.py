@@ -7,6 +7,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from axolotl_cat_plugin.core import CatError, check_ranks_agree
+from axolotl_cat_plugin.core.state import CatState, put_state
 
 pytestmark = pytest.mark.core_distributed
 
@@ -15,7 +16,8 @@ class Holder(nn.Module):
     def __init__(self, values):
         super().__init__()
         self.layer = nn.Module()
-        self.layer.cat_alpha = nn.Parameter(torch.tensor(values))
+        coefficients = nn.Parameter(torch.tensor(values))
+        put_state(self.layer, CatState("layer", ("a", "b"), "free", coefficients=coefficients))
         self.other = nn.Parameter(torch.zeros(2))  # not a coefficient: never compared
 
 

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
 from axolotl_cat_plugin.core.quantized import keep_gradients_through_4bit_layers
+from axolotl_cat_plugin.core.state import is_coefficient, saved_module_wrappers, state_of, weighted
 
 TOLERANCE = 1e-5
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70], [3, 15, 25, 35, 45, 55, 65, 75]])
@@ -193,15 +194,15 @@ def test_merge_cat_accepts_an_lm_head_skill_and_refuses_a_differing_copy(bases, 
                        target_modules=["q_proj", "lm_head"])  # fmt: skip
     attn = build_skill(base, tmp_path / "attn", seed=2, r=3, lora_alpha=3,
                        target_modules=["q_proj", "v_proj"])  # fmt: skip
-    argv = ["merge", "--method", "cat", "--weights", "0.5", "1.5", "--base", str(base)]
+    argv = ["merge", "--method", "concat", "--weights", "0.5", "1.5", "--base", str(base)]
     assert main([*argv, "--out", str(tmp_path / "m"), f"head={head}", f"attn={attn}"]) == 0
     merged = logits(PeftModel.from_pretrained(load(base), tmp_path / "m"))
     cat = attach_cat(load(base), CatConfig(adapters=adapters({"head": head, "attn": attn})))
     for _, layer in cat.named_modules():
-        if hasattr(layer, "cat_alpha"):
+        if weighted(layer):
             with torch.no_grad():
-                for index, skill in enumerate(layer.cat_skill_names):
-                    layer.cat_alpha[:, index] = {"head": 0.5, "attn": 1.5}[skill]
+                for index, skill in enumerate(state_of(layer).skill_names):
+                    state_of(layer).coefficients[:, index] = {"head": 0.5, "attn": 1.5}[skill]
     assert (merged - logits(cat)).abs().max() <= TOLERANCE
 
     tensors = load_file(str(head / WEIGHTS))
@@ -218,9 +219,9 @@ def test_merge_cat_accepts_an_lm_head_skill_and_refuses_a_differing_copy(bases, 
 def set_coefficients(model, values):
     with torch.no_grad():
         for _, layer in model.named_modules():
-            if hasattr(layer, "cat_alpha"):
-                for index, skill in enumerate(layer.cat_skill_names):
-                    layer.cat_alpha[:, index] = values[skill]
+            if weighted(layer):
+                for index, skill in enumerate(state_of(layer).skill_names):
+                    state_of(layer).coefficients[:, index] = values[skill]
 
 
 def test_merge_warns_about_a_skill_trained_on_another_base(bases, tmp_path, caplog):
@@ -233,12 +234,12 @@ def test_merge_warns_about_a_skill_trained_on_another_base(bases, tmp_path, capl
     config = json.loads((skill / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str(base)
     with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
-        merge_skills(load(base), [str(skill)], [1.0], tmp_path / "same", method="cat")
+        merge_skills(load(base), [str(skill)], [1.0], tmp_path / "same", method="concat")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     config["base_model_name_or_path"] = "org/other-base"
     (skill / "adapter_config.json").write_text(json.dumps(config))
     with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
-        merge_skills(load(base), [str(skill)], [1.0], tmp_path / "other", method="cat")
+        merge_skills(load(base), [str(skill)], [1.0], tmp_path / "other", method="concat")
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("'s'" in m and "org/other-base" in m for m in warned), warned
 
@@ -253,10 +254,10 @@ def test_merge_advice_for_a_restricted_first_skill_leads_to_a_merge(bases, tmp_p
                        target_modules=["q_proj", "v_proj"])  # fmt: skip
     skills = {"late": late, "free": free}
     with pytest.raises(CatError, match="list a skill without that restriction first .*'free'"):
-        merge_skills(load(base), adapters(skills), [0.5, 2.0], tmp_path / "m", method="cat")
+        merge_skills(load(base), adapters(skills), [0.5, 2.0], tmp_path / "m", method="concat")
     # following the advice works, and gives Σ w_i ΔW_i
     reordered = adapters({"free": free, "late": late})
-    out = merge_skills(load(base), reordered, [2.0, 0.5], tmp_path / "m", method="cat")
+    out = merge_skills(load(base), reordered, [2.0, 0.5], tmp_path / "m", method="concat")
     cat = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
     set_coefficients(cat, {"late": 0.5, "free": 2.0})
     merged = PeftModel.from_pretrained(load(base), out)
@@ -273,14 +274,14 @@ def test_merge_advice_is_cat_when_no_order_can_work(bases, tmp_path):
                        target_modules=["q_proj"])  # fmt: skip
     skills = {"late": late, "free": free}
     with pytest.raises(CatError) as info:
-        merge_skills(load(base), adapters(skills), [1.0, 1.0], tmp_path / "m", method="cat")
+        merge_skills(load(base), adapters(skills), [1.0, 1.0], tmp_path / "m", method="concat")
     message = str(info.value)
     assert "would not help" in message and "model.layers.0.self_attn.o_proj" in message
     assert "fit CAT instead" in message
     # the other order is refused too, as the message said
     with pytest.raises(CatError, match="fit CAT"):
         merge_skills(load(base), adapters({"free": free, "late": late}), [1.0, 1.0],
-                     tmp_path / "m", method="cat")  # fmt: skip
+                     tmp_path / "m", method="concat")  # fmt: skip
     # and CAT, as advised, composes them
     assert_exact(base, skills, tmp_path / "cat")
 
@@ -312,7 +313,7 @@ def test_embedding_lora_is_composed_exactly_and_exported_in_peft_format(bases, t
     # the coefficients of the embedding get gradients like any other
     model.train()
     model(input_ids=TOKENS, labels=TOKENS).loss.backward()
-    grad = model.base_model.model.model.embed_tokens.cat_alpha.grad
+    grad = state_of(model.base_model.model.model.embed_tokens).coefficients.grad
     assert grad is not None and grad.abs().sum() > 0
 
 
@@ -324,7 +325,7 @@ def test_merge_cat_composes_embedding_skills_like_peft(bases, tmp_path):
                       target_modules=["embed_tokens", "q_proj"])  # fmt: skip
     attn = build_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=4,
                        target_modules=["q_proj"])  # fmt: skip
-    argv = ["merge", "--method", "cat", "--weights", "0.7", "1.3", "--base", str(base)]
+    argv = ["merge", "--method", "concat", "--weights", "0.7", "1.3", "--base", str(base)]
     assert main([*argv, "--out", str(tmp_path / "m"), f"emb={emb}", f"attn={attn}"]) == 0
     merged = logits(PeftModel.from_pretrained(load(base), tmp_path / "m"))
     cat = attach_cat(load(base), CatConfig(adapters=adapters({"emb": emb, "attn": attn})))
@@ -384,7 +385,7 @@ def test_cat_fits_on_a_bitsandbytes_base_and_exports_the_same_adapter(bases, tmp
     # bitsandbytes repack 4-bit weights on the CPU unless attach_cat turned that off)
     model.train()
     model(input_ids=TOKENS, labels=TOKENS).loss.backward()
-    alphas = [p for n, p in model.named_parameters() if n.endswith("cat_alpha")]
+    alphas = [p for n, p in model.named_parameters() if is_coefficient(n)]
     assert len(alphas) == 7 and all(a.grad is not None and a.grad.abs().sum() > 0 for a in alphas)
     model.eval()
 
@@ -516,7 +517,7 @@ def test_legacy_per_expert_lora_is_refused_naming_the_moe_form(bases, tmp_path, 
                       "per-expert MoE layout", "model.layers.0.mlp.experts.gate_up_proj",
                       "merge_and_unload")  # fmt: skip
     assert "is not in the base model" not in message
-    argv = ["merge", "--method", "cat", "--weights", "1", "--base", str(base)]
+    argv = ["merge", "--method", "concat", "--weights", "1", "--base", str(base)]
     assert main([*argv, "--out", str(tmp_path / "m"), f"legacy={legacy}"]) == 2
     assert "per-expert MoE layout" in capsys.readouterr().err
 
@@ -531,7 +532,7 @@ def test_expert_lora_on_target_parameters_is_refused_naming_the_moe_form(bases, 
     message = refused(base, {"experts": experts}, "'experts'", "target_parameters",
                       "mlp.experts.gate_up_proj", "ParamWrapper", "merge_and_unload")  # fmt: skip
     assert "computes something other than" not in message
-    argv = ["merge", "--method", "cat", "--weights", "1", "--base", str(base)]
+    argv = ["merge", "--method", "concat", "--weights", "1", "--base", str(base)]
     assert main([*argv, "--out", str(tmp_path / "m"), f"experts={experts}"]) == 2
     assert "ParamWrapper" in capsys.readouterr().err
 
@@ -563,8 +564,7 @@ def test_modules_to_save_are_composed_with_coefficients_and_exported(bases, tmp_
     base_embedding = load(base).model.embed_tokens.weight
     model.train()
     model(input_ids=TOKENS, labels=TOKENS).loss.backward()
-    alphas = {n: p for n, p in model.named_parameters() if n.endswith("cat_alpha")}
-    saved = [p for n, p in alphas.items() if "modules_to_save" in n]
+    saved = [state_of(wrapper).coefficients for _, wrapper in saved_module_wrappers(model)]
     assert len(saved) == 2 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in saved)
     inner = model.base_model.model.model.embed_tokens.original_module.weight
     assert torch.equal(inner, base_embedding)
@@ -624,7 +624,7 @@ def test_merge_refuses_modules_to_save_pointing_to_cat(bases, tmp_path, capsys):
     base = bases["llama"]
     chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
                        target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
-    argv = ["merge", "--method", "cat", "--weights", "1", "--base", str(base)]
+    argv = ["merge", "--method", "concat", "--weights", "1", "--base", str(base)]
     assert main([*argv, "--out", str(tmp_path / "m"), f"chat={chat}"]) == 2
     err = capsys.readouterr().err
     assert "'chat'" in err and "modules_to_save" in err and "Fit CAT" in err
@@ -724,4 +724,4 @@ def test_set_adapter_leaves_the_saved_modules_frozen(bases, tmp_path):
     model.base_model.enable_adapter_layers()
     model.set_adapter("default")
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(name.endswith("cat_alpha") for name in trainable), trainable
+    assert trainable and all(is_coefficient(name) for name in trainable), trainable

@@ -102,8 +102,10 @@ def test_sigkill_mid_training_then_resume_ends_with_the_uninterrupted_coefficien
     )
     assert axolotl("train", str(resumed), cwd=tmp_path).returncode == 0
 
-    expected = load_file(tmp_path / "whole" / "out" / "checkpoint-40" / "cat_alpha.safetensors")
-    got = load_file(out / "checkpoint-40" / "cat_alpha.safetensors")
+    expected = load_file(
+        tmp_path / "whole" / "out" / "checkpoint-40" / "cat_coefficients.safetensors"
+    )
+    got = load_file(out / "checkpoint-40" / "cat_coefficients.safetensors")
     assert expected.keys() == got.keys()
     for name, value in expected.items():
         assert (value - got[name]).abs().max() <= 1e-6, name

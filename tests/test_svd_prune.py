@@ -18,6 +18,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
+from axolotl_cat_plugin.core.state import is_coefficient, state_of
 
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70], [1, 15, 25, 35, 45, 55, 65, 75]])
 CONCATENATED_RANK = 7  # layer 1's v_proj: math (r=4) + prose (r=3)
@@ -36,7 +37,7 @@ def cat_model(world, **options):
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # every |c| in [0.5, 1.5], with both signs: far from THRESHOLD
         for name, param in model.named_parameters():
-            if name.endswith("cat_alpha"):
+            if is_coefficient(name):
                 magnitude = torch.rand(param.shape, generator=generator) + 0.5
                 sign = torch.randint(0, 2, param.shape, generator=generator) * 2 - 1
                 param.copy_(magnitude * sign)
@@ -73,7 +74,7 @@ def skill_rank(skill, module):
 def set_coefficient(model, module, skill, value, rows=slice(None)):
     layer = model.get_submodule(f"base_model.model.{module}")
     with torch.no_grad():
-        layer.cat_alpha[rows, layer.cat_skill_names.index(skill)] = value
+        state_of(layer).coefficients[rows, state_of(layer).skill_names.index(skill)] = value
 
 
 @pytest.fixture(scope="module")

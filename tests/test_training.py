@@ -1,7 +1,7 @@
 """Training a CAT model moves the fp32 coefficients and nothing else.
 
 The base weights and every skill's factors are frozen bit for bit; the only trainable
-parameters are the `cat_alpha` coefficients, fp32 whatever the base's dtype, and the loss
+parameters are the CAT coefficients (state.py), fp32 whatever the base's dtype, and the loss
 reaches every coefficient of every module a skill touches. `coefficients_from` resumes
 exactly where an export left off, and refuses a record of other skills.
 """
@@ -14,6 +14,7 @@ from fixtures import SKILL_SPECS, load_base
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
 from axolotl_cat_plugin.core import cat_layers
+from axolotl_cat_plugin.core.state import is_coefficient, state_of, weighted
 
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70], [1, 15, 25, 35, 45, 55, 65, 75]])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -75,28 +76,28 @@ def test_one_optimizer_step_changes_the_coefficients_and_nothing_else(world):
 
     changed = 0
     for name, param in model.named_parameters(remove_duplicate=False):
-        if name.endswith("cat_alpha"):
+        if is_coefficient(name):
             continue
         assert torch.equal(param, before[name]), f"{name} moved"
         changed += 1
     assert changed > 0 and any(".lora_A." in name for name in before)
     for name, layer in cat_layers(model):
-        if hasattr(layer, "cat_alpha"):
-            alpha_before = before[f"base_model.model.{name}.cat_alpha"]
-            moved = layer.cat_alpha.detach() != alpha_before
-            assert moved[layer.cat_group_mask].all(), f"{name}: a coefficient did not move"
+        if weighted(layer):
+            alpha_before = before[f"base_model.model.{name}.cat_state.default.coefficients"]
+            moved = state_of(layer).coefficients.detach() != alpha_before
+            assert moved[state_of(layer).present].all(), f"{name}: a coefficient did not move"
 
 
 @pytest.mark.parametrize(
     "granularity, tensors, shape",
-    [("module", 12, (1, 3)), ("layer", 2, (1, 3)), ("adapter", 1, (1, 3)), ("rank", 12, (4, 3))],
+    [("module", 12, (1, 3)), ("layer", 2, (1, 3)), ("model", 1, (1, 3)), ("rank", 12, (4, 3))],
 )
-def test_only_fp32_cat_alpha_coefficients_are_trainable(world, granularity, tensors, shape):
+def test_only_fp32_coefficients_are_trainable(world, granularity, tensors, shape):
     model = cat_model(world, granularity=granularity)
     params = trainable(model)
     assert len(params) == tensors  # shared coefficients are one parameter, counted once
     for name, param in params.items():
-        assert name.endswith("cat_alpha") and "lora_" not in name
+        assert is_coefficient(name) and "lora_" not in name
         assert param.dtype == torch.float32
         assert param.dim() >= 1 and tuple(param.shape) == shape
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad and "lora_" in n]
@@ -107,12 +108,12 @@ def test_only_fp32_cat_alpha_coefficients_are_trainable(world, granularity, tens
 def test_gradient_reaches_every_coefficient_of_every_touched_module(world, granularity):
     model = cat_model(world, granularity=granularity, parametrization="free")
     backward(model)
-    with_alpha = {name for name, layer in cat_layers(model) if hasattr(layer, "cat_alpha")}
+    with_alpha = {name for name, layer in cat_layers(model) if weighted(layer)}
     assert with_alpha == touched_modules()
     for name, layer in cat_layers(model):
         if name not in with_alpha:
             continue
-        grad, mask = layer.cat_alpha.grad, layer.cat_group_mask
+        grad, mask = state_of(layer).coefficients.grad, state_of(layer).present
         assert grad is not None and grad.dtype == torch.float32
         assert (grad[mask] != 0).all(), f"{name}: no gradient on {grad}"
         assert (grad[~mask] == 0).all(), f"{name}: gradient on a skill that is absent"
@@ -125,7 +126,7 @@ def test_rank_granularity_has_one_coefficient_per_component_present(world):
     expected = torch.zeros(4, 3, dtype=torch.bool)
     expected[:math_rank, 0] = True
     expected[:prose_rank, 2] = True
-    assert torch.equal(layer.cat_group_mask, expected)
+    assert torch.equal(state_of(layer).present, expected)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -156,7 +157,7 @@ def test_coefficients_stay_fp32_and_train_on_any_base_dtype(world, dtype):
         ("rank", "free"),
         ("rank", "softmax"),
         ("layer", "softmax"),
-        ("adapter", "free"),
+        ("model", "free"),
     ],
 )
 def test_coefficients_from_an_export_resumes_the_same_model(
@@ -235,10 +236,61 @@ def test_peft_calls_that_reactivate_the_adapter_keep_the_skills_frozen(world):
         return sorted(name for name, p in model.named_parameters() if p.requires_grad)
 
     before = trainable()
-    assert before and all(name.endswith("cat_alpha") for name in before)
+    assert before and all(is_coefficient(name) for name in before)
     model.set_adapter("default")
     model.base_model.set_adapter("default")
     with model.disable_adapter():
         pass
     model.base_model.enable_adapter_layers()
     assert trainable() == before
+
+
+def test_cat_state_is_one_submodule_per_layer_and_gone_after_apply_export(world, tmp_path):
+    """Like DoRA's lora_magnitude_vector: `layer.cat_state["default"]` holds a layer's CAT state;
+    PEFT's adapter state dict never sees it; apply_export leaves a plain LoRA model."""
+    from peft import get_peft_model_state_dict
+
+    from axolotl_cat_plugin.core.export import apply_export
+    from axolotl_cat_plugin.core.fold import fold
+    from axolotl_cat_plugin.core.state import CatState, has_coefficients
+
+    model = cat_model(world, granularity="layer")
+    layers = dict(cat_layers(model))
+    assert set(layers) >= touched_modules()
+    for name, layer in layers.items():
+        state = layer.cat_state["default"]
+        assert isinstance(state, CatState) and state is state_of(layer)
+        assert state.module_name == name and state.skill_names == tuple(world["skills"])
+        assert state.weighted == (name in touched_modules())
+    # granularity layer: the modules of one decoder layer share one Parameter
+    shared = {id(state_of(layers[f"model.layers.0.self_attn.{m}_proj"]).coefficients) for m in "qv"}
+    assert len(shared) == 1
+    assert not any("cat_state" in key for key in get_peft_model_state_dict(model))
+
+    expected = logits(model)
+    apply_export(model, fold(model))
+    assert not has_coefficients(model) and not list(cat_layers(model))
+    assert not any("cat_state" in name for name, _ in model.named_modules())
+    assert (logits(model) - expected).abs().max() <= 1e-5
+
+
+def test_a_checkpoint_written_before_0_2_still_resumes(world, tmp_path):
+    """Checkpoints of 0.1 hold `cat_alpha.safetensors` with `<layer>.cat_alpha` names."""
+    from safetensors.torch import save_file
+
+    from axolotl_cat_plugin.core.state import coefficient_parameters
+    from axolotl_cat_plugin.integration.trainer import CatTrainer
+
+    fitted = cat_model(world)
+    randomize(fitted)
+    legacy = {
+        name.replace(".cat_state.default.coefficients", ".cat_alpha"): param.detach().clone()
+        for name, param in coefficient_parameters(fitted).items()
+    }
+    assert all(name.endswith(".cat_alpha") for name in legacy)
+    save_file(legacy, tmp_path / "cat_alpha.safetensors")
+
+    fresh = cat_model(world)
+    assert (logits(fresh) - logits(fitted)).abs().max() > 1e-3
+    CatTrainer._load_from_checkpoint(None, str(tmp_path), model=fresh)
+    assert (logits(fresh) - logits(fitted)).abs().max() <= 1e-6

@@ -19,6 +19,7 @@ from peft import IA3Config, LoraConfig, PrefixTuningConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
+from axolotl_cat_plugin.core.state import is_coefficient
 
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70]])
 WEIGHTS = "adapter_model.safetensors"
@@ -440,7 +441,7 @@ def test_skill_files_are_byte_identical_after_attach_and_export(world, tmp_path)
     model = attach_cat(load_base(world["base"]), CatConfig(adapters=adapters))
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("cat_alpha"):
+            if is_coefficient(name):
                 param.mul_(0.5)
     export_cat(model, tmp_path / "export")
     export_cat(model, tmp_path / "export-svd", rank=3, prune_threshold=0.1)

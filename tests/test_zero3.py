@@ -80,7 +80,9 @@ def test_the_partitioned_fit_equals_the_plain_fit(runs, config):
     losses = largest_difference(partitioned["losses"], single["losses"])
     alphas = largest_difference(partitioned["alpha"], single["alpha"])
     tensors, coefficients = export_difference(two, one)
-    print(f"{config}: losses {losses:.3g}, cat_alpha {alphas:.3g}, adapter tensors {tensors:.3g}")
+    print(
+        f"{config}: losses {losses:.3g}, coefficients {alphas:.3g}, adapter tensors {tensors:.3g}"
+    )
     assert max(losses, alphas, tensors, coefficients) <= TOLERANCE
     moved = largest_difference(partitioned["alpha"], partitioned["alpha_start"])
     assert moved > 1e-2, f"training left the coefficients where they started ({moved})"

@@ -18,13 +18,14 @@ from .core_space import core_factors
 from .embedding import CatEmbeddingVariant, factor_weights, is_embedding
 from .errors import CatError
 from .format import read_record_file
+from .granularity import Granularity, Parametrization
 from .layer import CatLinearVariant
-from .plan import ModulePlan, group_key, plan_modules, target_modules_for
+from .plan import ModulePlan, plan_modules, target_modules_for
 from .quantized import keep_gradients_through_4bit_layers
 from .saved_modules import check_saved_modules, install_saved_modules, saved_module_names
 from .skill_checks import warn_on_foreign_base
 from .skills import Skill, load_skills
-from .state import ADAPTER, COEFFICIENTS, CatMetadata, is_coefficient
+from .state import ADAPTER, CatMetadata, CatState, is_coefficient, put_state, slot_layout
 
 LOG = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     skills = load_skills(config.skills)
     plans = plan_modules(model, skills)
     embeddings = [plan.name for plan in plans if any(f.embedding for _, f in plan.blocks)]
-    if config.granularity == "core" and embeddings:
+    if config.granularity is Granularity.CORE and embeddings:
         raise CatError(
             f"granularity core builds its joint basis for Linear modules only, and these skills "
             f"have embedding LoRAs on {embeddings[0]}; use granularity module, layer, adapter "
@@ -119,7 +120,7 @@ def _set_adapter_keeping_factors_frozen(layer, *args, **kwargs):
     PEFT's BaseTunerLayer.set_adapter marks the active adapter's parameters trainable; it
     runs on set_adapter, enable_adapter_layers and on leaving `disable_adapter()` (as TRL
     does for reference logits). On a CAT layer that would silently train every skill's
-    lora_A / lora_B: only the coefficients (`cat_alpha`) stay trainable.
+    lora_A / lora_B: only the coefficients (state.py) stay trainable.
     """
     type(layer).set_adapter(layer, *args, **kwargs)
     for name, param in layer.named_parameters():
@@ -128,62 +129,56 @@ def _set_adapter_keeping_factors_frozen(layer, *args, **kwargs):
 
 
 def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
-    """Load the concatenated factors and register the coefficients on every wrapped module."""
+    """Load the concatenated factors and give every wrapped module its CatState."""
     rank = peft_model.peft_config[ADAPTER].r
     model = peft_model.base_model.model
+    names = tuple(skill.name for skill in skills)
     planned = {plan.name for plan in plans}
     for name, module in model.named_modules():
         if hasattr(module, "lora_A") and ADAPTER in module.lora_A and name not in planned:
-            _load_factors(module, ModulePlan(name, []), rank)
-            module.cat_module_name = name
-    if config.granularity == "core":  # a core per module: no slot layout, nothing shared
+            _load_factors(module, ModulePlan(name, []), rank)  # wrapped, touched by no skill
+            put_state(module, CatState(name, names, config.parametrization))
+    granularity = Granularity.parse(config.granularity)
+    if granularity is Granularity.CORE:  # a core per module: no slot layout, nothing shared
         for plan in plans:
             layer = model.get_submodule(plan.name)
             _install_core(layer, plan, skills, config, starting.get(plan.name), rank)
         return
-    num_skills = len(skills)
-    rows = max(max(f.rank for _, f in plan.blocks) for plan in plans)
-    rows = rows if config.granularity == "rank" else 1
-
-    masks: dict[str, torch.Tensor] = {}
-    layouts = []
+    # a coefficient row per component (granularity rank, as many rows as the largest skill
+    # rank anywhere) or one row
+    rows = max(f.rank for plan in plans for _, f in plan.blocks) if granularity.per_rank else 1
+    layouts = {plan.name: slot_layout(plan.blocks, len(skills), rank, rows) for plan in plans}
+    # modules sharing coefficients (granularity layer / model) share the union of their skills
+    groups: dict[str, torch.Tensor] = {}
     for plan in plans:
-        slot_index = torch.zeros(rank, dtype=torch.long)
-        slot_scale = torch.zeros(rank, dtype=torch.float32)
-        mask = torch.zeros(rows, num_skills, dtype=torch.bool)
-        offset = 0
-        for skill_index, factors in plan.blocks:
-            for component in range(factors.rank):
-                row = component if config.granularity == "rank" else 0
-                slot_index[offset + component] = row * num_skills + skill_index
-                mask[row, skill_index] = True
-            slot_scale[offset : offset + factors.rank] = factors.scaling
-            offset += factors.rank
-        group = group_key(config.granularity, plan.name)
-        masks[group] = masks[group] | mask if group in masks else mask
-        layouts.append((plan, group, slot_index, slot_scale))
-
-    alphas: dict[str, nn.Parameter] = {}
-    for plan, group, slot_index, slot_scale in layouts:
+        group, present = granularity.group(plan.name), layouts[plan.name][2]
+        groups[group] = groups[group] | present if group in groups else present
+    shared: dict[str, nn.Parameter] = {}
+    for plan in plans:
         layer = model.get_submodule(plan.name)
         device = factor_weights(layer, ADAPTER)[0].device
-        if group not in alphas:
-            alpha = _initial_alpha(config, masks[group], starting.get(plan.name), skills)
-            alphas[group] = nn.Parameter(alpha.to(device))
+        group = granularity.group(plan.name)
+        present = groups[group]
+        if group not in shared:
+            alpha = _initial_alpha(config, present, starting.get(plan.name), skills)
+            shared[group] = nn.Parameter(alpha.to(device))
+        slot_index, slot_scale, _ = layouts[plan.name]
         _load_factors(layer, plan, rank)
-        layer.register_parameter(COEFFICIENTS, alphas[group])
-        layer.register_buffer("cat_group_mask", masks[group].to(device), persistent=False)
-        layer.register_buffer("cat_slot_index", slot_index.to(device), persistent=False)
-        layer.register_buffer("cat_slot_scale", slot_scale.to(device), persistent=False)
-        _mark_cat_layer(layer, plan, skills, config)
+        state = CatState(
+            plan.name,
+            names,
+            config.parametrization,
+            coefficients=shared[group],
+            present=present.to(device),
+            slot_index=slot_index.to(device),
+            slot_scale=slot_scale.to(device),
+        )
+        _use_cat_variant(layer, state)
 
 
-def _mark_cat_layer(layer, plan: ModulePlan, skills, config: CatConfig) -> None:
-    """What every CAT layer carries besides its coefficients: names, parametrization, and
-    the CAT variant in place of PEFT's LoRA forward."""
-    layer.cat_parametrization = config.parametrization
-    layer.cat_module_name = plan.name
-    layer.cat_skill_names = tuple(skill.name for skill in skills)
+def _use_cat_variant(layer, state: CatState) -> None:
+    """Give a layer its CatState and the CAT variant in place of PEFT's LoRA forward."""
+    put_state(layer, state)
     layer.lora_variant[ADAPTER] = (
         CatEmbeddingVariant() if is_embedding(layer) else CatLinearVariant()
     )
@@ -191,7 +186,7 @@ def _mark_cat_layer(layer, plan: ModulePlan, skills, config: CatConfig) -> None:
 
 
 def _install_core(layer, plan: ModulePlan, skills, config: CatConfig, previous, rank) -> None:
-    """Granularity `core`: the joint basis as factors, the learned core M as `cat_alpha`."""
+    """Granularity `core`: the joint basis as factors, the learned core M as coefficients."""
     device = layer.lora_A[ADAPTER].weight.device
     basis = core_factors(plan.blocks, len(skills), rank)
     with torch.no_grad():
@@ -211,11 +206,15 @@ def _install_core(layer, plan: ModulePlan, skills, config: CatConfig, previous, 
     present = torch.zeros(1, len(skills), dtype=torch.bool)
     for skill_index, _ in plan.blocks:
         present[0, skill_index] = True
-    layer.register_parameter(COEFFICIENTS, nn.Parameter(core.to(device)))
-    layer.register_buffer("cat_skill_cores", basis.skill_cores.to(device), persistent=False)
-    layer.register_buffer("cat_group_mask", present.to(device), persistent=False)
-    layer.cat_core = True
-    _mark_cat_layer(layer, plan, skills, config)
+    state = CatState(
+        plan.name,
+        tuple(skill.name for skill in skills),
+        config.parametrization,
+        coefficients=nn.Parameter(core.to(device)),
+        present=present.to(device),
+        skill_cores=basis.skill_cores.to(device),
+    )
+    _use_cat_variant(layer, state)
 
 
 def _load_factors(layer, plan: ModulePlan, rank: int) -> None:
@@ -230,22 +229,15 @@ def _load_factors(layer, plan: ModulePlan, rank: int) -> None:
             offset += factors.rank
 
 
-def _initial_alpha(config: CatConfig, mask, previous: dict | None, skills) -> torch.Tensor:
-    if config.parametrization == "softmax":
-        alpha = torch.zeros(mask.shape, dtype=torch.float32)
-    else:
-        alpha = torch.full(mask.shape, float(config.init), dtype=torch.float32)
-    if previous:
-        for skill_index, skill in enumerate(skills):
-            if skill.name not in previous:
-                continue
+def _initial_alpha(config: CatConfig, present, previous: dict | None, skills) -> torch.Tensor:
+    """alpha (fp32, shape of `present`): the parametrization's start, or a record's values."""
+    parametrization = Parametrization.parse(config.parametrization)
+    alpha = torch.full(present.shape, parametrization.initial(config.init), dtype=torch.float32)
+    for skill_index, skill in enumerate(skills):
+        if previous and skill.name in previous:
             values = torch.as_tensor(previous[skill.name], dtype=torch.float32).reshape(-1)
-            rows = min(len(values), mask.shape[0])
-            values = values[:rows]
-            if config.parametrization == "softmax":
-                # softmax(log c) = c when the present skills' c sum to 1, as a softmax export does
-                values = values.clamp_min(1e-12).log()
-            alpha[:rows, skill_index] = values
+            rows = min(len(values), present.shape[0])
+            alpha[:rows, skill_index] = parametrization.inverse(values[:rows])
     return alpha
 
 
@@ -273,9 +265,9 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
         raise CatError(
             f"coefficients_from: {path} was fitted with granularity {record.get('granularity')!r} "
             f"and parametrization {record.get('parametrization')!r}; this config asks for "
-            f"{config.granularity!r} / {config.parametrization!r}"
+            f"'{config.granularity}' / '{config.parametrization}'"
         )
-    if config.granularity == "core":
+    if config.granularity is Granularity.CORE:
         try:
             return {
                 name: {"core": entry["core"]} for name, entry in modules.items() if "core" in entry
@@ -289,7 +281,7 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
     by_group: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for name, entry in modules.items():
-            group = by_group.setdefault(group_key(config.granularity, name), {})
+            group = by_group.setdefault(Granularity.parse(config.granularity).group(name), {})
             for skill, value in entry["coefficients"].items():
                 value = torch.as_tensor(value, dtype=torch.float32)
                 if not torch.isfinite(value).all():
@@ -299,4 +291,4 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
         raise CatError(
             f"coefficients_from: {path} holds no usable coefficients ({error!r})"
         ) from error
-    return {name: by_group[group_key(config.granularity, name)] for name in modules}
+    return {name: by_group[Granularity.parse(config.granularity).group(name)] for name in modules}

@@ -15,9 +15,8 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import CatError
-from .layer import is_core
-from .saved_modules import saved_module_mixes, saved_module_wrappers
-from .state import cat_layers, weighted
+from .granularity import Parametrization
+from .state import cat_layers, saved_module_wrappers, state_of, weighted
 
 
 def static_mixes(skill_names: Sequence[str]) -> dict[str, list[float]]:
@@ -35,7 +34,8 @@ def static_mixes(skill_names: Sequence[str]) -> dict[str, list[float]]:
 def is_sharded(model) -> bool:
     """Whether FSDP2 (DTensor) or DeepSpeed ZeRO-3 (ds_id) holds the coefficients in shards."""
     return any(
-        hasattr(layer.cat_alpha, "full_tensor") or hasattr(layer.cat_alpha, "ds_id")
+        hasattr(state_of(layer).coefficients, "full_tensor")
+        or hasattr(state_of(layer).coefficients, "ds_id")
         for _, layer in cat_layers(model)
         if weighted(layer)
     )
@@ -58,38 +58,31 @@ def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
         raise CatError("static mixes need whole coefficients; they are sharded (FSDP2/ZeRO-3)")
     saved: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
     parametrizations = []
+    # CAT layers, then modules_to_save composed by CAT (M_base + Σ_i weights[i] (M_i - M_base))
+    modules = [layer for _, layer in cat_layers(model) if weighted(layer)]
+    modules += [wrapper for _, wrapper in saved_module_wrappers(model)]
     try:
         with torch.no_grad():
-            for _, layer in cat_layers(model):
-                if not weighted(layer):
-                    continue
-                if len(weights) != len(layer.cat_skill_names):
+            for module in modules:
+                state = state_of(module)
+                if len(weights) != len(state.skill_names):
                     raise CatError(
                         f"static_coefficients: {len(weights)} weights for "
-                        f"{len(layer.cat_skill_names)} skills {list(layer.cat_skill_names)}"
+                        f"{len(state.skill_names)} skills {list(state.skill_names)}"
                     )
-                param = layer.cat_alpha
+                param = state.coefficients
                 saved.setdefault(id(param), (param, param.detach().clone()))
                 w = torch.tensor(weights, dtype=torch.float32, device=param.device)
-                if is_core(layer):
-                    param.copy_(torch.einsum("i,iab->ab", w, layer.cat_skill_cores.float()))
+                if state.is_core:
+                    param.copy_(torch.einsum("i,iab->ab", w, state.skill_cores.float()))
                 else:
                     param.copy_(w.expand_as(param))
-                    parametrizations.append((layer, layer.cat_parametrization))
-                    layer.cat_parametrization = "free"
-            # modules_to_save composed by CAT: M_base + Σ_i weights[i] (M_i - M_base)
-            for _, wrapper in saved_module_wrappers(model):
-                for mix in saved_module_mixes(wrapper):
-                    param = mix.cat_alpha
-                    saved.setdefault(id(param), (param, param.detach().clone()))
-                    w = torch.tensor(weights, dtype=torch.float32, device=param.device)
-                    param.copy_(w.expand_as(param))
-                    parametrizations.append((mix, mix.cat_parametrization))
-                    mix.cat_parametrization = "free"
+                    parametrizations.append((state, state.parametrization))
+                    state.parametrization = Parametrization.FREE
         yield
     finally:
         with torch.no_grad():
             for param, value in saved.values():
                 param.copy_(value)
-        for layer, parametrization in parametrizations:
-            layer.cat_parametrization = parametrization
+        for state, parametrization in parametrizations:
+            state.parametrization = parametrization

@@ -11,6 +11,7 @@ import re
 
 import yaml
 
+from .granularity import Granularity
 from .summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
 
 TAGS = ["axolotl", "lora", "cat-merge", "lora-soups", "peft"]
@@ -71,7 +72,12 @@ def _front_matter(record: dict) -> str:
 def _introduction(record: dict, config: dict, hub_model_id: str | None) -> str:
     title = hub_model_id.rsplit("/", 1)[-1] if hub_model_id else "CAT adapter"
     names = skill_names(record)
-    learned = _COEFFICIENTS_LEARNED.get(record.get("granularity"), "coefficients")
+    granularity = record.get("granularity")
+    learned = (
+        Granularity(granularity).description
+        if granularity in Granularity.names()
+        else "coefficients"
+    )
     return (
         f"# {title}\n\n"
         f"A LoRA adapter for `{record.get('base_model') or 'an unrecorded base model'}` made "
@@ -80,15 +86,6 @@ def _introduction(record: dict, config: dict, hub_model_id: str | None) -> str:
         "folded into the skills' factors. The result is one standard PEFT LoRA adapter of rank "
         f"{config.get('r')} (scaling 1) that loads without any CAT code."
     )
-
-
-_COEFFICIENTS_LEARNED = {
-    "module": "one coefficient per skill for every LoRA-wrapped module",
-    "layer": "one coefficient per skill for every decoder layer",
-    "adapter": "one coefficient per skill for the whole model",
-    "rank": "one coefficient for every rank-1 component of every skill on every module",
-    "core": "a full R x R core per module in the skills' joint subspace",
-}
 
 
 def _skills(record: dict) -> str:
@@ -108,7 +105,7 @@ def _skills(record: dict) -> str:
 
 
 def _coefficients(record: dict, plot_file: str | None) -> str:
-    over = "components" if record.get("granularity") == "rank" else "modules"
+    over = "components" if record.get("granularity") == Granularity.RANK else "modules"
     rows = [
         [name, f"{s.mean:.4f}", f"{s.min:.4f}", f"{s.max:.4f}", str(s.count)]
         for name, s in skill_stats(record).items()
@@ -122,7 +119,7 @@ def _coefficients(record: dict, plot_file: str | None) -> str:
         "",
         _table(["skill", "mean", "min", "max", over], rows),
     ]
-    if record.get("granularity") == "core":
+    if record.get("granularity") == Granularity.CORE:
         residuals = [
             e["core_residual"] for e in record.get("modules", {}).values() if "core_residual" in e
         ]

@@ -12,9 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CatError
-
-GRANULARITIES = ("module", "layer", "adapter", "rank", "core")
-PARAMETRIZATIONS = ("free", "softmax")
+from .granularity import Granularity, Parametrization
 
 
 @dataclass(frozen=True)
@@ -64,18 +62,20 @@ class CatConfig:
     """How to combine skill LoRAs with CAT.
 
     adapters: the skills, as paths, dicts ({"path", "name", "revision"}) or SkillSpecs.
-    granularity: one coefficient per skill per `module` (the paper), per decoder `layer`,
-        for the whole `adapter`, per `rank`-1 component of each skill, or a full R x R `core`
-        per module in the skills' joint subspace (core_space.py; needs parametrization free).
-    parametrization: `free` (c = alpha, starts at `init`) or `softmax` (c = softmax of alpha
-        over the skills in each group, starts uniform).
+    granularity: a Granularity or its name (granularity.py): one coefficient per skill per
+        `module` (the paper), per decoder `layer`, for the whole `model`, per `rank`-1
+        component of each skill, or a full R x R `core` per module in the skills' joint
+        subspace (core_space.py; needs parametrization free). `adapter` is the deprecated
+        name of `model`.
+    parametrization: a Parametrization or its name: `free` (c = alpha, starts at `init`) or
+        `softmax` (c = softmax of alpha over the skills in each group, starts uniform).
     dropout: dropout on the adapter input, as LoRA's lora_dropout.
     coefficients_from: a previous cat_coefficients.json to start from (resume, re-export).
     """
 
     adapters: list[Any]
-    granularity: str = "module"
-    parametrization: str = "free"
+    granularity: Granularity | str = Granularity.MODULE
+    parametrization: Parametrization | str = Parametrization.FREE
     init: float = 1.0
     dropout: float = 0.0
     coefficients_from: str | None = None
@@ -92,19 +92,13 @@ class CatConfig:
                 f"cat_merge.adapters: duplicate skill name(s) {duplicates}; "
                 "give each a distinct 'name'"
             )
-        if self.granularity not in GRANULARITIES:
-            raise CatError(
-                f"cat_merge.granularity: {self.granularity!r} is not one of {list(GRANULARITIES)}"
-            )
-        if self.parametrization not in PARAMETRIZATIONS:
-            raise CatError(
-                f"cat_merge.parametrization: {self.parametrization!r} is not one of "
-                f"{list(PARAMETRIZATIONS)}"
-            )
-        if self.granularity == "core" and self.parametrization != "free":
+        self.granularity = Granularity.parse(self.granularity)
+        self.parametrization = Parametrization.parse(self.parametrization)
+        free = self.parametrization is Parametrization.FREE
+        if self.granularity is Granularity.CORE and not free:
             raise CatError(
                 "cat_merge.parametrization: granularity core learns a full matrix per module, "
-                f"which has no softmax form; use parametrization free, not {self.parametrization!r}"
+                f"which has no softmax form; use parametrization free, not '{self.parametrization}'"
             )
         if not isinstance(self.init, (int, float)) or not math.isfinite(self.init):
             raise CatError(f"cat_merge.init: must be a finite number, got {self.init!r}")

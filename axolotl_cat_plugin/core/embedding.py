@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Embedding, LoraVariant
 
-from .layer import DeltaMerges, slot_weights
+from .layer import DeltaMerges
+from .state import state_of
 
 
 def is_embedding(layer) -> bool:
@@ -57,7 +58,7 @@ def set_factors(layer, lora_A: torch.Tensor, lora_B: torch.Tensor, adapter: str 
 def delta_weight(layer, adapter: str = "default") -> torch.Tensor:
     """ΔE = (B diag(w) A)^T, fp32, shape (num_embeddings, embedding_dim), as the table."""
     lora_A, lora_B = factor_weights(layer, adapter)
-    return ((lora_B.float() * slot_weights(layer)) @ lora_A.float()).t()
+    return ((lora_B.float() * state_of(layer).slot_weights()) @ lora_A.float()).t()
 
 
 class CatEmbeddingVariant(DeltaMerges, LoraVariant):
@@ -71,7 +72,7 @@ class CatEmbeddingVariant(DeltaMerges, LoraVariant):
     @staticmethod
     def forward(module, active_adapter, x, result, **kwargs) -> torch.Tensor:
         lora_A, lora_B = factor_weights(module, active_adapter)
-        hidden = module._embed(x, lora_A.t()) * slot_weights(module)  # (..., R), fp32
+        hidden = module._embed(x, lora_A.t()) * state_of(module).slot_weights()  # (..., R), fp32
         update = hidden.to(result.dtype) @ lora_B.t().to(result.dtype)
         embed_scale = module._get_embed_scale()  # Gemma-style scaled embeddings, as PEFT does
         if embed_scale is not None:

@@ -41,7 +41,7 @@ from .format import (
 )
 from .plot import coefficient_heatmap
 from .saved_modules import unparametrize_saved_modules
-from .state import ADAPTER, COEFFICIENTS, cat_layers
+from .state import ADAPTER, cat_layers, remove_state
 
 LOG = logging.getLogger(__name__)
 
@@ -195,16 +195,7 @@ def apply_export(
         layer.lora_alpha[ADAPTER] = folded.rank
         layer.scaling[ADAPTER] = 1.0
         layer.lora_variant.pop(ADAPTER, None)
-        for name in (
-            COEFFICIENTS,
-            "cat_group_mask",
-            "cat_slot_index",
-            "cat_slot_scale",
-            "cat_module_name",  # the model is a plain LoRA model now, no CAT layer is left
-            "cat_skill_names",
-        ):
-            if hasattr(layer, name):
-                delattr(layer, name)
+        remove_state(layer)  # the model is a plain LoRA model now, no CAT layer is left
     unparametrize_saved_modules(model)  # the copies hold the composed modules_to_save
     peft_model.peft_config[ADAPTER] = folded.config
     peft_model.__dict__.pop("save_pretrained", None)  # PEFT's own save now writes the export

@@ -20,9 +20,9 @@ from .core_space import skill_weights
 from .embedding import factor_weights, is_embedding
 from .errors import CatError
 from .format import FORMAT_VERSION, peft_key
-from .layer import effective_coefficients, is_core
+from .granularity import Granularity
 from .saved_modules import fold_saved_modules
-from .state import ADAPTER, cat_layers, cat_metadata, is_coefficient, weighted
+from .state import ADAPTER, cat_layers, cat_metadata, is_coefficient, state_of, weighted
 
 _FACTOR_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
@@ -72,7 +72,7 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         or not 0 <= prune_threshold < math.inf
     ):
         raise CatError(f"prune_threshold: must be a finite number >= 0, got {prune_threshold!r}")
-    if prune_threshold is not None and metadata.granularity == "core":
+    if prune_threshold is not None and metadata.granularity == Granularity.CORE:
         raise CatError(
             "prune_threshold: granularity core mixes every skill's directions in one core, so "
             "no skill can be dropped from a module; use export_rank to shrink the export"
@@ -138,17 +138,18 @@ def skill_coefficients(model) -> dict[str, list[float]]:
         for _, layer in cat_layers(model):
             if not weighted(layer):
                 continue
-            alpha = full_tensor(layer.cat_alpha).float()
-            if is_core(layer):
-                present = layer.cat_group_mask[0]
-                c, _ = skill_weights(alpha, full_tensor(layer.cat_skill_cores), present)
-                for skill_index, skill in enumerate(layer.cat_skill_names):
+            state = state_of(layer)
+            alpha = full_tensor(state.coefficients).float()
+            if state.is_core:
+                present = state.present[0]
+                c, _ = skill_weights(alpha, full_tensor(state.skill_cores), present)
+                for skill_index, skill in enumerate(state.skill_names):
                     if present[skill_index]:
                         values.setdefault(skill, []).append(float(c[skill_index]))
                 continue
-            c = effective_coefficients(alpha, layer.cat_group_mask, layer.cat_parametrization)
-            for skill_index, skill in enumerate(layer.cat_skill_names):
-                present = layer.cat_group_mask[:, skill_index]
+            c = state.parametrization.coefficients(alpha, state.present)
+            for skill_index, skill in enumerate(state.skill_names):
+                present = state.present[:, skill_index]
                 values.setdefault(skill, []).extend(c[present, skill_index].tolist())
     return values
 
@@ -162,36 +163,34 @@ def _fold_layer(layer, prune_threshold):
         empty_A = torch.zeros(0, lora_A.shape[1], dtype=torch.float32, device=lora_A.device)
         empty_B = torch.zeros(lora_B.shape[0], 0, dtype=torch.float32, device=lora_B.device)
         return empty_A, empty_B, {"coefficients": {}, "rank": 0}
-    if is_core(layer):
-        return _fold_core_layer(layer)
+    state = state_of(layer)
+    if state.is_core:
+        return _fold_core_layer(layer, state)
     with torch.no_grad():
-        alpha = full_tensor(layer.cat_alpha).float()
-        c = effective_coefficients(alpha, layer.cat_group_mask, layer.cat_parametrization)
+        alpha = full_tensor(state.coefficients).float()
+        c = state.parametrization.coefficients(alpha, state.present)
         if not torch.isfinite(c).all():
             raise CatError(
-                f"module {layer.cat_module_name}: coefficients are not finite ({c.tolist()}); "
+                f"module {state.module_name}: coefficients are not finite ({c.tolist()}); "
                 "training diverged, refusing to export"
             )
-        slot_c = c.flatten()[layer.cat_slot_index]
+        slot_c = c.flatten()[state.slot_index]
         lora_A, lora_B = (full_tensor(factor).float() for factor in factor_weights(layer, ADAPTER))
-        num_skills = len(layer.cat_skill_names)
-        present = layer.cat_slot_scale != 0
-        keep = present.clone()
+        keep = state.slot_scale != 0
         if prune_threshold is not None:
             keep &= slot_c.abs() >= prune_threshold
-        scaled_A = (slot_c * layer.cat_slot_scale)[keep, None] * lora_A[keep]
+        scaled_A = (slot_c * state.slot_scale)[keep, None] * lora_A[keep]
 
         coefficients: dict[str, list[float]] = {}
         pruned: dict[str, list[int]] = {}
-        skill_of_slot = (layer.cat_slot_index % num_skills).tolist()
-        for slot in present.nonzero().flatten().tolist():
-            skill = layer.cat_skill_names[skill_of_slot[slot]]
+        for slot, skill_index in state.slot_skills():
+            skill = state.skill_names[skill_index]
             component = len(coefficients.setdefault(skill, []))
             coefficients[skill].append(float(slot_c[slot]))
             if not keep[slot]:
                 pruned.setdefault(skill, []).append(component)
 
-    if layer.cat_group_mask.shape[0] == 1:  # one coefficient per skill: report the scalar
+    if state.present.shape[0] == 1:  # one coefficient per skill: report the scalar
         coefficients = {skill: values[0] for skill, values in coefficients.items()}
     entry = {"coefficients": coefficients, "rank": int(keep.sum())}
     if pruned:
@@ -199,25 +198,26 @@ def _fold_layer(layer, prune_threshold):
     return scaled_A, lora_B[:, keep], entry
 
 
-def _fold_core_layer(layer):
+def _fold_core_layer(layer, state):
     """Granularity `core`: lora_A = Q_Aᵀ, lora_B = Q_B M; the record keeps M itself (for
     resume and re-export) and the per-skill weights that best explain it (core_space.py)."""
     with torch.no_grad():
-        core = full_tensor(layer.cat_alpha).float()
+        core = full_tensor(state.coefficients).float()
         if not torch.isfinite(core).all():
             raise CatError(
-                f"module {layer.cat_module_name}: the learned core is not finite; training "
+                f"module {state.module_name}: the learned core is not finite; training "
                 "diverged, refusing to export"
             )
         lora_A = full_tensor(layer.lora_A[ADAPTER].weight).float()
         lora_B = full_tensor(layer.lora_B[ADAPTER].weight).float()
         used = (lora_A.abs().sum(1) != 0) | (lora_B.abs().sum(0) != 0)
         rank = int(used.nonzero().max()) + 1 if used.any() else 0
-        present = layer.cat_group_mask[0]
-        weights, residual = skill_weights(core, full_tensor(layer.cat_skill_cores), present)
+        present = state.present[0]
+        weights, residual = skill_weights(core, full_tensor(state.skill_cores), present)
+        lora_B = lora_B @ core
     coefficients = {
         skill: float(weights[index])
-        for index, skill in enumerate(layer.cat_skill_names)
+        for index, skill in enumerate(state.skill_names)
         if present[index]
     }
     entry = {
@@ -226,7 +226,7 @@ def _fold_core_layer(layer):
         "core": core[:rank, :rank].tolist(),
         "rank": rank,
     }
-    return lora_A[:rank], (lora_B @ core)[:, :rank], entry
+    return lora_A[:rank], lora_B[:, :rank], entry
 
 
 def compress(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int):

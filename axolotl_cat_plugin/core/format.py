@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from .errors import CatError
+from .granularity import current_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -23,8 +24,11 @@ COEFFICIENTS_FILE = "cat_coefficients.json"
 CARD_FILE = "README.md"
 PLOT_FILE = "cat_coefficients.png"
 STAGING_PREFIX = ".cat-export-"
-# in a trainer checkpoint, beside the folded adapter: the raw coefficients resume restores
-CHECKPOINT_COEFFICIENTS_FILE = "cat_alpha.safetensors"
+# in a trainer checkpoint, beside the folded adapter: the raw coefficients resume restores,
+# by parameter name; checkpoints written before 0.2 hold them as LEGACY_..., named `*.cat_alpha`
+CHECKPOINT_COEFFICIENTS_FILE = "cat_coefficients.safetensors"
+LEGACY_CHECKPOINT_COEFFICIENTS_FILE = "cat_alpha.safetensors"
+LEGACY_COEFFICIENT_SUFFIX = ".cat_alpha"
 # the order an export is moved in: adapter_config.json last, since it makes a folder loadable
 EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FILE)
 # cat_coefficients.json's schema version: readers refuse records from a newer writer
@@ -51,7 +55,8 @@ def read_record(folder: str | os.PathLike) -> dict:
 
 def read_record_file(path: str | os.PathLike) -> dict:
     """A cat_coefficients.json, checked: a JSON object with `skills` (list) and `modules`
-    (object) whose `format_version` (1 when absent) is at most FORMAT_VERSION.
+    (object) whose `format_version` (1 when absent) is at most FORMAT_VERSION. A granularity
+    recorded under its old name (`adapter`) is returned under today's (`model`).
 
     Raises CatError naming the file for unreadable JSON, a missing part or a newer version.
     """
@@ -74,4 +79,6 @@ def read_record_file(path: str | os.PathLike) -> dict:
             f"{path} has format_version {version}, newer than the {FORMAT_VERSION} this "
             "axolotl-cat-plugin reads; upgrade axolotl-cat-plugin"
         )
+    if "granularity" in record:  # a record written before a granularity was renamed
+        record["granularity"] = current_name(record["granularity"])
     return record

@@ -10,13 +10,13 @@ So the forward is one A matmul and one B matmul whatever the number of skills:
 
     y = base(x) + B (w ⊙ A x)
 
-The coefficients live in `cat_alpha` (fp32, shape (groups, skills)) on the PEFT LoRA layer.
-With granularity `core` (core_space.py) `cat_alpha` is instead an R x R matrix M that mixes
-the rank slots, ΔW = B M A, y = base(x) + B (M (A x)); `cat_core` marks such a layer.
-`cat_slot_index` says which entry of c weights each rank slot, and `cat_slot_scale` holds s.
-With granularity `rank`, row g of alpha weights the g-th component of every skill;
-otherwise there is one row. Several layers may share one `cat_alpha` (granularity
-`layer` or `adapter`).
+The coefficients and the slot layout live in the layer's CatState (state.py,
+`layer.cat_state["default"]`): `coefficients` (fp32, shape (groups, skills)), which entry of
+c weights each rank slot, and s per slot; `mix()` gives w. With granularity `core`
+(core_space.py) the coefficients are instead an R x R matrix M that mixes the rank slots,
+ΔW = B M A, y = base(x) + B (M (A x)). With granularity `rank`, row g weights the g-th
+component of every skill; otherwise there is one row. Several layers share one Parameter
+with granularity `layer` or `model`.
 
 We plug into PEFT through its `LoraVariant` hook (the mechanism DoRA uses; PEFT documents it
 as private) rather than a LoRA layer of our own: PEFT's `Linear.forward` keeps doing the
@@ -33,34 +33,12 @@ from peft.utils.other import transpose
 from torch import nn
 
 from .fused import cat_linear, fused_applicable, mix_slots
-
-
-def effective_coefficients(alpha: torch.Tensor, mask: torch.Tensor, parametrization: str):
-    """c from alpha: itself (`free`), or a softmax over the skills present in each group."""
-    if parametrization == "free":
-        return alpha
-    return torch.softmax(alpha.masked_fill(~mask, float("-inf")), dim=-1).masked_fill(~mask, 0.0)
-
-
-def slot_weights(layer) -> torch.Tensor:
-    """w: the weight c·s of every rank slot of the concatenated adapter, fp32, shape (R,)."""
-    c = effective_coefficients(layer.cat_alpha, layer.cat_group_mask, layer.cat_parametrization)
-    return c.flatten()[layer.cat_slot_index] * layer.cat_slot_scale
-
-
-def is_core(layer) -> bool:
-    """Whether the layer mixes its rank slots with a full core M (granularity `core`)."""
-    return getattr(layer, "cat_core", False)
-
-
-def slot_mix(layer) -> torch.Tensor:
-    """How the rank slots are mixed, fp32: w (R,) (diagonal), or the core M (R, R) for `core`."""
-    return layer.cat_alpha if is_core(layer) else slot_weights(layer)
+from .state import state_of
 
 
 def mixed_B(layer, lora_B: torch.Tensor) -> torch.Tensor:
     """B diag(w) or B M: the B factor with the coefficients folded in, fp32, (d_out, R)."""
-    mix = slot_mix(layer).float()
+    mix = state_of(layer).mix().float()
     return lora_B.float() @ mix if mix.dim() == 2 else lora_B.float() * mix
 
 
@@ -140,7 +118,7 @@ class CatLinearVariant(DeltaMerges, LoraVariant):
                 module.base_layer.weight,
                 module.lora_A[active_adapter].weight,
                 module.lora_B[active_adapter].weight,
-                slot_mix(module),
+                state_of(module).mix(),
                 in_place=_owns_output(module, result),
             )
         return CatLinearVariant.unfused_forward(module, active_adapter, x, result)
@@ -154,7 +132,7 @@ class CatLinearVariant(DeltaMerges, LoraVariant):
         lora_B = module.lora_B[active_adapter].weight.to(result.dtype)
         hidden = F.linear(module.lora_dropout[active_adapter](x), lora_A)
         # the same mix as the fused Function (fp32, w ⊙ a or M a), then the output's dtype
-        hidden = mix_slots(hidden, slot_mix(module)).to(result.dtype)
+        hidden = mix_slots(hidden, state_of(module).mix()).to(result.dtype)
         if _owns_output(module, result):
             # add B·hidden into the base output itself: allocating (and page-faulting in) a new
             # full-width tensor per module costs more than the rank-R matmul does

@@ -46,24 +46,36 @@ _WHERE_FLAGS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 
 @dataclass(frozen=True)
 class MergeMethod:
+    """One static merge: PEFT's add_weighted_adapter `combination_type` and what it needs."""
+
     name: str
     combination_type: str  # PEFT's name for it
+    paper: str  # where the method comes from
     equal_ranks: bool = False  # combines the factors themselves: one rank for every skill
     density: bool = False  # prunes (ties) or drops (dare) a fraction of the entries
     rebuilds_delta: bool = False  # SVD of the combined ΔW: the rank can change
 
 
+_TASK_ARITHMETIC = "Task arithmetic, Ilharco et al., arXiv 2212.04089"
+_TIES = "TIES-Merging, Yadav et al., arXiv 2306.01708"
+_DARE = "DARE, Yu et al., arXiv 2311.03099"
+
 METHODS = {
     method.name: method
     for method in (
-        MergeMethod("linear", "linear", equal_ranks=True),
-        MergeMethod("cat", "cat"),
-        MergeMethod("ties", "ties", equal_ranks=True, density=True),
-        MergeMethod("dare_linear", "dare_linear", equal_ranks=True, density=True),
-        MergeMethod("dare_ties", "dare_ties", equal_ranks=True, density=True),
-        MergeMethod("svd", "svd", rebuilds_delta=True),
+        MergeMethod("linear", "linear", _TASK_ARITHMETIC, equal_ranks=True),
+        # the skills' factors side by side with fixed weights: the static sum Σ w_i s_i B_i A_i
+        # (CAT learns these weights, per module)
+        MergeMethod("concat", "cat", _TASK_ARITHMETIC),
+        MergeMethod("ties", "ties", _TIES, equal_ranks=True, density=True),
+        MergeMethod("dare_linear", "dare_linear", _DARE, equal_ranks=True, density=True),
+        MergeMethod("dare_ties", "dare_ties", f"{_DARE}; {_TIES}", equal_ranks=True, density=True),
+        MergeMethod("svd", "svd", _TASK_ARITHMETIC, rebuilds_delta=True),
     )
 }
+# names that still work, with a deprecation warning: `cat` (PEFT's combination_type) read as
+# the learned CAT of this package
+RENAMED_METHODS = {"cat": "concat"}
 
 
 def merge_skills(
@@ -141,6 +153,14 @@ def merge_skills(
 
 
 def _method(name: str) -> MergeMethod:
+    if name in RENAMED_METHODS:
+        LOG.warning(
+            "merge method %r is deprecated and will be removed in a future release: it is "
+            "PEFT's fixed-weight concatenation, not the learned CAT; use %r",
+            name,
+            RENAMED_METHODS[name],
+        )
+        name = RENAMED_METHODS[name]
     if name not in METHODS:
         raise CatError(f"unknown merge method {name!r}; choose one of {sorted(METHODS)}")
     return METHODS[name]
@@ -231,7 +251,7 @@ def _check_equal_ranks(method: MergeMethod, skills: list[Skill]) -> None:
         )
         raise CatError(
             f"--method {method.name} combines the skills' factors entry by entry, so every skill "
-            f"needs the same rank on every module; got {described}: use --method cat or svd"
+            f"needs the same rank on every module; got {described}: use --method concat or svd"
         )
 
 
@@ -277,7 +297,7 @@ def _undo_double_scaling(skills: list[Skill], weights) -> list[float]:
                 f"this PEFT version's svd merge applies each skill's scaling twice "
                 f"(huggingface/peft#3111), and skill {skill.name!r} has different scalings on "
                 f"different modules ({scalings}, from rank_pattern/alpha_pattern), so it cannot "
-                "be corrected: use --method cat"
+                "be corrected: use --method concat"
             )
         corrected.append(float(weight) / scalings[0])
     return corrected

@@ -17,8 +17,6 @@ from .moe import refuse_per_expert_modules
 from .skill_checks import check_base_copies
 from .skills import Skill, SkillModule
 
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
-
 
 @dataclass
 class ModulePlan:
@@ -125,14 +123,3 @@ def _in_out_features(module: nn.Module, skill: Skill, module_name: str) -> tuple
         f"skill {skill.name!r}: module {module_name} is a {type(module).__name__}; "
         "CAT composes LoRAs on Linear and Embedding layers only"
     )
-
-
-def group_key(granularity: str, module_name: str) -> str:
-    """The key of the coefficients a module shares: the module itself, its decoder layer
-    (`layer`: the first `.N.` in its name) or the whole adapter."""
-    if granularity == "adapter":
-        return "adapter"
-    if granularity == "layer":
-        match = _LAYER_INDEX.search(module_name)
-        return f"layer {match.group(1)}" if match else module_name
-    return module_name

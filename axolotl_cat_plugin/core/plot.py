@@ -10,6 +10,7 @@ import io
 import logging
 import math
 
+from .granularity import Granularity
 from .summary import module_type_grids, skill_names
 
 LOG = logging.getLogger(__name__)
@@ -52,8 +53,8 @@ def coefficient_heatmap(record: dict) -> bytes | None:
     axes[-1].set_xlabel("decoder layer")
     figure.colorbar(image, ax=list(axes), label="coefficient", shrink=0.9)
     averaged = {
-        "rank": ", mean over components",
-        "core": ", least-squares weights of the core",
+        Granularity.RANK: ", mean over components",
+        Granularity.CORE: ", least-squares weights of the core",
     }.get(record.get("granularity"), "")
     figure.suptitle(
         f"CAT coefficients (granularity {record.get('granularity')}, "

@@ -4,8 +4,8 @@ A chat skill that added tokens typically trains `embed_tokens` and `lm_head` in 
 saves each such module's parameters as `base_model.model.<module>.<param>` (the copy in its
 ModulesToSaveWrapper, peft/utils/other.py) and, on load, wraps the module again and loads them
 into that copy. Skill i's update of a saved module is M_i - M_base, so CAT learns one
-coefficient per skill per saved module (fp32, `cat_alpha`, free or softmax like the LoRA
-coefficients) and computes
+coefficient per skill per saved module (fp32, in the wrapper's CatState, free or softmax like
+the LoRA coefficients) and computes
 
     M = M_base + Σ_i c_i (M_i - M_base)
 
@@ -27,8 +27,16 @@ from torch.nn.utils import parametrize
 
 from .errors import CatError
 from .format import read_record_file
-from .layer import effective_coefficients
-from .state import ADAPTER
+from .granularity import Parametrization
+from .state import (
+    ADAPTER,
+    CatState,
+    is_coefficient,
+    put_state,
+    remove_state,
+    saved_module_wrappers,
+    state_of,
+)
 
 
 def saved_module_names(skills) -> list[str]:
@@ -89,25 +97,20 @@ def check_saved_modules(skills, model: nn.Module) -> None:
 class SavedModuleMix(nn.Module):
     """The parametrization M_base -> M_base + Σ_i c_i D_i of one parameter of a saved module.
 
-    deltas: (K, *shape) buffer, D_i = M_i - M_base (zero for a skill that did not save it);
-    cat_alpha: (1, K) fp32, shared by the module's parameters (weight and bias).
+    deltas: (K, *shape) fp32 buffer, D_i = M_i - M_base (zero for a skill that did not save
+    it); c (fp32, (K,)) comes from the wrapper's CatState, shared by the module's parameters
+    (weight and bias). The state is held outside this module's children, so the coefficients
+    are registered once, on the wrapper.
     """
 
-    def __init__(self, deltas: torch.Tensor, alpha: nn.Parameter, mask, parametrization: str):
+    def __init__(self, deltas: torch.Tensor, state: CatState):
         super().__init__()
         self.register_buffer("deltas", deltas, persistent=False)
-        self.register_buffer("cat_group_mask", mask, persistent=False)
-        self.cat_alpha = alpha
-        self.cat_parametrization = parametrization
-
-    def coefficients(self) -> torch.Tensor:
-        """c, fp32, shape (K,)."""
-        return effective_coefficients(
-            self.cat_alpha, self.cat_group_mask, self.cat_parametrization
-        ).flatten()
+        self._state = [state]  # a list: not a submodule (see the docstring)
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
-        mixed = torch.tensordot(self.coefficients(), self.deltas.float(), dims=1)
+        c = self._state[0].effective().flatten()
+        mixed = torch.tensordot(c, self.deltas.float(), dims=1)
         return base + mixed.to(base.dtype)
 
 
@@ -118,35 +121,36 @@ def install_saved_modules(peft_model, skills, config) -> None:
     """
     names = saved_module_names(skills)
     starting = _starting(config, names)
+    parametrization = Parametrization.parse(config.parametrization)
     model = peft_model.base_model.model
     for name in names:
         wrapper = model.get_submodule(name)
         copy = wrapper.modules_to_save[ADAPTER]
-        mask = torch.tensor([[name in skill.saved_modules for skill in skills]])
-        if config.parametrization == "softmax":
-            alpha = torch.zeros(mask.shape, dtype=torch.float32)
-        else:
-            alpha = torch.full(mask.shape, float(config.init), dtype=torch.float32)
+        present = torch.tensor([[name in skill.saved_modules for skill in skills]])
+        alpha = torch.full(present.shape, parametrization.initial(config.init))
         for index, skill in enumerate(skills):
             if skill.name in starting.get(name, {}):
-                value = float(starting[name][skill.name])
-                alpha[0, index] = (
-                    torch.tensor(value).clamp_min(1e-12).log()
-                    if config.parametrization == "softmax"
-                    else value
-                )
+                value = torch.tensor(float(starting[name][skill.name]))
+                alpha[0, index] = parametrization.inverse(value)
         device = next(copy.parameters()).device
-        alpha = nn.Parameter(alpha.to(device))
+        state = CatState(
+            name,
+            tuple(skill.name for skill in skills),
+            parametrization,
+            coefficients=nn.Parameter(alpha.to(device)),
+            present=present.to(device),
+            saved_module=True,
+        )
+        put_state(wrapper, state)
         for param_name, param in list(copy.named_parameters(recurse=False)):
             deltas = torch.zeros((len(skills), *param.shape), dtype=torch.float32)
             for index, skill in enumerate(skills):
                 saved = skill.saved_modules.get(name, {}).get(param_name)
                 if saved is not None:
                     deltas[index] = saved.float() - param.detach().float().cpu()
-            mix = SavedModuleMix(deltas.to(device), alpha, mask.to(device), config.parametrization)
-            parametrize.register_parametrization(copy, param_name, mix)
-        wrapper.cat_saved_module_name = name
-        wrapper.cat_skill_names = tuple(skill.name for skill in skills)
+            parametrize.register_parametrization(
+                copy, param_name, SavedModuleMix(deltas.to(device), state)
+            )
         wrapper.set_adapter = types.MethodType(_set_adapter_keeping_module_frozen, wrapper)
 
 
@@ -156,7 +160,7 @@ def _set_adapter_keeping_module_frozen(wrapper, *args, **kwargs):
     coefficients train, so everything else is frozen again (as attach does for LoRA layers)."""
     type(wrapper).set_adapter(wrapper, *args, **kwargs)
     for param_name, param in wrapper.named_parameters():
-        if not param_name.endswith("cat_alpha"):
+        if not is_coefficient(param_name):
             param.requires_grad_(False)
 
 
@@ -175,19 +179,6 @@ def _starting(config, names) -> dict[str, dict[str, float]]:
         ) from error
 
 
-def saved_module_wrappers(model: nn.Module):
-    """(module name in the base model, ModulesToSaveWrapper) of every composed saved module."""
-    for module in model.modules():
-        if hasattr(module, "cat_saved_module_name"):
-            yield module.cat_saved_module_name, module
-
-
-def saved_module_mixes(wrapper) -> list[SavedModuleMix]:
-    """The CAT mixes on one composed saved module's parameters (they share one cat_alpha)."""
-    copy = wrapper.modules_to_save[ADAPTER]
-    return [copy.parametrizations[name][0] for name in copy.parametrizations]
-
-
 def fold_saved_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, list[str]]:
     """The export's tensors of the composed saved modules (PEFT's keys), their record, and the
     module names for the adapter config's modules_to_save (PEFT matches them by suffix)."""
@@ -195,20 +186,19 @@ def fold_saved_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict,
     with torch.no_grad():
         for name, wrapper in saved_module_wrappers(model):
             copy = wrapper.modules_to_save[ADAPTER]
-            mix = None
             for param_name in list(copy.parametrizations):
                 value = getattr(copy, param_name).detach().float().cpu().contiguous()
                 if not torch.isfinite(value).all():
                     raise CatError(f"saved module {name}: the composed {param_name} is not finite")
                 tensors[f"base_model.model.{name}.{param_name}"] = value
-                mix = copy.parametrizations[param_name][0]
-            c = mix.coefficients().tolist()
-            mask = mix.cat_group_mask.flatten().tolist()
+            state = state_of(wrapper)
+            c = state.effective().flatten().tolist()
+            present = state.present.flatten().tolist()
             record[name] = {
                 "coefficients": {
                     skill: value
-                    for skill, value, present in zip(wrapper.cat_skill_names, c, mask, strict=True)
-                    if present
+                    for skill, value, here in zip(state.skill_names, c, present, strict=True)
+                    if here
                 }
             }
             names.append(name)
@@ -223,5 +213,4 @@ def unparametrize_saved_modules(model: nn.Module) -> None:
             parametrize.remove_parametrizations(copy, param_name, leave_parametrized=True)
         for param in copy.parameters():
             param.requires_grad_(False)
-        del wrapper.cat_saved_module_name
-        del wrapper.cat_skill_names
+        remove_state(wrapper)

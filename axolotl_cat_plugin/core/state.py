@@ -1,24 +1,31 @@
 """The state of a CAT model, and the one interface the rest of the package reads it through.
 
 attach.py builds a CAT model: a PeftModel whose adapter `ADAPTER` holds every skill, with
-`CatMetadata` on its tuner and, on every wrapped layer, `cat_module_name` plus (where a
-skill touches the layer) the coefficients `cat_alpha` and their buffers. fold, export,
-baselines, ranks, the trainer and the CLI find those layers and that metadata here, never
-by attribute names of their own.
+`CatMetadata` on its tuner. Every wrapped layer (and every composed modules_to_save wrapper)
+holds its CAT state the way PEFT holds DoRA's magnitude: a submodule in a ModuleDict keyed
+by adapter name, `layer.cat_state[ADAPTER]`, a `CatState`. fold, export, baselines, ranks,
+the trainer, the CLI and the tests reach layers, coefficients and metadata through the
+functions here, never by attribute names of their own.
+
+The slot layout (which coefficient weights which rank slot of the concatenated adapter) is
+encoded by `slot_layout` and decoded by `CatState.slot_skills`, both here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 
 from .errors import CatError
+from .granularity import Parametrization
 
 ADAPTER = "default"
-# the name of the coefficient parameter on a wrapped layer; no `lora_` in it, so that no
-# trainer's adapter save sweeps it into an adapter file
-COEFFICIENTS = "cat_alpha"
+# the ModuleDict every CAT layer carries, and the coefficient parameter in each state; no
+# `lora_` in either, so that no trainer's or PEFT's adapter save sweeps them into an adapter
+STATE = "cat_state"
+COEFFICIENTS = "coefficients"
 
 
 @dataclass
@@ -34,14 +41,143 @@ class CatMetadata:
     extra: dict = field(default_factory=dict)
 
 
-def cat_layers(model: nn.Module):
-    """(module name in the base model, layer) for every wrapped layer, in model order.
+class CatState(nn.Module):
+    """CAT's state on one wrapped layer (or one composed saved module).
 
-    Layers that no skill touches have no `cat_alpha` and zero factors.
+    coefficients: the learned alpha, an fp32 nn.Parameter, shape (groups, K) (groups = 1, or
+        the largest skill rank with granularity `rank`), or (R, R) for the core M of
+        granularity `core`; None on a wrapped layer no skill touches. Several states share
+        one Parameter with granularity `layer` or `model`.
+    present: bool (groups, K), the skills each group of coefficients holds.
+    slot_index: long (R,), the flat index (row * K + skill) of the coefficient weighting each
+        rank slot of the concatenated adapter (from `slot_layout`).
+    slot_scale: fp32 (R,), the PEFT scaling s_i of the skill owning each slot (0: padding).
+    skill_cores: fp32 (K, R, R), granularity `core` only: each skill's plain sum in the
+        joint basis (core_space.py), M = Σ_i c_i C_i for per-skill weights c.
+    module_name: the module's name in the base model; skill_names: the K skills in order;
+    parametrization: how alpha becomes c (granularity.py); saved_module: True on a composed
+        modules_to_save wrapper (saved_modules.py), which has no slots.
     """
+
+    def __init__(
+        self,
+        module_name: str,
+        skill_names: tuple[str, ...],
+        parametrization: Parametrization | str,
+        coefficients: nn.Parameter | None = None,
+        present: torch.Tensor | None = None,
+        slot_index: torch.Tensor | None = None,
+        slot_scale: torch.Tensor | None = None,
+        skill_cores: torch.Tensor | None = None,
+        saved_module: bool = False,
+    ):
+        super().__init__()
+        self.module_name = module_name
+        self.skill_names = tuple(skill_names)
+        self.parametrization = Parametrization.parse(parametrization)
+        self.saved_module = saved_module
+        self.coefficients = coefficients
+        for name, value in (
+            ("present", present),
+            ("slot_index", slot_index),
+            ("slot_scale", slot_scale),
+            ("skill_cores", skill_cores),
+        ):
+            self.register_buffer(name, value, persistent=False)
+
+    @property
+    def weighted(self) -> bool:
+        """Whether a skill touches this layer (it then has coefficients)."""
+        return self.coefficients is not None
+
+    @property
+    def is_core(self) -> bool:
+        """Whether the rank slots are mixed by a full core M (granularity `core`)."""
+        return self.skill_cores is not None
+
+    def effective(self) -> torch.Tensor:
+        """c from alpha (fp32, (groups, K)); absent skills 0 under softmax."""
+        return self.parametrization.coefficients(self.coefficients, self.present)
+
+    def slot_weights(self) -> torch.Tensor:
+        """w: the weight c·s of every rank slot, fp32, shape (R,)."""
+        return self.effective().flatten()[self.slot_index] * self.slot_scale
+
+    def mix(self) -> torch.Tensor:
+        """How the rank slots are mixed, fp32: w (R,) (diagonal), or the core M (R, R)."""
+        return self.coefficients if self.is_core else self.slot_weights()
+
+    def slot_skills(self) -> list[tuple[int, int]]:
+        """(slot, skill index) of every slot a skill owns, in slot order (decodes slot_index)."""
+        skills = len(self.skill_names)
+        present = (self.slot_scale != 0).nonzero().flatten().tolist()
+        owner = self.slot_index.tolist()
+        return [(slot, owner[slot] % skills) for slot in present]
+
+
+def slot_layout(blocks, num_skills: int, rank: int, rows: int):
+    """Encode which coefficient weights each rank slot of one module (see CatState).
+
+    blocks: (skill index, factors with .rank and .scaling) in slot order (plan.ModulePlan);
+    rank: R of the concatenated adapter; rows: 1, or (granularity `rank`) a coefficient row
+    per component, at least the largest skill rank. Returns slot_index (long (R,)),
+    slot_scale (fp32 (R,)) and present (bool (rows, K)).
+    """
+    slot_index = torch.zeros(rank, dtype=torch.long)
+    slot_scale = torch.zeros(rank, dtype=torch.float32)
+    present = torch.zeros(rows, num_skills, dtype=torch.bool)
+    offset = 0
+    for skill_index, factors in blocks:
+        for component in range(factors.rank):
+            row = component if rows > 1 else 0
+            slot_index[offset + component] = row * num_skills + skill_index
+            present[row, skill_index] = True
+        slot_scale[offset : offset + factors.rank] = factors.scaling
+        offset += factors.rank
+    return slot_index, slot_scale, present
+
+
+def put_state(module: nn.Module, state: CatState) -> None:
+    """Give `module` its CAT state (replacing any), as `module.cat_state[ADAPTER]`."""
+    setattr(module, STATE, nn.ModuleDict({ADAPTER: state}))
+
+
+def remove_state(module: nn.Module) -> None:
+    """Drop the CAT state (apply_export: the model is a plain LoRA model afterwards)."""
+    if hasattr(module, STATE):
+        delattr(module, STATE)
+
+
+def state_of(module: nn.Module) -> CatState:
+    """The CatState of a CAT layer. Raises CatError for a module without one."""
+    states = getattr(module, STATE, None)
+    if states is None or ADAPTER not in states:
+        raise CatError(f"{type(module).__name__} has no CAT state")
+    return states[ADAPTER]
+
+
+def _states(model: nn.Module):
     for module in model.modules():
-        if hasattr(module, "cat_module_name"):
-            yield module.cat_module_name, module
+        states = getattr(module, STATE, None)
+        if isinstance(states, nn.ModuleDict) and ADAPTER in states:
+            yield module, states[ADAPTER]
+
+
+def cat_layers(model: nn.Module):
+    """(module name in the base model, layer) for every wrapped LoRA layer, in model order.
+
+    Layers that no skill touches have zero factors and a state without coefficients.
+    """
+    for module, state in _states(model):
+        if not state.saved_module:
+            yield state.module_name, module
+
+
+def saved_module_wrappers(model: nn.Module):
+    """(module name, PEFT ModulesToSaveWrapper) of every composed saved module."""
+    for module, state in _states(model):
+        if state.saved_module:
+            yield state.module_name, module
 
 
 def has_coefficients(model: nn.Module) -> bool:
@@ -59,14 +195,16 @@ def cat_metadata(model: nn.Module) -> CatMetadata:
 
 
 def is_coefficient(parameter_name: str) -> bool:
-    """Whether a (dotted) parameter name is a CAT coefficient."""
-    return parameter_name.rsplit(".", 1)[-1] == COEFFICIENTS
+    """Whether a (dotted) parameter name is a CAT coefficient (`....cat_state.<adapter>.
+    coefficients`, or a saved-module mix's `...cat_state.coefficients`)."""
+    parts = parameter_name.split(".")
+    return parts[-1] == COEFFICIENTS and STATE in parts[-3:-1]
 
 
 def weighted(layer: nn.Module) -> bool:
-    """Whether a wrapped layer carries coefficients (False where no skill touches it, and
-    everywhere once apply_export has folded the model)."""
-    return hasattr(layer, COEFFICIENTS)
+    """Whether a wrapped layer carries coefficients (False where no skill touches it)."""
+    states = getattr(layer, STATE, None)
+    return states is not None and ADAPTER in states and states[ADAPTER].weighted
 
 
 def coefficient_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

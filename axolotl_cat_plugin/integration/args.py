@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..core.config import CatConfig, SkillSpec
+from ..core.granularity import Granularity, Parametrization
 from ..core.skills import preflight
 
 LOG = logging.getLogger(__name__)
@@ -26,13 +26,17 @@ class CatSkill(BaseModel):
 class CatMergeConfig(BaseModel):
     """Which skill LoRAs to combine with CAT and how the coefficients are shaped."""
 
-    model_config = ConfigDict(extra="forbid")
+    # enum fields hold their plain names, as the YAML does (Axolotl dumps its config)
+    model_config = ConfigDict(extra="forbid", use_enum_values=True)
 
     adapters: list[str | CatSkill] = Field(
         min_length=1, description="The skill LoRAs, all trained on base_model"
     )
-    granularity: Literal["module", "layer", "adapter", "rank", "core"] = "module"
-    parametrization: Literal["free", "softmax"] = "free"
+    granularity: Granularity = Field(
+        default=Granularity.MODULE,
+        description="; ".join(f"{g}: {g.description}" for g in Granularity),
+    )
+    parametrization: Parametrization = Parametrization.FREE
     init: float = Field(default=1.0, description="Starting coefficient (free only)")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     learning_rate: float | None = Field(
@@ -44,6 +48,12 @@ class CatMergeConfig(BaseModel):
     prune_threshold: float | None = Field(
         default=None, ge=0.0, description="Drop a skill from a module where |coefficient| < this"
     )
+
+    @field_validator("granularity", mode="before")
+    @classmethod
+    def _renamed_granularity(cls, value):
+        # `adapter` (before 0.2) reads as `model`, with a deprecation warning
+        return Granularity.parse(value) if value == "adapter" else value
 
     @field_validator("init")
     @classmethod
@@ -119,10 +129,11 @@ class CatMergeArgs(BaseModel):
                 "layer is not tested with CAT's forward. Load the base in bf16/fp16, or use "
                 "the Python API on a bitsandbytes 4-bit/8-bit base."
             )
-        if data.get("fsdp_config") and (block or {}).get("granularity") == "adapter":
+        if data.get("fsdp_config") and (block or {}).get("granularity") in ("model", "adapter"):
             raise ValueError(
-                "cat_merge.granularity: adapter shares one coefficient across every decoder "
-                "layer, which FSDP cannot shard per layer; use module or layer with FSDP"
+                f"cat_merge.granularity: {block['granularity']} shares one coefficient across "
+                "every decoder layer, which FSDP cannot shard per layer; use module or layer "
+                "with FSDP"
             )
         kernels_on = [key for key in LORA_KERNELS if data.get(key)]
         if kernels_on:

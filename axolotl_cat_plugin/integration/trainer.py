@@ -24,8 +24,19 @@ from ..core.errors import CatError
 from ..core.export import compose, write
 from ..core.fold import full_tensor, gathered, skill_coefficients
 from ..core.format import CHECKPOINT_COEFFICIENTS_FILE as COEFFICIENTS_SIDECAR
-from ..core.format import COEFFICIENTS_FILE
-from ..core.state import cat_metadata, coefficient_parameters, has_coefficients
+from ..core.format import (
+    COEFFICIENTS_FILE,
+    LEGACY_CHECKPOINT_COEFFICIENTS_FILE,
+    LEGACY_COEFFICIENT_SUFFIX,
+)
+from ..core.state import (
+    ADAPTER,
+    COEFFICIENTS,
+    STATE,
+    cat_metadata,
+    coefficient_parameters,
+    has_coefficients,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -177,12 +188,15 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
         # the checkpoint's adapter files are folded; loading them would apply coefficients twice
         model = self.model if model is None else model
         sidecar = os.path.join(resume_from_checkpoint, COEFFICIENTS_SIDECAR)
+        legacy = os.path.join(resume_from_checkpoint, LEGACY_CHECKPOINT_COEFFICIENTS_FILE)
+        if not os.path.isfile(sidecar) and os.path.isfile(legacy):
+            sidecar = legacy  # written before 0.2: `<layer>.cat_alpha` names
         if not os.path.isfile(sidecar):
             raise CatError(
                 f"{resume_from_checkpoint} has no {COEFFICIENTS_SIDECAR}; it was not written by a "
                 "cat_merge run, so its coefficients cannot be restored"
             )
-        saved = load_file(sidecar)
+        saved = {_current_name(name): value for name, value in load_file(sidecar).items()}
         parameters = coefficient_parameters(model)
         if set(saved) != set(parameters):
             raise CatError(
@@ -193,6 +207,13 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
             for name, param in parameters.items():
                 param.copy_(saved[name])
         LOG.info("CAT: restored %d coefficient tensors from %s", len(saved), sidecar)
+
+
+def _current_name(name: str) -> str:
+    """A coefficient's parameter name as this release spells it (`x.cat_alpha` before 0.2)."""
+    if name.endswith(LEGACY_COEFFICIENT_SUFFIX):
+        return f"{name[: -len(LEGACY_COEFFICIENT_SUFFIX)]}.{STATE}.{ADAPTER}.{COEFFICIENTS}"
+    return name
 
 
 def _holds_export(folder) -> bool:

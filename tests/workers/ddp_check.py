@@ -6,7 +6,7 @@
         --out OUT1 --per-device-batch 4
 
 What a run proves, together with tests/test_distributed.py: under DistributedDataParallel the
-`cat_alpha` coefficients stay identical on every rank, a rank-0 `export_cat` writes the same
+CAT coefficients stay identical on every rank, a rank-0 `export_cat` writes the same
 adapter as a one-process run over the same global batches, and folding works on the
 DDP-wrapped model as on the unwrapped one.
 
@@ -40,6 +40,7 @@ from fixtures import build_base, build_skills, load_base  # noqa: E402
 
 from axolotl_cat_plugin.core import CatConfig, attach_cat, export_cat  # noqa: E402
 from axolotl_cat_plugin.core.fold import fold  # noqa: E402  (see fsdp2_check.py)
+from axolotl_cat_plugin.core.state import is_coefficient  # noqa: E402
 
 SEQUENCE_LEN = 16
 
@@ -115,7 +116,7 @@ def coefficients(model) -> dict[str, list[float]]:
     return {
         name: param.detach().float().flatten().tolist()
         for name, param in model.named_parameters()
-        if name.endswith("cat_alpha")
+        if is_coefficient(name)
     }
 
 

@@ -6,7 +6,7 @@
 
 What a run proves, together with tests/test_fsdp2.py: sharded the way Axolotl shards with
 `fsdp_version: 2` (accelerate's fsdp2_prepare_model: `fully_shard` on every decoder layer,
-then on the root), the `cat_alpha` coefficients are fp32 DTensor shards and the only
+then on the root), the CAT coefficients are fp32 DTensor shards and the only
 trainable parameters; AdamW on them fits the same coefficients as one unsharded process
 over the same global batches; `fold` (collective: every rank calls it) gives every rank the
 same adapter; `skill_coefficients` works on the sharded model; and a rank-0 `write_export`
@@ -48,6 +48,7 @@ from axolotl_cat_plugin.core.fold import (  # noqa: E402
     gathered,
     skill_coefficients,
 )
+from axolotl_cat_plugin.core.state import is_coefficient  # noqa: E402
 
 SEQUENCE_LEN = 16
 SKILLS = ("math", "code", "prose")
@@ -120,7 +121,7 @@ def sharding_facts(model) -> dict:
     """What FSDP2 made of the parameters: the coefficients' types, dtypes and shards."""
     from torch.distributed.tensor import DTensor
 
-    alphas = {n: p for n, p in model.named_parameters() if n.endswith("cat_alpha")}
+    alphas = {n: p for n, p in model.named_parameters() if is_coefficient(n)}
     return {
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "alphas": {
@@ -142,7 +143,7 @@ def sharding_facts(model) -> dict:
 
 def check_sharding(facts: dict) -> None:
     """The coefficients are fp32 DTensors sharded on dim 0, and the only trainable parameters."""
-    assert facts["alphas"], "no cat_alpha parameter"
+    assert facts["alphas"], "no coefficient parameter"
     assert facts["trainable"] == sorted(facts["alphas"]), facts["trainable"]
     for name, alpha in facts["alphas"].items():
         assert alpha["dtensor"], f"{name} is not a DTensor"
@@ -156,7 +157,7 @@ def coefficients(model) -> dict[str, list[float]]:
         return {
             name: full_tensor(param).detach().float().flatten().tolist()
             for name, param in model.named_parameters()
-            if name.endswith("cat_alpha")
+            if is_coefficient(name)
         }
 
 

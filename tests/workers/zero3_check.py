@@ -5,7 +5,7 @@
     python tests/workers/zero3_check.py --out OUT1 --per-device-batch 4   # plain torch reference
 
 What a run proves, together with tests/test_zero3.py: under `deepspeed.initialize` with
-ZeRO stage 3 every parameter, the frozen skill factors and the fp32 `cat_alpha` coefficients
+ZeRO stage 3 every parameter, the frozen skill factors and the fp32 CAT coefficients
 alike, is partitioned (outside forward a rank holds an empty tensor); the CAT forward still
 sees whole factors (ZeRO-3 gathers parameters a module reads in forward); the coefficients
 fitted by two partitioned ranks equal one plain process's over the same global batches; and
@@ -39,10 +39,12 @@ from fsdp2_check import (  # noqa: E402
     write_record,
 )
 
+from axolotl_cat_plugin.core.state import is_coefficient  # noqa: E402
+
 
 def partition_facts(model) -> dict:
     """What ZeRO-3 made of the parameters: each coefficient's full shape and what a rank holds."""
-    alphas = {n: p for n, p in model.named_parameters() if n.endswith("cat_alpha")}
+    alphas = {n: p for n, p in model.named_parameters() if is_coefficient(n)}
     return {
         "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
         "alphas": {

@@ -58,7 +58,7 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
         "--method",
         required=True,
         help="a combination of PEFT's add_weighted_adapter (concat, linear, ties, ...; "
-        "core.merges.METHODS lists them, and so does the error for an unknown one); "
+        "core.merge_methods.METHODS lists them, and so does the error for an unknown one); "
         "`concat` was called `cat` before 0.2",
     )
     merge.add_argument(
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "merge":  # checked here: the method registry imports torch and peft
-        from .core.merges import METHODS, RENAMED_METHODS
+        from .core.merge_methods import METHODS, RENAMED_METHODS
 
         if args.method not in METHODS and args.method not in RENAMED_METHODS:
             parser.error(

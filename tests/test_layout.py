@@ -95,3 +95,24 @@ def test_inspect_imports_no_torch(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_public_definition_says_what_it_does():
+    """Every public function, class and method of the package has a docstring (issue 14)."""
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in tree.body:
+            if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or node.name[0] == "_":
+                continue
+            members = [node] + [
+                member
+                for member in getattr(node, "body", [])
+                if isinstance(node, ast.ClassDef)
+                and isinstance(member, ast.FunctionDef)
+                and member.name[0] != "_"
+            ]
+            for member in members:
+                if not ast.get_docstring(member):
+                    missing.append(f"{path.relative_to(PACKAGE.parent)}:{member.name}")
+    assert not missing, missing

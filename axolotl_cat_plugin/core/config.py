@@ -25,6 +25,8 @@ class SkillSpec:
 
     @classmethod
     def parse(cls, entry: Any, position: int) -> SkillSpec:
+        """A skill from a config entry: a path, or {"path", "name", "revision"}. Raises
+        CatError naming `cat_merge.adapters[position]` and the key at fault."""
         if isinstance(entry, SkillSpec):
             return entry
         if isinstance(entry, (str, Path)):

@@ -66,11 +66,11 @@ class CatEmbeddingVariant(DeltaMerges, LoraVariant):
 
     @staticmethod
     def init(module, adapter_name, **kwargs) -> None:
-        # attach_cat installs the coefficients and buffers itself
-        pass
+        """Nothing: attach_cat installs the layer's CatState itself (PEFT's hook requires it)."""
 
     @staticmethod
     def forward(module, active_adapter, x, result, **kwargs) -> torch.Tensor:
+        """result (..., D, the base's lookup) + (A^T[x] ⊙ w) B^T; x: token ids (...,)."""
         lora_A, lora_B = factor_weights(module, active_adapter)
         hidden = module._embed(x, lora_A.t()) * state_of(module).slot_weights()  # (..., R), fp32
         update = hidden.to(result.dtype) @ lora_B.t().to(result.dtype)

@@ -37,6 +37,7 @@ class FoldedAdapter:
 
     @property
     def rank(self) -> int:
+        """r of the exported adapter (every module padded to it; lora_alpha = r, scaling 1)."""
         return self.config.r
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from .errors import CatError
@@ -43,6 +44,44 @@ def peft_key(module_name: str, factor: str, embedding: bool = False) -> str:
     if embedding:
         return f"base_model.model.{module_name}.lora_embedding_{factor}"
     return f"base_model.model.{module_name}.lora_{factor}.weight"
+
+
+# PEFT saves `base_model.model.<module>.lora_A.weight`; some tools keep the adapter name.
+_FACTOR_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
+)
+# an embedding LoRA's factors are parameters: `<module>.lora_embedding_A` (r, num_embeddings)
+# and `<module>.lora_embedding_B` (embedding_dim, r), maybe with the adapter name after them
+_EMBEDDING_FACTOR_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.[^.]+)?$"
+)
+# PEFT's copy of a base matrix: `<module>.base_layer.weight` of a LoRA-wrapped embedding or
+# output layer, or `<module>.weight` of an unwrapped one, written by save_pretrained's default
+# save_embedding_layers="auto" (peft/utils/save_and_load.py, get_peft_model_state_dict)
+_BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.base_layer)?\.weight$")
+
+
+def factor_of_key(key: str) -> tuple[str, str, bool] | None:
+    """The inverse of peft_key: (module name, 'A' or 'B', embedding?) of a LoRA factor's tensor
+    name, also without the `base_model.model.` prefix or with an adapter name after the factor
+    (as some tools save); None for anything that is no factor."""
+    match = _FACTOR_KEY.match(key)
+    if match:
+        return match["module"], match["which"], False
+    match = _EMBEDDING_FACTOR_KEY.match(key)
+    if match:
+        return match["module"], match["which"], True
+    return None
+
+
+def base_copy_module(key: str) -> str | None:
+    """The module whose base weight a tensor name copies (`<module>.base_layer.weight` or
+    `<module>.weight`, PEFT's save of embedding layers), or None (a factor, anything else).
+    Whether a bare `<module>.weight` is such a copy depends on the other keys (skills.py)."""
+    match = _BASE_COPY_KEY.match(key)
+    if not match or any(part.startswith("lora_") for part in key.split(".")):
+        return None
+    return match["module"]
 
 
 def read_record(folder: str | os.PathLike) -> dict:

@@ -61,6 +61,7 @@ class CatLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, base_out, weight, lora_A, lora_B, mix, in_place):
+        """base_out + B mix(A x); saves x, the cast factors and A x (R wide) for backward."""
         dtype = base_out.dtype  # the base's compute dtype (bf16 under autocast)
         with torch.autocast(x.device.type, enabled=False):
             # the same kernels as CatLinearVariant's unfused forward, so the outputs agree bit
@@ -86,6 +87,8 @@ class CatLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
+        """One input gradient g W + ((g B) mix^T) A, and the mix's gradient Σ_t (A x_t) ⊙ (Bᵀ g_t)
+        (or its outer-product form for a core); None for everything else (frozen)."""
         weight, lora_A, lora_B, mix, a = ctx.saved_tensors
         need_x, need_mix = ctx.needs_input_grad[0], ctx.needs_input_grad[5]
         grad_mix = grad_x = None

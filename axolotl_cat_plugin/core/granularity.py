@@ -22,6 +22,13 @@ LOG = logging.getLogger(__name__)
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
+def layer_index(module_name: str) -> int | None:
+    """The decoder layer of a module (the first `.N.` in its name:
+    'model.layers.3.mlp.up_proj' -> 3); None outside the numbered layers (lm_head, ...)."""
+    match = _LAYER_INDEX.search(module_name)
+    return int(match.group(1)) if match else None
+
+
 class Granularity(StrEnum):
     """Which modules share a coefficient, and what one coefficient weights.
 
@@ -51,8 +58,8 @@ class Granularity(StrEnum):
         if self is Granularity.MODEL:
             return "model"
         if self is Granularity.LAYER:
-            match = _LAYER_INDEX.search(module_name)
-            return f"layer {match.group(1)}" if match else module_name
+            index = layer_index(module_name)
+            return module_name if index is None else f"layer {index}"
         return module_name
 
     @classmethod

@@ -101,8 +101,7 @@ class CatLinearVariant(DeltaMerges, LoraVariant):
 
     @staticmethod
     def init(module, adapter_name, **kwargs) -> None:
-        # attach_cat installs the coefficients and buffers itself
-        pass
+        """Nothing: attach_cat installs the layer's CatState itself (PEFT's hook requires it)."""
 
     @staticmethod
     def forward(module, active_adapter, x, result, **kwargs) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Static merges of skill LoRAs through PEFT's add_weighted_adapter: the baselines for CAT.
 
-A small registry, like mergekit's merge methods: each method names PEFT's combination_type
-and what it needs. Before PEFT runs, we refuse what PEFT would get silently wrong:
+The methods are a small registry (merge_methods.py, like mergekit's): each names PEFT's
+combination_type, its paper and what it needs. Before PEFT runs, we refuse what PEFT would
+get silently wrong:
 
 - the merged adapter's config is a copy of the first skill's with r, lora_alpha and
   target_modules replaced, so the first skill's use_rslora (scaling sqrt(r) instead of 1,
@@ -24,7 +25,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,6 +35,7 @@ from torch import nn
 from .config import CatConfig
 from .errors import CatError
 from .format import CONFIG_FILE, WEIGHTS_FILE
+from .merge_methods import MergeMethod, method_named
 from .moe import refuse_per_expert_modules
 from .skill_checks import check_base_copies, warn_on_foreign_base
 from .skills import Skill, load_skills
@@ -42,40 +44,6 @@ LOG = logging.getLogger(__name__)
 
 # flags the merged adapter copies from the first skill that decide where it applies
 _WHERE_FLAGS = ("layers_to_transform", "layers_pattern", "exclude_modules")
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """One static merge: PEFT's add_weighted_adapter `combination_type` and what it needs."""
-
-    name: str
-    combination_type: str  # PEFT's name for it
-    paper: str  # where the method comes from
-    equal_ranks: bool = False  # combines the factors themselves: one rank for every skill
-    density: bool = False  # prunes (ties) or drops (dare) a fraction of the entries
-    rebuilds_delta: bool = False  # SVD of the combined ΔW: the rank can change
-
-
-_TASK_ARITHMETIC = "Task arithmetic, Ilharco et al., arXiv 2212.04089"
-_TIES = "TIES-Merging, Yadav et al., arXiv 2306.01708"
-_DARE = "DARE, Yu et al., arXiv 2311.03099"
-
-METHODS = {
-    method.name: method
-    for method in (
-        MergeMethod("linear", "linear", _TASK_ARITHMETIC, equal_ranks=True),
-        # the skills' factors side by side with fixed weights: the static sum Σ w_i s_i B_i A_i
-        # (CAT learns these weights, per module)
-        MergeMethod("concat", "cat", _TASK_ARITHMETIC),
-        MergeMethod("ties", "ties", _TIES, equal_ranks=True, density=True),
-        MergeMethod("dare_linear", "dare_linear", _DARE, equal_ranks=True, density=True),
-        MergeMethod("dare_ties", "dare_ties", f"{_DARE}; {_TIES}", equal_ranks=True, density=True),
-        MergeMethod("svd", "svd", _TASK_ARITHMETIC, rebuilds_delta=True),
-    )
-}
-# names that still work, with a deprecation warning: `cat` (PEFT's combination_type) read as
-# the learned CAT of this package
-RENAMED_METHODS = {"cat": "concat"}
 
 
 def merge_skills(
@@ -93,7 +61,7 @@ def merge_skills(
     adapters: as CatConfig.adapters (paths, Hub ids, or {"path", "name", "revision"}).
     seed: fixes dare's random drop, so a baseline can be rebuilt exactly.
     """
-    chosen = _method(method)
+    chosen = method_named(method)
     specs = CatConfig(adapters=adapters).skills  # names, duplicates: CAT's own rules
     _check_arguments(chosen, specs, weights, density)
     skills = load_skills(specs)
@@ -150,20 +118,6 @@ def merge_skills(
         written,
     )
     return written
-
-
-def _method(name: str) -> MergeMethod:
-    if name in RENAMED_METHODS:
-        LOG.warning(
-            "merge method %r is deprecated and will be removed in a future release: it is "
-            "PEFT's fixed-weight concatenation, not the learned CAT; use %r",
-            name,
-            RENAMED_METHODS[name],
-        )
-        name = RENAMED_METHODS[name]
-    if name not in METHODS:
-        raise CatError(f"unknown merge method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name]
 
 
 def _check_arguments(method: MergeMethod, specs, weights, density) -> None:

@@ -27,6 +27,7 @@ class ModulePlan:
 
     @property
     def rank(self) -> int:
+        """The concatenated rank of this module: the sum of its skills' ranks."""
         return sum(factors.rank for _, factors in self.blocks)
 
 

@@ -109,6 +109,7 @@ class SavedModuleMix(nn.Module):
         self._state = [state]  # a list: not a submodule (see the docstring)
 
     def forward(self, base: torch.Tensor) -> torch.Tensor:
+        """M_base + Σ_i c_i D_i, in M_base's dtype and shape (the mix itself in fp32)."""
         c = self._state[0].effective().flatten()
         mixed = torch.tensordot(c, self.deltas.float(), dims=1)
         return base + mixed.to(base.dtype)

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,26 +19,11 @@ from tqdm.auto import tqdm
 
 from .config import SkillSpec
 from .errors import CatError
-from .format import CONFIG_FILE
+from .format import CONFIG_FILE, base_copy_module, factor_of_key
 from .locate import is_hub_id, locate
 from .skill_checks import check_config
 
 LOG = logging.getLogger(__name__)
-
-
-# PEFT saves `base_model.model.<module>.lora_A.weight`; some tools keep the adapter name.
-_FACTOR_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$"
-)
-# an embedding LoRA's factors are parameters: `<module>.lora_embedding_A` (r, num_embeddings)
-# and `<module>.lora_embedding_B` (embedding_dim, r), maybe with the adapter name after them
-_EMBEDDING_FACTOR_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.[^.]+)?$"
-)
-# PEFT's copy of a base matrix: `<module>.base_layer.weight` of a LoRA-wrapped embedding or
-# output layer, or `<module>.weight` of an unwrapped one, written by save_pretrained's default
-# save_embedding_layers="auto" (peft/utils/save_and_load.py, get_peft_model_state_dict)
-_BASE_COPY_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+?)(?:\.base_layer)?\.weight$")
 
 
 @dataclass
@@ -53,11 +37,16 @@ class SkillModule:
 
     @property
     def rank(self) -> int:
+        """r of these factors on this module (rank_pattern already applied)."""
         return self.lora_A.shape[0]
 
 
 @dataclass
 class Skill:
+    """One skill LoRA as read from its folder: PEFT's adapter_config.json (`config`), the
+    factors per module (fp32 on the CPU, the dtype they were saved in cast up), what PEFT saved
+    beside them, and the sha256 of the weights file (recorded in cat_coefficients.json)."""
+
     spec: SkillSpec
     folder: Path
     config: dict
@@ -71,10 +60,12 @@ class Skill:
 
     @property
     def name(self) -> str:
+        """The name the config gave the skill (default: its folder or repo name)."""
         return self.spec.name
 
     @property
     def fan_in_fan_out(self) -> bool:
+        """Whether the base stores weights as (d_in, d_out) (GPT-2's Conv1D), as PEFT's flag."""
         return bool(self.config.get("fan_in_fan_out", False))
 
     def record(self) -> dict:
@@ -113,6 +104,7 @@ def skill_scaling(config: dict, module_name: str) -> tuple[int, float]:
 
 
 def load_skills(specs: list[SkillSpec]) -> list[Skill]:
+    """Every skill, in order (load_skill), with a progress bar from four skills on."""
     skills = []
     for spec in tqdm(specs, desc="Reading skill LoRAs", unit="skill", disable=len(specs) < 4):
         skills.append(load_skill(spec))
@@ -120,6 +112,11 @@ def load_skills(specs: list[SkillSpec]) -> list[Skill]:
 
 
 def load_skill(spec: SkillSpec) -> Skill:
+    """Read one skill: find its folder (local or the Hub cache, locate.py), read and check its
+    adapter_config.json, load its weights (.safetensors, or an older PEFT's .bin) and sort
+    the tensors into factors, base copies and saved modules. Raises CatError naming the skill
+    and the file, key or module for anything CAT cannot compose exactly (skill_checks.py).
+    """
     folder, weights_file = locate(spec)
     config = _read_config(spec, folder / CONFIG_FILE)
     check_config(spec, config)
@@ -231,15 +228,15 @@ def _base_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     copies = {}
     for key in list(tensors):
-        match = _BASE_COPY_KEY.match(key)
-        if not match or any(part.startswith("lora_") for part in key.split(".")):
+        module = base_copy_module(key)
+        if module is None:
             continue
         inside = key.removesuffix("weight")  # "<...>.base_layer." or "<module>."
         if not key.endswith(".base_layer.weight") and any(
             other.startswith(inside) for other in tensors if other != key
         ):
             continue
-        copies[match["module"]] = tensors.pop(key)
+        copies[module] = tensors.pop(key)
     return copies
 
 
@@ -248,11 +245,10 @@ def _factors_by_module(
 ) -> dict[str, SkillModule]:
     factors: dict[str, dict[str, torch.Tensor]] = {}
     embeddings: set[str] = set()
+    linear_factors: set[str] = set()
     for key, tensor in tensors.items():
-        match = _FACTOR_KEY.match(key)
-        if not match and (match := _EMBEDDING_FACTOR_KEY.match(key)):
-            embeddings.add(match["module"])
-        if not match:
+        found = factor_of_key(key)
+        if found is None:
             raise CatError(
                 f"skill {spec.name!r}: unexpected tensor {key!r} in {path}; CAT composes LoRA "
                 "factors (lora_A/lora_B, lora_embedding_A/B) and ignores PEFT's copies of base "
@@ -260,7 +256,9 @@ def _factors_by_module(
             )
         if not torch.isfinite(tensor).all():
             raise CatError(f"skill {spec.name!r}: tensor {key!r} in {path} holds NaN or Inf")
-        factors.setdefault(match["module"], {})[match["which"]] = tensor
+        module_name, which, embedding = found
+        (embeddings if embedding else linear_factors).add(module_name)
+        factors.setdefault(module_name, {})[which] = tensor
     if not factors:
         raise CatError(f"skill {spec.name!r}: {path} holds no LoRA factors")
 
@@ -273,9 +271,7 @@ def _factors_by_module(
                 f"lora_{'embedding_' if module_name in embeddings else ''}{missing} in {path}"
             )
         lora_A, lora_B = pair["A"], pair["B"]
-        if module_name in embeddings and any(
-            _FACTOR_KEY.match(key) and f"{module_name}.lora_" in key for key in tensors
-        ):
+        if module_name in embeddings and module_name in linear_factors:
             raise CatError(
                 f"skill {spec.name!r}: module {module_name} has both lora_A/lora_B and "
                 f"lora_embedding_A/B factors in {path}; a module is either a Linear or an "

@@ -11,17 +11,17 @@ each module counts once.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-from .granularity import Granularity
+from .granularity import Granularity, layer_index
 
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 OTHER = "other"  # column for modules outside the numbered decoder layers (lm_head, ...)
 
 
 @dataclass(frozen=True)
 class Stats:
+    """Mean, min and max of a skill's coefficients, and how many there are."""
+
     mean: float
     min: float
     max: float
@@ -29,10 +29,12 @@ class Stats:
 
     @classmethod
     def of(cls, values: list[float]) -> Stats:
+        """The stats of a non-empty list of coefficients."""
         return cls(sum(values) / len(values), min(values), max(values), len(values))
 
 
 def skill_names(record: dict) -> list[str]:
+    """The skills' names in a cat_coefficients.json record, in the config's order."""
     return [skill["name"] for skill in record.get("skills", [])]
 
 
@@ -44,12 +46,8 @@ def module_values(entry: dict) -> dict[str, list[float]]:
     }
 
 
-def layer_index(module_name: str) -> int | None:
-    match = _LAYER_INDEX.search(module_name)
-    return int(match.group(1)) if match else None
-
-
 def module_type(module_name: str) -> str:
+    """The module's own name ('model.layers.3.mlp.up_proj' -> 'up_proj'), a heatmap panel."""
     return module_name.rsplit(".", 1)[-1]
 
 
@@ -109,6 +107,8 @@ def pruned(record: dict) -> str:
 
 
 def max_svd_error(record: dict) -> float | None:
+    """The largest relative Frobenius error of an SVD export (export_rank) over the modules;
+    None when the export was not compressed."""
     errors = [
         entry["svd_relative_error"]
         for entry in record.get("modules", {}).values()

@@ -16,6 +16,8 @@ LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_emb
 
 
 class CatSkill(BaseModel):
+    """One entry of `cat_merge.adapters` written as a mapping (a plain string is a path)."""
+
     model_config = ConfigDict(extra="forbid")
 
     path: str = Field(min_length=1, description="Local adapter folder or Hub repo id")
@@ -70,6 +72,7 @@ class CatMergeConfig(BaseModel):
         return self
 
     def to_core(self) -> CatConfig:
+        """The core's CatConfig for this block (the Axolotl-only keys stay here)."""
         adapters = [
             entry if isinstance(entry, str) else entry.model_dump(exclude_none=True)
             for entry in self.adapters
@@ -83,6 +86,7 @@ class CatMergeConfig(BaseModel):
         )
 
     def skills(self) -> list[SkillSpec]:
+        """The skills this block lists, parsed as the core parses them."""
         return self.to_core().skills
 
 

@@ -210,7 +210,7 @@ def build_model(name: str, skills: list[str]):
         CatLinearVariant.fused = variant != "unfused"
         count = int(count_text)
         adapters = [{"path": path, "name": f"skill{i}"} for i, path in enumerate(skills[:count])]
-        model = attach_cat(base, CatConfig(adapters=adapters))
+        model = attach_cat(base, CatConfig(skills=adapters))
     elif name.startswith("naive"):
         count = int(name[5:])
         names = [f"skill{i}" for i in range(count)]
@@ -357,7 +357,7 @@ def export_bench(folder: Path) -> dict:
             weight = zero.expand(module.out_features, module.in_features)
             module.weight = nn.Parameter(weight, requires_grad=False)
     adapters = [{"path": path, "name": f"skill{i}"} for i, path in enumerate(paths)]
-    model = attach_cat(base, CatConfig(adapters=adapters))
+    model = attach_cat(base, CatConfig(skills=adapters))
     attach_s = time.perf_counter() - began
 
     result = {"skills_write_s": skills_s, "attach_s": attach_s}

@@ -118,7 +118,7 @@ def build(name: str, args, device, skills: list[str]):
         model = get_peft_model(model, config)
     else:
         count = int(re.match(r"cat_k(\d+)", name).group(1))
-        model = attach_cat(model, CatConfig(adapters=skills[:count]))
+        model = attach_cat(model, CatConfig(skills=skills[:count]))
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, trainable
 

@@ -72,7 +72,7 @@ def main():
     model = attach_cat(
         base,
         CatConfig(
-            adapters=[skill(entry) for entry in args.skill],
+            skills=[skill(entry) for entry in args.skill],
             granularity=args.granularity,
             parametrization=args.parametrization,
         ),

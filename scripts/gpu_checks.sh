@@ -389,7 +389,7 @@ folder = Path(sys.argv[1])
 world = folder / "world"
 config = yaml.safe_load(Path("example_yamls/tiny-cpu/cat.yml").read_text())
 config["base_model"] = str(world / "base")
-config["cat_merge"]["adapters"] = [
+config["cat_merge"]["skills"] = [
     {"path": str(world / "skills" / name), "name": name} for name in ("math", "code", "prose")
 ]
 config["datasets"][0]["path"] = str(world / "data" / "mix.jsonl")

@@ -90,7 +90,7 @@ def main() -> int:
                 device_map=device_map,
             )
 
-        model = attach_cat(load(), CatConfig(adapters=skills))
+        model = attach_cat(load(), CatConfig(skills=skills))
         alphas = [p for n, p in model.named_parameters() if is_coefficient(n)]
         start = [a.detach().clone() for a in alphas]
         optimizer = torch.optim.AdamW(alphas, lr=0.05, weight_decay=0.0)
@@ -122,7 +122,7 @@ def main() -> int:
 
         full = attach_cat(
             AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32),
-            CatConfig(adapters=skills),
+            CatConfig(skills=skills),
         )
         full_alphas = [p for n, p in full.named_parameters() if is_coefficient(n)]
         with torch.no_grad():

@@ -50,7 +50,7 @@ def write_config(world, folder: Path, **overrides) -> Path:
     """The example YAML pointed at this test's world, with overrides."""
     config = yaml.safe_load(EXAMPLE.read_text())
     config["base_model"] = str(world["base"])
-    config["cat_merge"]["adapters"] = [
+    config["cat_merge"]["skills"] = [
         {"path": str(world["skills"]["math"]), "name": "math"},
         {"path": str(world["skills"]["code"]), "name": "code"},
         str(world["skills"]["prose"]),

@@ -62,7 +62,7 @@ def test_output_dir_holds_a_standard_adapter_equal_to_the_trained_cat_model(e2e_
     adapters = [{"path": s["source"], "name": s["name"]} for s in record["skills"]]
     cat = attach_cat(
         load_base(e2e_world["base"]),
-        CatConfig(adapters=adapters, coefficients_from=str(out / "cat_coefficients.json")),
+        CatConfig(skills=adapters, coefficients_from=str(out / "cat_coefficients.json")),
     )
     exported = PeftModel.from_pretrained(load_base(e2e_world["base"]), out)
     assert (logits(exported) - logits(cat)).abs().max() <= 1e-5

@@ -34,7 +34,7 @@ def test_axolotl_train_composes_modules_to_save(e2e_world, tmp_path):
     save_file(tensors, str(chat / "adapter_model.safetensors"))
     config = write_config(e2e_world, tmp_path / "run", max_steps=3)
     settings = yaml.safe_load(config.read_text())
-    settings["cat_merge"]["adapters"] = [
+    settings["cat_merge"]["skills"] = [
         {"path": str(e2e_world["skills"]["math"]), "name": "math"},
         {"path": str(chat), "name": "chat"},
     ]
@@ -63,7 +63,7 @@ def test_axolotl_train_composes_modules_to_save(e2e_world, tmp_path):
     adapters = [{"path": s["source"], "name": s["name"]} for s in record["skills"]]
     cat = attach_cat(
         load_base(e2e_world["base"]),
-        CatConfig(adapters=adapters, coefficients_from=str(out / "cat_coefficients.json")),
+        CatConfig(skills=adapters, coefficients_from=str(out / "cat_coefficients.json")),
     )
     exported = PeftModel.from_pretrained(load_base(e2e_world["base"]), out)
     with torch.no_grad():

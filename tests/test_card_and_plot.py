@@ -80,7 +80,7 @@ def adapters(world):
 
 def fitted_cat_model(world, seed=0):
     """A CAT model whose coefficients moved away from 1, as after training."""
-    model = attach_cat(load_base(world["base"]), CatConfig(adapters=adapters(world)))
+    model = attach_cat(load_base(world["base"]), CatConfig(skills=adapters(world)))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -193,7 +193,7 @@ def plugin_cfg(world, out: Path, **extra):
     return DictDefault(
         {
             "adapter": "cat_merge",
-            "cat_merge": {"adapters": adapters(world)},
+            "cat_merge": {"skills": adapters(world)},
             "output_dir": str(out),
             "datasets": [{"path": "org/mix", "type": "completion"}],
             "learning_rate": 0.01,

@@ -49,7 +49,7 @@ def set_coefficients(model, values: dict[str, float]):
 @pytest.fixture(scope="module")
 def run_dir(world, tmp_path_factory):
     """A finished fit's export: coefficients in [0.5, 1.5], math on PRUNED_MODULE at 0.01."""
-    model = attach_cat(load_base(world["base"]), CatConfig(adapters=adapters(world)))
+    model = attach_cat(load_base(world["base"]), CatConfig(skills=adapters(world)))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -86,7 +86,7 @@ def test_a_record_from_a_newer_format_is_refused_by_every_reader(world, run_dir,
     assert main(["export", str(newer), "--out", str(tmp_path / "again")]) == 2
     assert "upgrade axolotl-cat-plugin" in capsys.readouterr().err
     resume = CatConfig(
-        adapters=adapters(world), coefficients_from=str(newer / "cat_coefficients.json")
+        skills=adapters(world), coefficients_from=str(newer / "cat_coefficients.json")
     )
     with pytest.raises(CatError, match="format_version 99"):
         attach_cat(load_base(world["base"]), resume)
@@ -159,7 +159,7 @@ def test_merge_cat_equals_peft_add_weighted_adapter_and_the_weighted_sum(world, 
     # and it is Σ w_i ΔW_i: CAT with one coefficient per skill set to the weights
     cat = attach_cat(
         load_base(world["base"]),
-        CatConfig(adapters=adapters(world, ["math", "code"]), granularity="model"),
+        CatConfig(skills=adapters(world, ["math", "code"]), granularity="model"),
     )
     set_coefficients(cat, {"math": 0.5, "code": 1.5})
     assert (merged - logits(cat)).abs().max() <= 1e-5
@@ -183,7 +183,7 @@ def test_merge_method_cat_still_works_as_concat_with_a_deprecation_warning(world
 def test_a_record_written_with_granularity_adapter_reads_as_model(world, tmp_path):
     out = export_cat(
         attach_cat(
-            load_base(world["base"]), CatConfig(adapters=adapters(world), granularity="model")
+            load_base(world["base"]), CatConfig(skills=adapters(world), granularity="model")
         ),
         tmp_path / "run",
     )
@@ -193,7 +193,7 @@ def test_a_record_written_with_granularity_adapter_reads_as_model(world, tmp_pat
     record_file.write_text(json.dumps({**record, "granularity": "adapter"}))  # written by 0.1
     assert read_record(out)["granularity"] == "model"
     config = CatConfig(
-        adapters=adapters(world), granularity="model", coefficients_from=str(record_file)
+        skills=adapters(world), granularity="model", coefficients_from=str(record_file)
     )
     attach_cat(load_base(world["base"]), config)  # resumes from it without a mismatch
 
@@ -204,7 +204,7 @@ def test_merge_svd_is_the_weighted_sum_despite_peft_scaling_twice(world, tmp_pat
     argv = ["merge", "--method", "svd", "--weights", "0.3", "0.2", "--base", str(world["base"])]
     assert main([*argv, "--out", str(tmp_path / "svd"), f"a={math}", f"b={math}"]) == 0
     merged = logits(PeftModel.from_pretrained(load_base(world["base"]), tmp_path / "svd"))
-    cat = attach_cat(load_base(world["base"]), CatConfig(adapters=[str(math)], granularity="model"))
+    cat = attach_cat(load_base(world["base"]), CatConfig(skills=[str(math)], granularity="model"))
     set_coefficients(cat, {"math": 0.5})
     assert (merged - logits(cat)).abs().max() <= 1e-4
 

@@ -118,7 +118,7 @@ def test_resume_from_the_record_restores_the_core(world, tmp_path):
     resumed = attach_cat(
         load_base(world["base"]),
         CatConfig(
-            adapters=adapters,
+            skills=adapters,
             granularity="core",
             coefficients_from=str(out / "cat_coefficients.json"),
         ),
@@ -150,6 +150,6 @@ def test_svd_export_of_a_core_fit(world, tmp_path):
 def test_core_refuses_softmax_and_pruning(world, tmp_path):
     adapters = [str(path) for path in world["skills"].values()]
     with pytest.raises(CatError, match="parametrization free"):
-        CatConfig(adapters=adapters, granularity="core", parametrization="softmax")
+        CatConfig(skills=adapters, granularity="core", parametrization="softmax")
     with pytest.raises(CatError, match="export_rank"):
         export_cat(cat_model(world, granularity="core"), tmp_path, prune_threshold=0.1)

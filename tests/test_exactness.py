@@ -26,7 +26,7 @@ def logits(model):
 
 def cat_model(world, **options):
     adapters = [{"path": str(path), "name": name} for name, path in world["skills"].items()]
-    return attach_cat(load_base(world["base"]), CatConfig(adapters=adapters, **options))
+    return attach_cat(load_base(world["base"]), CatConfig(skills=adapters, **options))
 
 
 def randomize(model, seed=0):

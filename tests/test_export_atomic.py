@@ -25,7 +25,7 @@ CHILD = textwrap.dedent(
     from axolotl_cat_plugin import CatConfig, attach_cat, export_cat
 
     base, out, *skills = sys.argv[1:]
-    model = attach_cat(load_base(base), CatConfig(adapters=skills))
+    model = attach_cat(load_base(base), CatConfig(skills=skills))
     export_cat(model, out, rank=4)
     print("ready", flush=True)  # one complete export is there: every kill lands after it
     while True:

@@ -41,7 +41,7 @@ def fused(on: bool):
 
 def cat_model(world, **options):
     adapters = [{"path": str(path), "name": name} for name, path in world["skills"].items()]
-    model = attach_cat(load_base(world["base"]), CatConfig(adapters=adapters, **options))
+    model = attach_cat(load_base(world["base"]), CatConfig(skills=adapters, **options))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -43,7 +43,7 @@ def in_a_world(world, tmp_path, monkeypatch):
 
 def provide_local_skills(config: dict, world) -> None:
     """Create every local skill folder a YAML names (a real tiny adapter), as a user would have."""
-    for entry in (config.get("cat_merge") or {}).get("adapters", []):
+    for entry in (config.get("cat_merge") or {}).get("skills", []):
         path = entry if isinstance(entry, str) else entry["path"]
         if (path.startswith((".", "/")) or path.count("/") > 1) and not Path(path).exists():
             shutil.copytree(world["skills"]["math"], path)
@@ -75,7 +75,7 @@ def test_every_example_yaml_passes_axolotls_validation(path, world):
 
 
 def test_defaults_fill_the_block():
-    block = validate(example(cat_merge={"adapters": ["demo_out/tiny/skills/math"]})).cat_merge
+    block = validate(example(cat_merge={"skills": ["demo_out/tiny/skills/math"]})).cat_merge
     assert block["granularity"] == "module"
     assert block["parametrization"] == "free"
     assert block["init"] == 1.0
@@ -85,17 +85,17 @@ def test_defaults_fill_the_block():
     ("config", "named"),
     [
         (example(cat_merge=None), "cat_merge"),
-        (with_block(adapters=[]), "adapters"),
+        (with_block(skills=[]), "skills"),
         (with_block(granularity="tensor"), "granularity"),
         (with_block(parametrization="sigmoid"), "parametrization"),
         (with_block(export_rank=0), "export_rank"),
         (with_block(prune_threshold=-1), "prune_threshold"),
         (with_block(init=float("nan")), "init"),
         (
-            with_block(adapters=[{"path": "./a", "name": "x"}, {"path": "./b", "name": "x"}]),
+            with_block(skills=[{"path": "./a", "name": "x"}, {"path": "./b", "name": "x"}]),
             "duplicate",
         ),
-        (with_block(adapters=[{"path": "./a", "weight": 2}]), "weight"),
+        (with_block(skills=[{"path": "./a", "weight": 2}]), "weight"),
         (with_block(typo_key=1), "typo_key"),
         (example(adapter="lora"), "adapter: cat_merge"),
         (example(load_in_4bit=True), "quantized"),
@@ -108,8 +108,8 @@ def test_defaults_fill_the_block():
             {**with_block(granularity="adapter"), "fsdp_version": 2, "fsdp_config": {"a": 1}},
             "granularity: adapter",
         ),
-        (with_block(adapters=["./no/such/skill"]), "./no/such/skill"),
-        (with_block(adapters=["demo_out"]), "adapter_config.json"),
+        (with_block(skills=["./no/such/skill"]), "./no/such/skill"),
+        (with_block(skills=["demo_out"]), "adapter_config.json"),
     ],
 )
 def test_config_mistakes_fail_at_validation_naming_the_key(config, named):
@@ -125,6 +125,19 @@ def test_granularity_adapter_still_reads_as_model_with_a_deprecation_warning(cap
     assert block["granularity"] == "model" and type(block["granularity"]) is str
     assert "'adapter' is deprecated" in caplog.text and "'model'" in caplog.text
     assert validate(with_block(granularity="model")).cat_merge["granularity"] == "model"
+
+
+def test_the_old_adapters_key_still_reads_as_skills_with_a_deprecation_warning(caplog):
+    """`cat_merge.adapters` (before 0.2) collided with the YAML's own `adapter:` key."""
+    config = example()
+    config["cat_merge"] = {"adapters": config["cat_merge"]["skills"]}
+    with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
+        block = validate(config).cat_merge
+    assert block["skills"] == example()["cat_merge"]["skills"] and "adapters" not in block
+    assert "cat_merge.adapters is deprecated" in caplog.text
+    both = with_block(adapters=example()["cat_merge"]["skills"])
+    with pytest.raises((ValidationError, ValueError), match="not also as `adapters`"):
+        validate(both)
 
 
 def test_deepspeed_zero3_is_accepted():

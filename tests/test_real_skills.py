@@ -113,7 +113,7 @@ def reference(base, skills, record):
 def assert_exact(base, skills, out):
     """CAT == formula == export loaded by plain PEFT == its merge_and_unload (on an untied base:
     merging into a tied lm_head changes the input embeddings too, huggingface/peft#2777)."""
-    model = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
+    model = attach_cat(load(base), CatConfig(skills=adapters(skills)))
     randomize(model)
     trained = logits(model)
     export_cat(model, out)
@@ -130,7 +130,7 @@ def refused(base, skills, *names) -> str:
     model = load(base)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(CatError) as info:
-        attach_cat(model, CatConfig(adapters=adapters(skills)))
+        attach_cat(model, CatConfig(skills=adapters(skills)))
     message = str(info.value)
     for name in names:
         assert str(name) in message, f"{name!r} not named in: {message}"
@@ -197,7 +197,7 @@ def test_merge_cat_accepts_an_lm_head_skill_and_refuses_a_differing_copy(bases, 
     argv = ["merge", "--method", "concat", "--weights", "0.5", "1.5", "--base", str(base)]
     assert main([*argv, "--out", str(tmp_path / "m"), f"head={head}", f"attn={attn}"]) == 0
     merged = logits(PeftModel.from_pretrained(load(base), tmp_path / "m"))
-    cat = attach_cat(load(base), CatConfig(adapters=adapters({"head": head, "attn": attn})))
+    cat = attach_cat(load(base), CatConfig(skills=adapters({"head": head, "attn": attn})))
     for _, layer in cat.named_modules():
         if weighted(layer):
             with torch.no_grad():
@@ -258,7 +258,7 @@ def test_merge_advice_for_a_restricted_first_skill_leads_to_a_merge(bases, tmp_p
     # following the advice works, and gives Σ w_i ΔW_i
     reordered = adapters({"free": free, "late": late})
     out = merge_skills(load(base), reordered, [2.0, 0.5], tmp_path / "m", method="concat")
-    cat = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
+    cat = attach_cat(load(base), CatConfig(skills=adapters(skills)))
     set_coefficients(cat, {"late": 0.5, "free": 2.0})
     merged = PeftModel.from_pretrained(load(base), out)
     assert (logits(merged) - logits(cat)).abs().max() <= TOLERANCE
@@ -328,7 +328,7 @@ def test_merge_cat_composes_embedding_skills_like_peft(bases, tmp_path):
     argv = ["merge", "--method", "concat", "--weights", "0.7", "1.3", "--base", str(base)]
     assert main([*argv, "--out", str(tmp_path / "m"), f"emb={emb}", f"attn={attn}"]) == 0
     merged = logits(PeftModel.from_pretrained(load(base), tmp_path / "m"))
-    cat = attach_cat(load(base), CatConfig(adapters=adapters({"emb": emb, "attn": attn})))
+    cat = attach_cat(load(base), CatConfig(skills=adapters({"emb": emb, "attn": attn})))
     set_coefficients(cat, {"emb": 0.7, "attn": 1.3})
     assert (merged - logits(cat)).abs().max() <= TOLERANCE
 
@@ -375,7 +375,7 @@ def test_cat_fits_on_a_bitsandbytes_base_and_exports_the_same_adapter(bases, tmp
         "b": build_skill(base, tmp_path / "b", seed=2, r=3, lora_alpha=3,
                          target_modules=["q_proj", "down_proj"]),
     }  # fmt: skip
-    model = attach_cat(quantized(base, mode), CatConfig(adapters=adapters(skills)))
+    model = attach_cat(quantized(base, mode), CatConfig(skills=adapters(skills)))
     q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__module__ == "peft.tuners.lora.bnb"  # PEFT's bnb LoRA layer
     randomize(model)
@@ -398,7 +398,7 @@ def test_cat_fits_on_a_bitsandbytes_base_and_exports_the_same_adapter(bases, tmp
     assert (logits(loaded) - trained).abs().max() <= TOLERANCE
 
     # the export is the very adapter the same coefficients give on the full-precision base
-    full = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
+    full = attach_cat(load(base), CatConfig(skills=adapters(skills)))
     randomize(full)
     export_cat(full, tmp_path / "full")
     ours, theirs = load_file(str(out / WEIGHTS)), load_file(str(tmp_path / "full" / WEIGHTS))
@@ -416,7 +416,7 @@ def test_a_4bit_base_already_repacked_for_cpu_inference_is_refused(bases, tmp_pa
     if not getattr(q_proj.weight.quant_state, "packing_format_for_cpu", False):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack here")
     with pytest.raises(CatError, match="model.layers.0.self_attn.q_proj.*reload the base"):
-        attach_cat(model, CatConfig(adapters=[str(skill)]))
+        attach_cat(model, CatConfig(skills=[str(skill)]))
 
 
 def test_fit_cat_trl_fits_on_a_4bit_base(world, tmp_path):
@@ -470,7 +470,7 @@ def test_axolotl_yaml_refuses_a_quantized_base_saying_what_works(flag, named):
 
     from axolotl_cat_plugin.integration.args import CatMergeArgs
 
-    config = {"adapter": "cat_merge", "cat_merge": {"adapters": ["./skill"]}, flag: True}
+    config = {"adapter": "cat_merge", "cat_merge": {"skills": ["./skill"]}, flag: True}
     with pytest.raises(ValidationError) as error:
         CatMergeArgs.model_validate(config)
     assert named in str(error.value)
@@ -638,7 +638,7 @@ def test_inspect_and_reexport_of_an_export_with_modules_to_save(bases, tmp_path,
                        target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
     attn = build_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=2,
                        target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
-    model = attach_cat(load(base), CatConfig(adapters=adapters({"chat": chat, "attn": attn})))
+    model = attach_cat(load(base), CatConfig(skills=adapters({"chat": chat, "attn": attn})))
     randomize(model)
     export_cat(model, tmp_path / "out")
     assert main(["inspect", str(tmp_path / "out")]) == 0
@@ -689,7 +689,7 @@ def test_static_mixes_set_the_saved_modules_coefficients_too(bases, tmp_path):
                        target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
     attn = build_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=2,
                        target_modules=["q_proj"])  # fmt: skip
-    model = attach_cat(load(base), CatConfig(adapters=adapters({"chat": chat, "attn": attn})))
+    model = attach_cat(load(base), CatConfig(skills=adapters({"chat": chat, "attn": attn})))
     randomize(model)
     fitted = logits(model)
     head = model.base_model.model.lm_head.modules_to_save["default"]
@@ -708,7 +708,7 @@ def test_granularity_core_with_an_embedding_skill_is_refused(bases, tmp_path):
                       target_modules=["embed_tokens", "q_proj"])  # fmt: skip
     model = load(base)
     with pytest.raises(CatError, match="granularity core .* model.embed_tokens"):
-        attach_cat(model, CatConfig(adapters=[str(emb)], granularity="core"))
+        attach_cat(model, CatConfig(skills=[str(emb)], granularity="core"))
     assert not any("lora_" in name for name, _ in model.named_modules())  # not wrapped
 
 
@@ -718,7 +718,7 @@ def test_set_adapter_leaves_the_saved_modules_frozen(bases, tmp_path):
     base = bases["llama"]
     chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
                        target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
-    model = attach_cat(load(base), CatConfig(adapters=[str(chat)]))
+    model = attach_cat(load(base), CatConfig(skills=[str(chat)]))
     with model.disable_adapter():
         pass
     model.base_model.enable_adapter_layers()

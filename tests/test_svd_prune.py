@@ -33,7 +33,7 @@ PRUNED = {
 
 def cat_model(world, **options):
     adapters = [{"path": str(path), "name": name} for name, path in world["skills"].items()]
-    model = attach_cat(load_base(world["base"]), CatConfig(adapters=adapters, **options))
+    model = attach_cat(load_base(world["base"]), CatConfig(skills=adapters, **options))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # every |c| in [0.5, 1.5], with both signs: far from THRESHOLD
         for name, param in model.named_parameters():

@@ -230,7 +230,7 @@ def test_coefficients_from_missing_or_malformed_is_refused(world, exported_recor
 def test_peft_calls_that_reactivate_the_adapter_keep_the_skills_frozen(world):
     """PEFT's set_adapter marks the adapter's factors trainable (also when leaving
     disable_adapter(), as TRL does for reference logits): the skills must stay frozen."""
-    model = attach_cat(load_base(world["base"]), CatConfig(adapters=adapters(world)))
+    model = attach_cat(load_base(world["base"]), CatConfig(skills=adapters(world)))
 
     def trainable():
         return sorted(name for name, p in model.named_parameters() if p.requires_grad)

@@ -35,7 +35,7 @@ def refused(world, adapters, *names, **options) -> CatError:
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     modules_before = [name for name, _ in model.named_modules()]
     with pytest.raises(CatError) as info:
-        attach_cat(model, CatConfig(adapters=adapters, **options))
+        attach_cat(model, CatConfig(skills=adapters, **options))
     message = str(info.value)
     for name in names:
         assert str(name) in message, f"{name!r} not named in: {message}"
@@ -88,18 +88,28 @@ def sha256_tree(folder):
 # ---------------------------------------------------------------- config
 
 
-def test_empty_adapters_list_is_refused():
-    for adapters in ([], None, ()):
-        with pytest.raises(CatError, match="adapters"):
-            CatConfig(adapters=adapters)
+def test_empty_skills_list_is_refused():
+    for skills in ([], None, ()):
+        with pytest.raises(CatError, match="cat_merge.skills"):
+            CatConfig(skills=skills)
+
+
+def test_the_old_adapters_keyword_still_works_with_a_deprecation_warning(tmp_path, caplog):
+    entries = [skill(tmp_path / "a", "math")]
+    with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
+        config = CatConfig(adapters=entries)
+    assert config.skills == CatConfig(skills=entries).skills and config.adapters is None
+    assert "cat_merge.adapters is deprecated" in caplog.text
+    with pytest.raises(CatError, match="not also as `adapters`"):
+        CatConfig(skills=entries, adapters=entries)
 
 
 def test_duplicate_skill_names_are_refused_naming_the_name(tmp_path):
     with pytest.raises(CatError, match="'math'"):
-        CatConfig(adapters=[skill(tmp_path / "a", "math"), skill(tmp_path / "b", "math")])
+        CatConfig(skills=[skill(tmp_path / "a", "math"), skill(tmp_path / "b", "math")])
     # two folders called the same get the same default name: they need explicit names
     with pytest.raises(CatError, match="'math'"):
-        CatConfig(adapters=[str(tmp_path / "a" / "math"), str(tmp_path / "b" / "math")])
+        CatConfig(skills=[str(tmp_path / "a" / "math"), str(tmp_path / "b" / "math")])
 
 
 @pytest.mark.parametrize(
@@ -107,34 +117,34 @@ def test_duplicate_skill_names_are_refused_naming_the_name(tmp_path):
 )
 def test_unknown_granularity_or_parametrization_is_refused(option, value):
     with pytest.raises(CatError) as info:
-        CatConfig(adapters=["skill"], **{option: value})
+        CatConfig(skills=["skill"], **{option: value})
     assert option in str(info.value) and value in str(info.value)
 
 
 @pytest.mark.parametrize("init", [math.nan, math.inf, -math.inf, "1.0", None])
 def test_non_finite_or_non_numeric_init_is_refused(init):
     with pytest.raises(CatError, match="init"):
-        CatConfig(adapters=["skill"], init=init)
+        CatConfig(skills=["skill"], init=init)
 
 
 @pytest.mark.parametrize("dropout", [-0.1, 1.0, math.nan])
 def test_dropout_outside_zero_one_is_refused(dropout):
     with pytest.raises(CatError, match="dropout"):
-        CatConfig(adapters=["skill"], dropout=dropout)
+        CatConfig(skills=["skill"], dropout=dropout)
 
 
 @pytest.mark.parametrize(
     "entry, key",
     [
-        (42, "adapters[0]"),
-        ({"name": "math"}, "adapters[0].path"),
+        (42, "skills[0]"),
+        ({"name": "math"}, "skills[0].path"),
         ({"path": "x", "weight": 2}, "weight"),
-        ({"path": "x", "name": 3}, "adapters[0].name"),
+        ({"path": "x", "name": 3}, "skills[0].name"),
     ],
 )
 def test_malformed_adapter_entries_are_refused_naming_the_entry(entry, key):
     with pytest.raises(CatError) as info:
-        CatConfig(adapters=[entry])
+        CatConfig(skills=[entry])
     assert key in str(info.value)
 
 
@@ -234,7 +244,7 @@ def test_other_base_rewriting_initialisations_are_refused(world, tmp_path, init)
 @pytest.mark.parametrize("init", [True, False, "gaussian", "eva"])
 def test_initialisations_that_leave_the_base_alone_are_accepted(world, tmp_path, init):
     folder = edit_config(copy_skill(world, tmp_path), init_lora_weights=init)
-    attach_cat(load_base(world["base"]), CatConfig(adapters=[skill(folder, "math")]))
+    attach_cat(load_base(world["base"]), CatConfig(skills=[skill(folder, "math")]))
 
 
 @pytest.mark.parametrize(
@@ -328,7 +338,7 @@ def test_a_factor_without_its_partner_is_refused(world, tmp_path):
 def test_different_base_model_name_is_only_a_warning(world, tmp_path, caplog):
     folder = edit_config(copy_skill(world, tmp_path), base_model_name_or_path="org/other-base")
     with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
-        model = attach_cat(load_base(world["base"]), CatConfig(adapters=[skill(folder, "math")]))
+        model = attach_cat(load_base(world["base"]), CatConfig(skills=[skill(folder, "math")]))
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("'math'" in r.getMessage() and "org/other-base" in r.getMessage() for r in warnings)
     with torch.no_grad():
@@ -337,7 +347,7 @@ def test_different_base_model_name_is_only_a_warning(world, tmp_path, caplog):
 
 def test_same_base_model_name_gives_no_warning(world, caplog):
     with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
-        attach_cat(load_base(world["base"]), CatConfig(adapters=[str(world["skills"]["math"])]))
+        attach_cat(load_base(world["base"]), CatConfig(skills=[str(world["skills"]["math"])]))
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -388,12 +398,12 @@ def test_bin_skill_is_read_with_weights_only_and_equals_its_safetensors_twin(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(torch, "load", recording_load)
-    from_bin = attach_cat(load_base(world["base"]), CatConfig(adapters=[skill(folder, "math")]))
+    from_bin = attach_cat(load_base(world["base"]), CatConfig(skills=[skill(folder, "math")]))
     monkeypatch.undo()
     assert calls == [True]
 
     reference = attach_cat(
-        load_base(world["base"]), CatConfig(adapters=[skill(world["skills"]["math"], "math")])
+        load_base(world["base"]), CatConfig(skills=[skill(world["skills"]["math"], "math")])
     )
     with torch.no_grad():
         assert torch.equal(from_bin(input_ids=TOKENS).logits, reference(input_ids=TOKENS).logits)
@@ -438,7 +448,7 @@ def test_bin_holding_anything_but_named_tensors_is_refused(world, tmp_path, payl
 def test_skill_files_are_byte_identical_after_attach_and_export(world, tmp_path):
     before = {name: sha256_tree(path) for name, path in world["skills"].items()}
     adapters = [skill(path, name) for name, path in world["skills"].items()]
-    model = attach_cat(load_base(world["base"]), CatConfig(adapters=adapters))
+    model = attach_cat(load_base(world["base"]), CatConfig(skills=adapters))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if is_coefficient(name):

@@ -6,6 +6,7 @@ integration maps its YAML block onto this one to one.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,6 +14,13 @@ from typing import Any
 
 from .errors import CatError
 from .granularity import Granularity, Parametrization
+
+LOG = logging.getLogger(__name__)
+
+ADAPTERS_RENAMED = (
+    "cat_merge.adapters is deprecated and will be removed in a future release: name the "
+    "list `skills` (`adapters` also meant the YAML's `adapter:` key and a granularity)"
+)
 
 
 @dataclass(frozen=True)
@@ -26,31 +34,31 @@ class SkillSpec:
     @classmethod
     def parse(cls, entry: Any, position: int) -> SkillSpec:
         """A skill from a config entry: a path, or {"path", "name", "revision"}. Raises
-        CatError naming `cat_merge.adapters[position]` and the key at fault."""
+        CatError naming `cat_merge.skills[position]` and the key at fault."""
         if isinstance(entry, SkillSpec):
             return entry
         if isinstance(entry, (str, Path)):
             entry = {"path": str(entry)}
         if not isinstance(entry, dict):
             raise CatError(
-                f"cat_merge.adapters[{position}]: expected a path or a mapping with 'path', "
+                f"cat_merge.skills[{position}]: expected a path or a mapping with 'path', "
                 f"got {type(entry).__name__}"
             )
         unknown = set(entry) - {"path", "name", "revision"}
         if unknown:
             raise CatError(
-                f"cat_merge.adapters[{position}]: unknown key(s) {sorted(unknown)}; "
+                f"cat_merge.skills[{position}]: unknown key(s) {sorted(unknown)}; "
                 "allowed: path, name, revision"
             )
         path = entry.get("path")
         if not isinstance(path, (str, Path)) or not str(path).strip():
-            raise CatError(f"cat_merge.adapters[{position}].path: must be a non-empty string")
+            raise CatError(f"cat_merge.skills[{position}].path: must be a non-empty string")
         name = entry.get("name") or default_skill_name(str(path))
         if not isinstance(name, str):
-            raise CatError(f"cat_merge.adapters[{position}].name: must be a string")
+            raise CatError(f"cat_merge.skills[{position}].name: must be a string")
         revision = entry.get("revision")
         if revision is not None and not isinstance(revision, str):
-            raise CatError(f"cat_merge.adapters[{position}].revision: must be a string")
+            raise CatError(f"cat_merge.skills[{position}].revision: must be a string")
         return cls(path=str(path), name=name, revision=revision)
 
 
@@ -63,7 +71,9 @@ def default_skill_name(path: str) -> str:
 class CatConfig:
     """How to combine skill LoRAs with CAT.
 
-    adapters: the skills, as paths, dicts ({"path", "name", "revision"}) or SkillSpecs.
+    skills: the skill LoRAs, as paths, dicts ({"path", "name", "revision"}) or SkillSpecs;
+        parsed into SkillSpecs in place. `adapters` is their deprecated name (before 0.2),
+        still accepted with a warning.
     granularity: a Granularity or its name (granularity.py): one coefficient per skill per
         `module` (the paper), per decoder `layer`, for the whole `model`, per `rank`-1
         component of each skill, or a full R x R `core` per module in the skills' joint
@@ -75,23 +85,30 @@ class CatConfig:
     coefficients_from: a previous cat_coefficients.json to start from (resume, re-export).
     """
 
-    adapters: list[Any]
+    skills: list[Any] | None = None
     granularity: Granularity | str = Granularity.MODULE
     parametrization: Parametrization | str = Parametrization.FREE
     init: float = 1.0
     dropout: float = 0.0
     coefficients_from: str | None = None
-    skills: list[SkillSpec] = field(init=False, repr=False)
+    adapters: list[Any] | None = field(default=None, repr=False)  # deprecated: `skills`
 
     def __post_init__(self) -> None:
-        if not isinstance(self.adapters, (list, tuple)) or not self.adapters:
-            raise CatError("cat_merge.adapters: list at least one skill LoRA (path or Hub id)")
-        self.skills = [SkillSpec.parse(entry, i) for i, entry in enumerate(self.adapters)]
+        if self.adapters is not None:
+            if self.skills is not None:
+                raise CatError(
+                    "cat_merge: give the skill LoRAs as `skills` only, not also as `adapters`"
+                )
+            LOG.warning(ADAPTERS_RENAMED)
+            self.skills, self.adapters = self.adapters, None
+        if not isinstance(self.skills, (list, tuple)) or not self.skills:
+            raise CatError("cat_merge.skills: list at least one skill LoRA (path or Hub id)")
+        self.skills = [SkillSpec.parse(entry, i) for i, entry in enumerate(self.skills)]
         names = [skill.name for skill in self.skills]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise CatError(
-                f"cat_merge.adapters: duplicate skill name(s) {duplicates}; "
+                f"cat_merge.skills: duplicate skill name(s) {duplicates}; "
                 "give each a distinct 'name'"
             )
         self.granularity = Granularity.parse(self.granularity)

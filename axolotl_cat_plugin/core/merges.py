@@ -48,7 +48,7 @@ _WHERE_FLAGS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 
 def merge_skills(
     base_model: nn.Module,
-    adapters: list,
+    skill_entries: list,
     weights: list[float],
     output_dir: str | os.PathLike,
     *,
@@ -58,11 +58,13 @@ def merge_skills(
 ) -> Path:
     """Merge the skill LoRAs with fixed weights and write one standard adapter to output_dir.
 
-    adapters: as CatConfig.adapters (paths, Hub ids, or {"path", "name", "revision"}).
+    skill_entries: as CatConfig.skills (paths, Hub ids, or {"path", "name", "revision"});
+    weights: one per skill (floats, PEFT's add_weighted_adapter weights). Raises CatError for
+    what PEFT would merge silently wrong (see the module docstring).
     seed: fixes dare's random drop, so a baseline can be rebuilt exactly.
     """
     chosen = method_named(method)
-    specs = CatConfig(adapters=adapters).skills  # names, duplicates: CAT's own rules
+    specs = CatConfig(skills=skill_entries).skills  # names, duplicates: CAT's own rules
     _check_arguments(chosen, specs, weights, density)
     skills = load_skills(specs)
     for skill in skills:

@@ -44,7 +44,7 @@ def reexport(
             f"{Path(run_dir) / COEFFICIENTS_FILE} names no base model; pass it (--base BASE)"
         )
     config = CatConfig(
-        adapters=[_adapter(skill) for skill in record["skills"]],
+        skills=[_adapter(skill) for skill in record["skills"]],
         granularity=record.get("granularity", "module"),
         parametrization=record.get("parametrization", "free"),
         coefficients_from=str(Path(run_dir) / COEFFICIENTS_FILE),

@@ -7,7 +7,7 @@ import math
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..core.config import CatConfig, SkillSpec
+from ..core.config import ADAPTERS_RENAMED, CatConfig
 from ..core.granularity import Granularity, Parametrization
 from ..core.skills import preflight
 
@@ -16,7 +16,7 @@ LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_emb
 
 
 class CatSkill(BaseModel):
-    """One entry of `cat_merge.adapters` written as a mapping (a plain string is a path)."""
+    """One entry of `cat_merge.skills` written as a mapping (a plain string is a path)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -31,7 +31,7 @@ class CatMergeConfig(BaseModel):
     # enum fields hold their plain names, as the YAML does (Axolotl dumps its config)
     model_config = ConfigDict(extra="forbid", use_enum_values=True)
 
-    adapters: list[str | CatSkill] = Field(
+    skills: list[str | CatSkill] = Field(
         min_length=1, description="The skill LoRAs, all trained on base_model"
     )
     granularity: Granularity = Field(
@@ -50,6 +50,17 @@ class CatMergeConfig(BaseModel):
     prune_threshold: float | None = Field(
         default=None, ge=0.0, description="Drop a skill from a module where |coefficient| < this"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_adapters(cls, data):
+        # `adapters` (before 0.2) reads as `skills`, with a deprecation warning
+        if isinstance(data, dict) and "adapters" in data:
+            if "skills" in data:
+                raise ValueError("give the skill LoRAs as `skills` only, not also as `adapters`")
+            LOG.warning(ADAPTERS_RENAMED)
+            data = {("skills" if key == "adapters" else key): v for key, v in data.items()}
+        return data
 
     @field_validator("granularity", mode="before")
     @classmethod
@@ -73,21 +84,17 @@ class CatMergeConfig(BaseModel):
 
     def to_core(self) -> CatConfig:
         """The core's CatConfig for this block (the Axolotl-only keys stay here)."""
-        adapters = [
+        skills = [
             entry if isinstance(entry, str) else entry.model_dump(exclude_none=True)
-            for entry in self.adapters
+            for entry in self.skills
         ]
         return CatConfig(
-            adapters=adapters,
+            skills=skills,
             granularity=self.granularity,
             parametrization=self.parametrization,
             init=self.init,
             dropout=self.dropout,
         )
-
-    def skills(self) -> list[SkillSpec]:
-        """The skills this block lists, parsed as the core parses them."""
-        return self.to_core().skills
 
 
 class CatMergeArgs(BaseModel):
@@ -107,7 +114,7 @@ class CatMergeArgs(BaseModel):
         if adapter == "cat_merge" and not block:
             raise ValueError(
                 "adapter: cat_merge needs a `cat_merge:` block listing the skill LoRAs "
-                "(cat_merge.adapters)"
+                "(cat_merge.skills)"
             )
         if block and adapter != "cat_merge":
             raise ValueError(

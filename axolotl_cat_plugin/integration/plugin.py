@@ -77,7 +77,7 @@ class CatMergePlugin(BasePlugin):
             if not (inference or cfg.inference or cfg.merge_lora):
                 raise CatError(
                     "lora_model_dir is set in a cat_merge training run; the skills come from "
-                    "cat_merge.adapters. Remove lora_model_dir (it is for loading a finished "
+                    "cat_merge.skills. Remove lora_model_dir (it is for loading a finished "
                     "export, e.g. `axolotl inference cat.yml --lora-model-dir out/cat`)."
                 )
             LOG.info("cat_merge: loading the exported adapter from %s", cfg.lora_model_dir)

@@ -69,7 +69,7 @@ def _overview(folder: Path, record: dict, config: dict) -> Table:
 
 def _skills(record: dict) -> Table:
     table = Table(title="Skills", title_justify="left")
-    for column in ("skill", "source", "revision", "rank", "alpha", "rsLoRA"):
+    for column in ("skill", "source", "revision", "r", "lora_alpha", "rsLoRA"):
         table.add_column(column)
     for skill in record["skills"]:
         table.add_row(
@@ -77,7 +77,7 @@ def _skills(record: dict) -> Table:
             str(skill.get("source")),
             str(skill.get("revision") or ""),
             str(skill.get("rank")),
-            str(skill.get("alpha")),
+            str(skill.get("lora_alpha")),
             "yes" if skill.get("use_rslora") else "no",
         )
     return table

@@ -39,10 +39,22 @@ TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70]])
 def record(**overrides) -> dict:
     """Two skills on two layers: math on q/v of both, code on q of layer 1 only."""
     base = {
-        "format_version": 1,
+        "format_version": 2,
         "skills": [
-            {"name": "math", "source": "org/math-lora", "revision": "v1", "rank": 8, "alpha": 16},
-            {"name": "code", "source": "./skills/code", "rank": 4, "alpha": 4, "use_rslora": True},
+            {
+                "name": "math",
+                "source": "org/math-lora",
+                "revision": "v1",
+                "rank": 8,
+                "lora_alpha": 16,
+            },
+            {
+                "name": "code",
+                "source": "./skills/code",
+                "rank": 4,
+                "lora_alpha": 4,
+                "use_rslora": True,
+            },
         ],
         "granularity": "module",
         "parametrization": "free",

@@ -180,7 +180,8 @@ def test_merge_method_cat_still_works_as_concat_with_a_deprecation_warning(world
     assert all(torch.equal(outputs["cat"][k], outputs["concat"][k]) for k in outputs["cat"])
 
 
-def test_a_record_written_with_granularity_adapter_reads_as_model(world, tmp_path):
+def test_a_record_of_version_1_reads_in_todays_terms(world, tmp_path, capsys):
+    """0.1 wrote format_version 1: granularity `adapter` (now `model`), a skill's `alpha`."""
     out = export_cat(
         attach_cat(
             load_base(world["base"]), CatConfig(skills=adapters(world), granularity="model")
@@ -190,8 +191,17 @@ def test_a_record_written_with_granularity_adapter_reads_as_model(world, tmp_pat
     record_file = out / "cat_coefficients.json"
     record = json.loads(record_file.read_text())
     assert record["granularity"] == "model"
-    record_file.write_text(json.dumps({**record, "granularity": "adapter"}))  # written by 0.1
+    assert record["format_version"] == 2 and record["skills"][0]["lora_alpha"] == 8
+    old_skills = [
+        {("alpha" if key == "lora_alpha" else key): value for key, value in skill.items()}
+        for skill in record["skills"]
+    ]
+    old = {**record, "format_version": 1, "granularity": "adapter", "skills": old_skills}
+    record_file.write_text(json.dumps(old))
     assert read_record(out)["granularity"] == "model"
+    assert read_record(out)["skills"] == record["skills"]
+    assert main(["inspect", str(out)]) == 0
+    assert "lora_alpha" in capsys.readouterr().out
     config = CatConfig(
         skills=adapters(world), granularity="model", coefficients_from=str(record_file)
     )

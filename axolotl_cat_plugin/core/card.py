@@ -95,12 +95,12 @@ def _skills(record: dict) -> str:
             skill.get("source"),
             skill.get("revision") or "",
             _with_pattern(skill.get("rank"), skill.get("rank_pattern")),
-            _with_pattern(skill.get("alpha"), skill.get("alpha_pattern")),
+            _with_pattern(skill.get("lora_alpha"), skill.get("alpha_pattern")),
             "yes" if skill.get("use_rslora") else "no",
         ]
         for skill in record.get("skills", [])
     ]
-    header = ["skill", "source", "revision", "rank", "alpha", "rsLoRA"]
+    header = ["skill", "source", "revision", "r", "lora_alpha", "rsLoRA"]
     return "## Skills\n\n" + _table(header, rows)
 
 

@@ -32,8 +32,9 @@ LEGACY_CHECKPOINT_COEFFICIENTS_FILE = "cat_alpha.safetensors"
 LEGACY_COEFFICIENT_SUFFIX = ".cat_alpha"
 # the order an export is moved in: adapter_config.json last, since it makes a folder loadable
 EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FILE)
-# cat_coefficients.json's schema version: readers refuse records from a newer writer
-FORMAT_VERSION = 1
+# cat_coefficients.json's schema version: readers refuse records from a newer writer.
+# 2: a skill's lora_alpha is recorded as `lora_alpha` (PEFT's name), no longer as `alpha`.
+FORMAT_VERSION = 2
 
 
 def peft_key(module_name: str, factor: str, embedding: bool = False) -> str:
@@ -94,8 +95,9 @@ def read_record(folder: str | os.PathLike) -> dict:
 
 def read_record_file(path: str | os.PathLike) -> dict:
     """A cat_coefficients.json, checked: a JSON object with `skills` (list) and `modules`
-    (object) whose `format_version` (1 when absent) is at most FORMAT_VERSION. A granularity
-    recorded under its old name (`adapter`) is returned under today's (`model`).
+    (object) whose `format_version` (1 when absent) is at most FORMAT_VERSION. An older
+    record is returned in today's terms: a granularity under its old name (`adapter`) as
+    `model`, a version-1 skill's `alpha` as `lora_alpha`.
 
     Raises CatError naming the file for unreadable JSON, a missing part or a newer version.
     """
@@ -120,4 +122,8 @@ def read_record_file(path: str | os.PathLike) -> dict:
         )
     if "granularity" in record:  # a record written before a granularity was renamed
         record["granularity"] = current_name(record["granularity"])
+    if version == 1:  # a skill's lora_alpha was `alpha`
+        for skill in record["skills"]:
+            if isinstance(skill, dict) and "alpha" in skill:
+                skill.setdefault("lora_alpha", skill.pop("alpha"))
     return record

@@ -75,7 +75,7 @@ class Skill:
             "source": self.spec.path,
             "revision": self.spec.revision,
             "rank": self.config.get("r"),
-            "alpha": self.config.get("lora_alpha"),
+            "lora_alpha": self.config.get("lora_alpha"),
             "use_rslora": bool(self.config.get("use_rslora", False)),
             "rank_pattern": self.config.get("rank_pattern") or {},
             "alpha_pattern": self.config.get("alpha_pattern") or {},

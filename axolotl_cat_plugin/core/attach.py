@@ -18,7 +18,7 @@ from .core_space import core_factors
 from .embedding import CatEmbeddingVariant, factor_weights, is_embedding
 from .errors import CatError
 from .format import read_record_file
-from .granularity import Granularity, Parametrization
+from .granularity import Granularity
 from .layer import CatLinearVariant
 from .plan import ModulePlan, plan_modules, target_modules_for
 from .quantized import keep_gradients_through_4bit_layers
@@ -138,7 +138,7 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
         if hasattr(module, "lora_A") and ADAPTER in module.lora_A and name not in planned:
             _load_factors(module, ModulePlan(name, []), rank)  # wrapped, touched by no skill
             put_state(module, CatState(name, names, config.parametrization))
-    granularity = Granularity.parse(config.granularity)
+    granularity = config.granularity  # a Granularity (CatConfig parses it)
     if granularity is Granularity.CORE:  # a core per module: no slot layout, nothing shared
         for plan in plans:
             layer = model.get_submodule(plan.name)
@@ -231,7 +231,7 @@ def _load_factors(layer, plan: ModulePlan, rank: int) -> None:
 
 def _initial_alpha(config: CatConfig, present, previous: dict | None, skills) -> torch.Tensor:
     """alpha (fp32, shape of `present`): the parametrization's start, or a record's values."""
-    parametrization = Parametrization.parse(config.parametrization)
+    parametrization = config.parametrization
     alpha = torch.full(present.shape, parametrization.initial(config.init), dtype=torch.float32)
     for skill_index, skill in enumerate(skills):
         if previous and skill.name in previous:
@@ -281,7 +281,7 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
     by_group: dict[str, dict[str, torch.Tensor]] = {}
     try:
         for name, entry in modules.items():
-            group = by_group.setdefault(Granularity.parse(config.granularity).group(name), {})
+            group = by_group.setdefault(config.granularity.group(name), {})
             for skill, value in entry["coefficients"].items():
                 value = torch.as_tensor(value, dtype=torch.float32)
                 if not torch.isfinite(value).all():
@@ -291,4 +291,4 @@ def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, 
         raise CatError(
             f"coefficients_from: {path} holds no usable coefficients ({error!r})"
         ) from error
-    return {name: by_group[Granularity.parse(config.granularity).group(name)] for name in modules}
+    return {name: by_group[config.granularity.group(name)] for name in modules}

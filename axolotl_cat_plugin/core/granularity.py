@@ -29,7 +29,39 @@ def layer_index(module_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-class Granularity(StrEnum):
+class _Choice(StrEnum):
+    """A config choice: a StrEnum (a member equals, and serialises as, its name) with a lookup
+    that names the config key on a mistake and reads a renamed value with a warning."""
+
+    @classmethod
+    def parse(cls, value, key: str | None = None):
+        """The member named `value` (a member passes through). A name this option had before
+        (_RENAMED) gives its successor and logs a deprecation warning. Raises CatError naming
+        `key` (default `cat_merge.<option>`) and the choices for anything else."""
+        key = key or f"cat_merge.{cls.__name__.lower()}"
+        if isinstance(value, cls):
+            return value
+        renamed = _RENAMED.get(cls.__name__, {})
+        if value in renamed:
+            LOG.warning(
+                "%s: %r is deprecated and will be removed in a future release; it means %r now",
+                key,
+                value,
+                renamed[value],
+            )
+            return cls(renamed[value])
+        try:
+            return cls(value)
+        except ValueError:
+            raise CatError(f"{key}: {value!r} is not one of {cls.names()}") from None
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The members' names, in order (the config's choices)."""
+        return [member.value for member in cls]
+
+
+class Granularity(_Choice):
     """Which modules share a coefficient, and what one coefficient weights.
 
     A StrEnum: a member equals (and serialises as) its name, e.g. Granularity.MODULE == "module".
@@ -62,35 +94,10 @@ class Granularity(StrEnum):
             return module_name if index is None else f"layer {index}"
         return module_name
 
-    @classmethod
-    def parse(cls, value, key: str = "cat_merge.granularity") -> Granularity:
-        """The member named `value`. `adapter`, this option's name before 0.2, still reads as
-        `model` with a deprecation warning (it collided with the YAML's `adapter:` and the
-        skills list). Raises CatError naming `key` and the choices for anything else."""
-        if isinstance(value, cls):
-            return value
-        if value in _RENAMED:
-            LOG.warning(
-                "%s: %r is deprecated and will be removed in a future release; it means %r now",
-                key,
-                value,
-                _RENAMED[value].value,
-            )
-            return _RENAMED[value]
-        try:
-            return cls(value)
-        except ValueError:
-            raise CatError(f"{key}: {value!r} is not one of {cls.names()}") from None
 
-    @classmethod
-    def names(cls) -> list[str]:
-        """The members' names, in order (the config's choices)."""
-        return [member.value for member in cls]
-
-
-# old names that still read (a config warns; a record written under the old name is read
-# as the new one, see format.read_record_file)
-_RENAMED = {"adapter": Granularity.MODEL}
+# old names that still read, per option (a config warns; a record written under an old name
+# is read as the new one, see format.read_record_file)
+_RENAMED = {"Granularity": {"adapter": "model"}}
 
 _DESCRIPTIONS = {
     Granularity.MODULE: "one coefficient per skill for every LoRA-wrapped module (the paper's)",
@@ -104,10 +111,12 @@ _DESCRIPTIONS = {
 def current_name(granularity):
     """A granularity name as this release spells it (`adapter` -> `model`); other values as
     given. For records, which are read without a warning."""
-    return _RENAMED[granularity].value if granularity in _RENAMED else granularity
+    if not isinstance(granularity, str):
+        return granularity
+    return _RENAMED["Granularity"].get(granularity, granularity)
 
 
-class Parametrization(StrEnum):
+class Parametrization(_Choice):
     """How the learned parameters alpha become the coefficients c.
 
     `free`: c = alpha, starting at `init`. `softmax`: c = softmax of alpha over the skills
@@ -135,16 +144,3 @@ class Parametrization(StrEnum):
     def initial(self, init: float) -> float:
         """The value every alpha starts at: `init` (free) or 0, i.e. uniform (softmax)."""
         return float(init) if self is Parametrization.FREE else 0.0
-
-    @classmethod
-    def parse(cls, value, key: str = "cat_merge.parametrization") -> Parametrization:
-        """The member named `value`; CatError naming `key` and the choices otherwise."""
-        try:
-            return cls(value)
-        except ValueError:
-            raise CatError(f"{key}: {value!r} is not one of {cls.names()}") from None
-
-    @classmethod
-    def names(cls) -> list[str]:
-        """The members' names, in order (the config's choices)."""
-        return [member.value for member in cls]

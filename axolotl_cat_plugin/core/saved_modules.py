@@ -27,7 +27,6 @@ from torch.nn.utils import parametrize
 
 from .errors import CatError
 from .format import read_record_file
-from .granularity import Parametrization
 from .state import (
     ADAPTER,
     CatState,
@@ -122,7 +121,7 @@ def install_saved_modules(peft_model, skills, config) -> None:
     """
     names = saved_module_names(skills)
     starting = _starting(config, names)
-    parametrization = Parametrization.parse(config.parametrization)
+    parametrization = config.parametrization  # a Parametrization (CatConfig parses it)
     model = peft_model.base_model.model
     for name in names:
         wrapper = model.get_submodule(name)

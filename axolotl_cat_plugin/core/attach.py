@@ -17,6 +17,16 @@ from .config import CatConfig
 from .core_space import core_factors
 from .embedding import CatEmbeddingVariant, factor_weights, is_embedding
 from .errors import CatError
+from .experts import (
+    dropout_outside_parameters,
+    install_delta,
+    is_parameter_wrapper,
+    load_factors,
+    lora_layers,
+    plan_parameters,
+    refuse_core,
+    target_parameters_for,
+)
 from .format import read_record_file
 from .granularity import Granularity
 from .layer import CatLinearVariant
@@ -43,6 +53,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         raise CatError("attach_cat expects the plain base model, not a PeftModel")
     skills = load_skills(config.skills)
     plans = plan_modules(model, skills)
+    parameters = plan_parameters(model, skills)  # LoRA on MoE expert parameters (experts.py)
     embeddings = [plan.name for plan in plans if any(f.embedding for _, f in plan.blocks)]
     if config.granularity is Granularity.CORE and embeddings:
         raise CatError(
@@ -50,17 +61,20 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
             f"have embedding LoRAs on {embeddings[0]}; use granularity module, layer, adapter "
             "or rank with embedding skills"
         )
+    if config.granularity is Granularity.CORE:
+        refuse_core(parameters)
     check_saved_modules(skills, model)  # modules_to_save: composed beside the LoRA
     starting = _starting_coefficients(config, skills)  # refuse a bad record before wrapping
     keep_gradients_through_4bit_layers(model)  # a QLoRA base on the CPU (see quantized.py)
-    rank = max(plan.rank for plan in plans)
+    rank = max(plan.rank for plan in [*plans, *parameters])
     target_modules = target_modules_for([plan.name for plan in plans])
     fan_in_fan_out = skills[0].fan_in_fan_out
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=rank,
         target_modules=target_modules,
-        lora_dropout=config.dropout,
+        lora_dropout=0.0 if parameters else config.dropout,  # ParamWrapper refuses dropout
+        target_parameters=target_parameters_for(parameters) or None,
         fan_in_fan_out=fan_in_fan_out,
         bias="none",
         task_type="CAUSAL_LM",
@@ -69,7 +83,9 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         modules_to_save=saved_module_names(skills) or None,
     )
     peft_model = get_peft_model(model, lora_config)
-    _install(peft_model, plans, skills, config, starting)
+    if parameters:
+        dropout_outside_parameters(peft_model, config.dropout)
+    _install(peft_model, [*plans, *parameters], skills, config, starting)
     install_saved_modules(peft_model, skills, config)
     for name, param in peft_model.named_parameters():
         param.requires_grad_(is_coefficient(name))
@@ -85,6 +101,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         base_model=base_name,
         target_modules=target_modules,
         fan_in_fan_out=fan_in_fan_out,
+        target_parameters=lora_config.target_parameters,
     )
     # any save (a trainer's checkpoint, a Ctrl-C handler) must write a correct adapter
     peft_model.save_pretrained = types.MethodType(_save_folded, peft_model)
@@ -94,7 +111,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         "CAT: %d skills on %d modules, concatenated rank %d, %d trainable coefficients "
         "(granularity %s, parametrization %s)",
         len(skills),
-        len(plans),
+        len(plans) + len(parameters),
         rank,
         trainable,
         config.granularity,
@@ -131,17 +148,17 @@ def _set_adapter_keeping_factors_frozen(layer, *args, **kwargs):
 def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
     """Load the concatenated factors and give every wrapped module its CatState."""
     rank = peft_model.peft_config[ADAPTER].r
-    model = peft_model.base_model.model
+    layers = dict(lora_layers(peft_model.base_model.model))  # by module (or parameter) name
     names = tuple(skill.name for skill in skills)
     planned = {plan.name for plan in plans}
-    for name, module in model.named_modules():
-        if hasattr(module, "lora_A") and ADAPTER in module.lora_A and name not in planned:
+    for name, module in layers.items():
+        if name not in planned:
             _load_factors(module, ModulePlan(name, []), rank)  # wrapped, touched by no skill
             put_state(module, CatState(name, names, config.parametrization))
     granularity = config.granularity  # a Granularity (CatConfig parses it)
     if granularity is Granularity.CORE:  # a core per module: no slot layout, nothing shared
         for plan in plans:
-            layer = model.get_submodule(plan.name)
+            layer = layers[plan.name]
             _install_core(layer, plan, skills, config, starting.get(plan.name), rank)
         return
     # a coefficient row per component (granularity rank, as many rows as the largest skill
@@ -155,7 +172,7 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
         groups[group] = groups[group] | present if group in groups else present
     shared: dict[str, nn.Parameter] = {}
     for plan in plans:
-        layer = model.get_submodule(plan.name)
+        layer = layers[plan.name]
         device = factor_weights(layer, ADAPTER)[0].device
         group = granularity.group(plan.name)
         present = groups[group]
@@ -177,11 +194,15 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
 
 
 def _use_cat_variant(layer, state: CatState) -> None:
-    """Give a layer its CatState and the CAT variant in place of PEFT's LoRA forward."""
+    """Give a layer its CatState and the CAT variant in place of PEFT's LoRA forward (a
+    ParamWrapper takes no variant: its delta itself is replaced, experts.py)."""
     put_state(layer, state)
-    layer.lora_variant[ADAPTER] = (
-        CatEmbeddingVariant() if is_embedding(layer) else CatLinearVariant()
-    )
+    if is_parameter_wrapper(layer):
+        install_delta(layer)
+    else:
+        layer.lora_variant[ADAPTER] = (
+            CatEmbeddingVariant() if is_embedding(layer) else CatLinearVariant()
+        )
     layer.cast_input_dtype_enabled = False  # the variant casts the factors instead
 
 
@@ -218,6 +239,9 @@ def _install_core(layer, plan: ModulePlan, skills, config: CatConfig, previous, 
 
 
 def _load_factors(layer, plan: ModulePlan, rank: int) -> None:
+    if is_parameter_wrapper(layer):  # per expert, in PEFT's ParamWrapper layout
+        load_factors(layer, plan, rank)
+        return
     lora_A, lora_B = factor_weights(layer, ADAPTER)
     with torch.no_grad():
         lora_A.zero_()

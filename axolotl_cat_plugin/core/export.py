@@ -28,6 +28,7 @@ from torch import nn
 
 from .card import model_card
 from .embedding import factor_weights, is_embedding, set_factors
+from .experts import factor_keys, remove_delta
 from .fold import FoldedAdapter, fold
 from .format import (
     CARD_FILE,
@@ -181,11 +182,13 @@ def apply_export(
     """
     folded = export.folded if isinstance(export, Export) else export
     peft_model = next(m for m in model.modules() if hasattr(m, "peft_config"))
+    keys = factor_keys(model)  # MoE expert parameters' (ParamWrapper) keys
     for name, layer in list(cat_layers(model)):
         lora_A, lora_B = factor_weights(layer, ADAPTER)
         embedding = is_embedding(layer)
-        new_A = folded.tensors[peft_key(name, "A", embedding)].to(lora_A.device, lora_A.dtype)
-        new_B = folded.tensors[peft_key(name, "B", embedding)].to(lora_B.device, lora_B.dtype)
+        key_A, key_B = keys.get(name) or (peft_key(name, f, embedding) for f in "AB")
+        new_A = folded.tensors[key_A].to(lora_A.device, lora_A.dtype)
+        new_B = folded.tensors[key_B].to(lora_B.device, lora_B.dtype)
         if embedding:
             set_factors(layer, new_A, new_B, ADAPTER)
         else:
@@ -195,6 +198,7 @@ def apply_export(
         layer.lora_alpha[ADAPTER] = folded.rank
         layer.scaling[ADAPTER] = 1.0
         layer.lora_variant.pop(ADAPTER, None)
+        remove_delta(layer)  # a ParamWrapper computes PEFT's own update again
         remove_state(layer)  # the model is a plain LoRA model now, no CAT layer is left
     unparametrize_saved_modules(model)  # the copies hold the composed modules_to_save
     peft_model.peft_config[ADAPTER] = folded.config

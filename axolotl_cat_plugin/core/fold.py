@@ -2,7 +2,9 @@
 
 Folding is exact: B diag(w) A = B (diag(w) A), so the exported lora_A is the
 concatenated A with every row scaled by its slot weight w, lora_B is unchanged and the
-export's scaling is 1 (lora_alpha = r). Nothing here modifies the model.
+export's scaling is 1 (lora_alpha = r). Nothing here modifies the model. A layer on MoE expert
+parameters (experts.py) folds the same way per expert: its factors are handled stacked,
+(E, r, in) and (E, out, r), and written in PEFT's ParamWrapper layout.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 from .core_space import skill_weights
 from .embedding import factor_weights, is_embedding
 from .errors import CatError
+from .experts import factor_keys, peft_layout, stacked_factors
 from .format import FORMAT_VERSION, peft_key
 from .granularity import Granularity
 from .saved_modules import fold_saved_modules
@@ -54,7 +57,7 @@ def fold(model, rank: int | None = None, prune_threshold: float | None = None) -
 def _fold(model, rank, prune_threshold) -> FoldedAdapter:
     metadata = cat_metadata(model)
     layers = list(cat_layers(model))
-    concatenated_rank = factor_weights(layers[0][1], ADAPTER)[0].shape[0]
+    concatenated_rank = layers[0][1].r[ADAPTER]
     embeddings = {name for name, layer in layers if is_embedding(layer)}
     if rank is not None:
         if (
@@ -83,20 +86,25 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
     for name, layer in tqdm(layers, desc="Folding CAT coefficients", disable=len(layers) < 64):
         lora_A, lora_B, modules[name] = _fold_layer(layer, prune_threshold)
         factors[name] = (lora_A, lora_B)
-    if not any(lora_A.shape[0] for lora_A, _ in factors.values()):
+    if not any(lora_A.shape[-2] for lora_A, _ in factors.values()):
         raise CatError(f"prune_threshold {prune_threshold} removes every skill from every module")
     if rank is not None:
         for name, (lora_A, lora_B) in factors.items():
             lora_A, lora_B, modules[name]["svd_relative_error"] = compress(lora_A, lora_B, rank)
             factors[name] = (lora_A, lora_B)
 
-    exported_rank = rank or max(lora_A.shape[0] for lora_A, _ in factors.values())
+    exported_rank = rank or max(lora_A.shape[-2] for lora_A, _ in factors.values())
     tensors = {}
+    keys = factor_keys(model)  # the ParamWrappers' keys; the others' follow from their names
     for name, (lora_A, lora_B) in factors.items():
-        missing = exported_rank - lora_A.shape[0]
-        embedding = name in embeddings
-        tensors[peft_key(name, "A", embedding)] = _pad_rows(lora_A, missing).contiguous()
-        tensors[peft_key(name, "B", embedding)] = _pad_rows(lora_B.t(), missing).t().contiguous()
+        missing = exported_rank - lora_A.shape[-2]
+        lora_A, lora_B = _pad_rows(lora_A, missing), _pad_rows(lora_B.mT, missing).mT
+        if name in keys:  # experts stacked (E, r, in), (E, out, r) -> PEFT's (r·E, in), (out, r·E)
+            (key_A, key_B), (lora_A, lora_B) = keys[name], peft_layout(lora_A, lora_B)
+        else:
+            embedding = name in embeddings
+            key_A, key_B = peft_key(name, "A", embedding), peft_key(name, "B", embedding)
+        tensors[key_A], tensors[key_B] = lora_A.contiguous(), lora_B.contiguous()
 
     saved_tensors, saved_record, saved_names = fold_saved_modules(model)  # modules_to_save
     tensors.update(saved_tensors)
@@ -104,6 +112,7 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         r=exported_rank,
         lora_alpha=exported_rank,
         target_modules=metadata.target_modules,
+        target_parameters=metadata.target_parameters,
         fan_in_fan_out=metadata.fan_in_fan_out,
         use_rslora=False,
         use_dora=False,
@@ -158,11 +167,12 @@ def skill_coefficients(model) -> dict[str, list[float]]:
 def _fold_layer(layer, prune_threshold):
     """Folded factors of one layer and its record: coefficients per skill, what was pruned."""
     if not weighted(layer):  # wrapped, but no skill touches it
-        lora_A, lora_B = factor_weights(layer, ADAPTER)
+        lora_A, lora_B = stacked_factors(layer, *factor_weights(layer, ADAPTER))
         # torch.zeros, not new_zeros: under FSDP2 the factors are DTensors, and new_zeros
         # would make these DTensors too, which safetensors cannot save
-        empty_A = torch.zeros(0, lora_A.shape[1], dtype=torch.float32, device=lora_A.device)
-        empty_B = torch.zeros(lora_B.shape[0], 0, dtype=torch.float32, device=lora_B.device)
+        shape_A, shape_B = (*lora_A.shape[:-2], 0, lora_A.shape[-1]), (*lora_B.shape[:-1], 0)
+        empty_A = torch.zeros(shape_A, dtype=torch.float32, device=lora_A.device)
+        empty_B = torch.zeros(shape_B, dtype=torch.float32, device=lora_B.device)
         return empty_A, empty_B, {"coefficients": {}, "rank": 0}
     state = state_of(layer)
     if state.is_core:
@@ -177,10 +187,11 @@ def _fold_layer(layer, prune_threshold):
             )
         slot_c = c.flatten()[state.slot_index]
         lora_A, lora_B = (full_tensor(factor).float() for factor in factor_weights(layer, ADAPTER))
+        lora_A, lora_B = stacked_factors(layer, lora_A, lora_B)  # (E, R, in), (E, out, R) experts
         keep = state.slot_scale != 0
         if prune_threshold is not None:
             keep &= slot_c.abs() >= prune_threshold
-        scaled_A = (slot_c * state.slot_scale)[keep, None] * lora_A[keep]
+        scaled_A = (slot_c * state.slot_scale)[keep, None] * lora_A[..., keep, :]
 
         coefficients: dict[str, list[float]] = {}
         pruned: dict[str, list[int]] = {}
@@ -196,7 +207,7 @@ def _fold_layer(layer, prune_threshold):
     entry = {"coefficients": coefficients, "rank": int(keep.sum())}
     if pruned:
         entry["pruned"] = pruned
-    return scaled_A, lora_B[:, keep], entry
+    return scaled_A, lora_B[..., keep], entry
 
 
 def _fold_core_layer(layer, state):
@@ -234,26 +245,29 @@ def compress(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int):
     """Best rank-`rank` factors of ΔW = B A, and the relative Frobenius error.
 
     QR of both factors and an SVD of the small r x r core: the d_out x d_in matrix is never
-    formed, so an 8B model's modules compress in seconds.
+    formed, so an 8B model's modules compress in seconds. Stacked experts, lora_A (E, r, in)
+    and lora_B (E, out, r), compress each expert to `rank`; the error is the whole stack's.
     """
-    if lora_A.shape[0] == 0:
+    if lora_A.shape[-2] == 0:
         return lora_A, lora_B, 0.0
     q_B, r_B = torch.linalg.qr(lora_B.double())
-    q_A, r_A = torch.linalg.qr(lora_A.double().t())
-    u, s, vh = torch.linalg.svd(r_B @ r_A.t())
-    k = min(rank, s.shape[0])
-    root = s[:k].sqrt()
-    new_B = (q_B @ u[:, :k]) * root
-    new_A = root[:, None] * (vh[:k] @ q_A.t())
+    q_A, r_A = torch.linalg.qr(lora_A.double().mT)
+    u, s, vh = torch.linalg.svd(r_B @ r_A.mT)
+    k = min(rank, s.shape[-1])
+    root = s[..., :k].sqrt()
+    new_B = (q_B @ u[..., :k]) * root[..., None, :]
+    new_A = root[..., None] * (vh[..., :k, :] @ q_A.mT)
     total = float(s.square().sum())
-    error = math.sqrt(float(s[k:].square().sum()) / total) if total > 0 else 0.0
+    error = math.sqrt(float(s[..., k:].square().sum()) / total) if total > 0 else 0.0
     return new_A.float(), new_B.float(), error
 
 
 def _pad_rows(matrix: torch.Tensor, missing: int) -> torch.Tensor:
+    """`missing` zero rows after the last (of every expert, for stacked (E, r, in) factors)."""
     if missing <= 0:
         return matrix
-    return torch.cat([matrix, matrix.new_zeros(missing, matrix.shape[1])])
+    zeros = matrix.new_zeros(*matrix.shape[:-2], missing, matrix.shape[-1])
+    return torch.cat([matrix, zeros], dim=-2)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,10 @@ get silently wrong:
 
 DoRA, trained biases and the other non-LoRA computations are refused by the same reader that
 CAT uses (skills.load_skills); skills with modules_to_save, which CAT composes but merge does
-not, are refused here.
+not, are refused here. PEFT's add_weighted_adapter refuses LoRA on MoE expert parameters
+(target_parameters): with such skills, `concat` folds the CAT model itself with its
+coefficients fixed to the weights (the same Σ_i w_i s_i B_i A_i), and the other methods are
+refused.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 
 from .config import CatConfig
 from .errors import CatError
+from .experts import expert_form
 from .format import CONFIG_FILE, WEIGHTS_FILE
 from .merge_methods import MergeMethod, method_named
-from .moe import refuse_per_expert_modules
 from .skill_checks import check_base_copies, warn_on_foreign_base
 from .skills import Skill, load_skills
 
@@ -74,10 +78,12 @@ def merge_skills(
                 "(modules_to_save); merge composes LoRA factors only. Fit CAT, which composes "
                 "saved modules with learned coefficients (attach_cat / adapter: cat_merge)"
             )
-        refuse_per_expert_modules(skill, base_model)  # PEFT's merge refuses them, less clearly
         check_base_copies(skill, base_model)  # PEFT's loading would write it over the base
     base_name = getattr(getattr(base_model, "config", None), "_name_or_path", None)
     warn_on_foreign_base(skills, base_name)  # the README promises it for merges too
+    experts = {skill.name: form for skill in skills if (form := expert_form(skill, base_model))}
+    if experts:
+        return _merge_experts_with_cat(chosen, base_model, adapters, weights, output_dir, experts)
     _check_first_skill_flags(chosen, skills, base_model)
     if chosen.equal_ranks:
         _check_equal_ranks(chosen, skills)
@@ -109,7 +115,11 @@ def merge_skills(
     model.set_adapter(merged)
     for name in names:
         model.delete_adapter(name)
-    written = _save_flat(model, merged, Path(output_dir))
+    written = _save_flat(
+        Path(output_dir),
+        lambda staging: model.save_pretrained(str(staging), selected_adapters=[merged]),
+        merged,
+    )
     LOG.info(
         "merged %d skills (%s) with %s, weights %s, into a rank-%d adapter in %s",
         len(skills),
@@ -117,6 +127,42 @@ def merge_skills(
         chosen.name,
         weights,
         model.peft_config[merged].r,
+        written,
+    )
+    return written
+
+
+def _merge_experts_with_cat(method, base_model, adapters, weights, output_dir, experts) -> Path:
+    """`concat` for skills with LoRA on MoE expert parameters, which PEFT's add_weighted_adapter
+    refuses: the CAT model with every coefficient fixed to the skill's weight (baselines'
+    static_coefficients), folded into the standard adapter (target_parameters included)."""
+    name, form = next(iter(experts.items()))
+    if method.name != "concat":
+        raise CatError(
+            f"skill {name!r} has LoRA on MoE expert weights ({form}); --method {method.name} "
+            "goes through PEFT's add_weighted_adapter, which refuses target_parameters. "
+            "--method concat composes expert skills (Σ w_i s_i B_i A_i, folded by CAT), and so "
+            "does fitting CAT (attach_cat / adapter: cat_merge)"
+        )
+    from .attach import attach_cat
+    from .baselines import static_coefficients
+    from .fold import fold
+
+    model = attach_cat(base_model, CatConfig(adapters=adapters))
+    with static_coefficients(model, [float(w) for w in weights]):
+        folded = fold(model)
+
+    def save(staging: Path) -> None:
+        save_file(folded.tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
+        folded.config.save_pretrained(str(staging))
+
+    written = _save_flat(Path(output_dir), save)
+    LOG.info(
+        "merged %d skills with concat (folded by CAT: PEFT's merge refuses expert parameters), "
+        "weights %s, into a rank-%d adapter in %s",
+        len(weights),
+        weights,
+        folded.rank,
         written,
     )
     return written
@@ -286,17 +332,18 @@ def _peft_scales_svd_merges_twice() -> bool:
     return twice
 
 
-def _save_flat(model: PeftModel, adapter: str, output_dir: Path) -> Path:
-    """Save `adapter` as a standard adapter directly in output_dir.
+def _save_flat(output_dir: Path, save, adapter: str = "default") -> Path:
+    """Write a standard adapter directly in output_dir: `save(staging)` writes it into a
+    staging folder.
 
-    PEFT saves an adapter that is not `default` into output_dir/<name>/; we keep only its
+    PEFT saves an adapter that is not `default` into staging/<adapter>/; we keep only its
     adapter_config.json and weights, moved up, the config last so that the folder is
     loadable only once it is complete.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".cat-merge-", dir=output_dir))
     try:
-        model.save_pretrained(str(staging), selected_adapters=[adapter])
+        save(staging)
         saved = staging / adapter if (staging / adapter / CONFIG_FILE).exists() else staging
         (output_dir / CONFIG_FILE).unlink(missing_ok=True)
         for name in (WEIGHTS_FILE, CONFIG_FILE):

@@ -1,8 +1,9 @@
 """Which skills touch which base module, validated against the base (attach_cat's plan).
 
 Every refusal here names the skill and the module: a target module the base lacks, factors
-whose shapes do not fit it, a layer kind CAT cannot compose, MoE expert forms (moe.py), and
-saved base-matrix copies that differ from the base (skill_checks.py).
+whose shapes do not fit it, a layer kind CAT cannot compose, per-expert MoE modules PEFT cannot
+convert (experts.py), and saved base-matrix copies that differ from the base
+(skill_checks.py). LoRA on MoE expert parameters is planned by experts.plan_parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from .errors import CatError
-from .moe import refuse_per_expert_modules
+from .experts import convert_per_expert_modules
 from .skill_checks import check_base_copies
 from .skills import Skill, SkillModule
 
@@ -45,7 +46,9 @@ def plan_modules(model: nn.Module, skills: list[Skill]) -> list[ModulePlan]:
     base_modules = dict(model.named_modules())
     plans: dict[str, ModulePlan] = {}
     for index, skill in enumerate(skills):
-        refuse_per_expert_modules(skill, model)  # before the target check, which misnames it
+        # the older per-expert MoE layout becomes target parameters, as PEFT loads it; before
+        # the target check, which would name its modules as missing
+        convert_per_expert_modules(skill, model)
         _check_target_modules(skill, base_modules)
         check_base_copies(skill, model)
         if skill.fan_in_fan_out != skills[0].fan_in_fan_out:

@@ -14,7 +14,6 @@ import torch
 
 from .config import SkillSpec
 from .errors import CatError
-from .moe import expert_parameters_message
 
 if TYPE_CHECKING:
     from .skills import Skill
@@ -62,8 +61,6 @@ def check_config(spec: SkillSpec, config: dict) -> None:
             "skill's factors only hold on that modified base. Convert it to a plain LoRA first "
             "(PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...))."
         )
-    if config.get("target_parameters"):  # MoE experts: see moe.py
-        raise CatError(expert_parameters_message(where, config["target_parameters"]))
     for key in _OTHER_COMPUTATIONS:
         if config.get(key):
             raise CatError(

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import SkillSpec
 from .errors import CatError
+from .experts import take_parameter_factors
 from .format import CONFIG_FILE, base_copy_module, factor_of_key
 from .locate import is_hub_id, locate
 from .skill_checks import check_config
@@ -57,6 +58,9 @@ class Skill:
     base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
     # module name -> {parameter name: tensor} of each module saved in full (modules_to_save)
     saved_modules: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    # (module, ParamWrapper depth) -> {"A", "B"} of LoRA on raw parameters (target_parameters,
+    # MoE experts), in PEFT's layout; experts.plan_parameters resolves them against the base
+    parameter_factors: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -123,7 +127,10 @@ def load_skill(spec: SkillSpec) -> Skill:
     tensors = _read_weights(spec, weights_file)
     saved_modules, originals = _saved_modules(config, tensors)
     base_copies = {**_base_copies(tensors), **originals}
+    parameters = take_parameter_factors(config, tensors) if config.get("target_parameters") else {}
     modules = _factors_by_module(spec, config, tensors, weights_file)
+    if not modules and not parameters:
+        raise CatError(f"skill {spec.name!r}: {weights_file} holds no LoRA factors")
     LOG.info(
         "skill %r: %d modules, r=%s, lora_alpha=%s%s from %s",
         spec.name,
@@ -134,7 +141,9 @@ def load_skill(spec: SkillSpec) -> Skill:
         folder,
     )
     digest = _sha256(weights_file)
-    return Skill(spec, folder, config, weights_file, digest, modules, base_copies, saved_modules)
+    return Skill(
+        spec, folder, config, weights_file, digest, modules, base_copies, saved_modules, parameters
+    )
 
 
 def preflight(spec: SkillSpec) -> None:
@@ -259,8 +268,6 @@ def _factors_by_module(
         module_name, which, embedding = found
         (embeddings if embedding else linear_factors).add(module_name)
         factors.setdefault(module_name, {})[which] = tensor
-    if not factors:
-        raise CatError(f"skill {spec.name!r}: {path} holds no LoRA factors")
 
     modules = {}
     for module_name, pair in sorted(factors.items()):

@@ -39,6 +39,7 @@ class CatMetadata:
     target_modules: list[str] | str
     fan_in_fan_out: bool
     extra: dict = field(default_factory=dict)
+    target_parameters: list[str] | None = None  # LoRA on MoE expert parameters (experts.py)
 
 
 class CatState(nn.Module):

@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora.layer import ParamWrapper
 from peft.utils.other import ModulesToSaveWrapper
 from safetensors.torch import load_file, save_file
 from test_exactness import randomize
@@ -89,12 +90,19 @@ def adapters(skills):
 
 
 def reference(base, skills, record):
-    """base + Σ_i c_i,m ΔW_i,m, every ΔW from PEFT's own get_delta_weight of the loaded skill."""
+    """base + Σ_i c_i,m ΔW_i,m, every ΔW from PEFT's own get_delta_weight of the loaded skill
+    (of a ParamWrapper: ΔP of the parameter `<module>.<parameter>` it wraps, MoE experts)."""
     model = load(base, untie=True)
     with torch.no_grad():
         for name, path in skills.items():
             peft_model = PeftModel.from_pretrained(load(base, untie=True), path)
             for module_name, layer in peft_model.base_model.model.named_modules():
+                if isinstance(layer, ParamWrapper):
+                    owner = module_name.replace(".base_layer", "")
+                    parameter = f"{owner}.{layer.parameter_name}"
+                    c = record["modules"][parameter]["coefficients"][name]
+                    model.get_parameter(parameter).add_(c * layer.get_delta_weight("default"))
+                    continue
                 if isinstance(layer, ModulesToSaveWrapper):  # M_i - M_base, per parameter
                     c = record["saved_modules"][module_name]["coefficients"][name]
                     target = model.get_submodule(module_name)
@@ -474,67 +482,6 @@ def test_axolotl_yaml_refuses_a_quantized_base_saying_what_works(flag, named):
     with pytest.raises(ValidationError) as error:
         CatMergeArgs.model_validate(config)
     assert named in str(error.value)
-
-
-# ---------------------------------------------------------------- 4. MoE expert LoRAs
-
-
-def legacy_expert_skill(base, folder, seed=5, r=2):
-    """A Mixtral skill as an older PEFT saved it on transformers v4: LoRA on the per-expert
-    Linear modules block_sparse_moe.experts.N.w1/w2/w3 (and q_proj), which transformers v5
-    fuses into mlp.experts.gate_up_proj / down_proj."""
-    build_skill(base, folder, seed=seed, r=r, lora_alpha=2 * r, target_modules=["q_proj"])
-    config = json.loads((folder / "adapter_config.json").read_text())
-    config["target_modules"] = ["q_proj", "w1", "w2", "w3"]
-    (folder / "adapter_config.json").write_text(json.dumps(config))
-    tensors = load_file(str(folder / WEIGHTS))
-    generator = torch.Generator().manual_seed(seed)
-    hidden, inner = SMALL["hidden_size"], SMALL["intermediate_size"]
-    shapes = {"w1": (hidden, inner), "w3": (hidden, inner), "w2": (inner, hidden)}
-    for layer in range(SMALL["num_hidden_layers"]):
-        for expert in range(4):
-            for leaf, (d_in, d_out) in shapes.items():
-                prefix = f"base_model.model.model.layers.{layer}.block_sparse_moe.experts"
-                key = f"{prefix}.{expert}.{leaf}"
-                tensors[f"{key}.lora_A.weight"] = torch.randn(r, d_in, generator=generator) * 0.2
-                tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, r, generator=generator) * 0.2
-    save_file(tensors, str(folder / WEIGHTS))
-    return folder
-
-
-def test_legacy_per_expert_lora_is_refused_naming_the_moe_form(bases, tmp_path, capsys):
-    from axolotl_cat_plugin.cli import main
-
-    base = bases["mixtral"]
-    legacy = legacy_expert_skill(base, tmp_path / "legacy")
-    # PEFT itself still loads and applies it (converting it to the fused expert parameters)
-    with torch.no_grad():
-        applied = logits(PeftModel.from_pretrained(load(base), legacy))
-    assert (applied - logits(load(base))).abs().max() > 1e-3
-
-    message = refused(base, {"legacy": legacy}, "'legacy'",
-                      "model.layers.0.block_sparse_moe.experts.0.w1",
-                      "per-expert MoE layout", "model.layers.0.mlp.experts.gate_up_proj",
-                      "merge_and_unload")  # fmt: skip
-    assert "is not in the base model" not in message
-    argv = ["merge", "--method", "concat", "--weights", "1", "--base", str(base)]
-    assert main([*argv, "--out", str(tmp_path / "m"), f"legacy={legacy}"]) == 2
-    assert "per-expert MoE layout" in capsys.readouterr().err
-
-
-def test_expert_lora_on_target_parameters_is_refused_naming_the_moe_form(bases, tmp_path, capsys):
-    from axolotl_cat_plugin.cli import main
-
-    base = bases["mixtral"]
-    fused = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
-    experts = build_skill(base, tmp_path / "experts", seed=1, r=2, lora_alpha=4,
-                          target_modules=["q_proj"], target_parameters=fused)  # fmt: skip
-    message = refused(base, {"experts": experts}, "'experts'", "target_parameters",
-                      "mlp.experts.gate_up_proj", "ParamWrapper", "merge_and_unload")  # fmt: skip
-    assert "computes something other than" not in message
-    argv = ["merge", "--method", "concat", "--weights", "1", "--base", str(base)]
-    assert main([*argv, "--out", str(tmp_path / "m"), f"experts={experts}"]) == 2
-    assert "ParamWrapper" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- 3. modules_to_save

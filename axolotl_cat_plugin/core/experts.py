@@ -279,8 +279,6 @@ def plan_parameters(model: nn.Module, skills) -> list[ParameterPlan]:
     Resolves each saved wrapper depth to its parameter by PEFT's nesting (module docstring).
     Raises CatError naming the skill, the saved module, the parameter and both shapes.
     """
-    from .skills import skill_scaling  # skills reads through take_parameter_factors
-
     plans: dict[str, ParameterPlan] = {}
     order: dict[str, tuple[int, int]] = {}
     positions = {name: index for index, (name, _) in enumerate(model.named_modules())}
@@ -306,7 +304,7 @@ def plan_parameters(model: nn.Module, skills) -> list[ParameterPlan]:
                     "either. Use a skill saved by PEFT on this base"
                 )
             name = f"{module_name}.{parameter}"
-            factors = _expert_factors(skill, module, name, parameter, pair, skill_scaling)
+            factors = _expert_factors(skill, module, name, parameter, pair)
             plans.setdefault(name, ParameterPlan(name, [])).blocks.append((index, factors))
             order[name] = (
                 positions[module_name],
@@ -333,7 +331,7 @@ def _wrapped_parameter(skill, module: nn.Module, module_name: str, depth: int) -
     return targeted[len(targeted) - 1 - depth] if depth < len(targeted) else None
 
 
-def _expert_factors(skill, module, name: str, parameter: str, pair, skill_scaling):
+def _expert_factors(skill, module, name: str, parameter: str, pair):
     """One skill's factors on `name` per expert, checked against the parameter's shape."""
     if set(pair) != {"A", "B"}:
         raise CatError(f"skill {skill.name!r}: parameter {name} has no lora_{'AB'[len(pair)]}")
@@ -345,7 +343,7 @@ def _expert_factors(skill, module, name: str, parameter: str, pair, skill_scalin
             "adapts 2-D and 3-D (experts) parameters only"
         )
     experts, d_out, d_in = _experts_out_in(module, shape)
-    rank, scaling = skill_scaling(skill.config, name)
+    rank, scaling = skill.scaling(name)
     lora_A, lora_B = pair["A"], pair["B"]
     if lora_A.shape != (rank * experts, d_in) or lora_B.shape != (d_out, rank * experts):
         raise CatError(
@@ -396,10 +394,13 @@ def is_parameter_wrapper(layer) -> bool:
 
 
 def lora_layers(model: nn.Module):
-    """(name, layer) of every PEFT LoRA layer holding the CAT adapter; a ParamWrapper is named
-    by its parameter, `<module>.<parameter>`, the name its plan and record use."""
+    """(name, layer) of every PEFT LoRA layer holding the CAT adapter (Linear, Embedding,
+    ParamWrapper); a ParamWrapper is named by its parameter, `<module>.<parameter>`, the name
+    its plan and record use."""
     for name, module in model.named_modules():
-        if not (hasattr(module, "lora_A") and ADAPTER in module.lora_A):
+        if ADAPTER not in getattr(module, "lora_A", {}) and ADAPTER not in getattr(
+            module, "lora_embedding_A", {}
+        ):
             continue
         if is_parameter_wrapper(module):
             while name.endswith(_NESTED):

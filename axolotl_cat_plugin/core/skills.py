@@ -72,6 +72,10 @@ class Skill:
         """Whether the base stores weights as (d_in, d_out) (GPT-2's Conv1D), as PEFT's flag."""
         return bool(self.config.get("fan_in_fan_out", False))
 
+    def scaling(self, name: str) -> tuple[int, float]:
+        """The rank and scaling PEFT gives this skill on a module or parameter (skill_scaling)."""
+        return skill_scaling(self.config, name)
+
     def record(self) -> dict:
         """What cat_coefficients.json says about this skill."""
         return {

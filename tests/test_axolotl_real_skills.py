@@ -1,8 +1,9 @@
-"""`axolotl train` with a skill that saved modules in full (modules_to_save), for real.
+"""`axolotl train` with the skills people really have, for real: modules_to_save, MoE experts.
 
 A chat-style skill trains embed_tokens and lm_head in full next to its LoRA; the run must
 fit their coefficients and leave, after Axolotl's own save, an export whose modules_to_save
-hold M_base + c (M_chat - M_base) and that plain PEFT loads to the fitted model.
+hold M_base + c (M_chat - M_base) and that plain PEFT loads to the fitted model. A Mixtral
+skill with LoRA on its fused experts (target_parameters) must be fitted and exported alike.
 """
 
 import json
@@ -68,4 +69,52 @@ def test_axolotl_train_composes_modules_to_save(e2e_world, tmp_path):
     exported = PeftModel.from_pretrained(load_base(e2e_world["base"]), out)
     with torch.no_grad():
         difference = exported(input_ids=TOKENS).logits - cat(input_ids=TOKENS).logits
+    assert difference.abs().max() <= 1e-5
+
+
+def test_axolotl_train_composes_expert_skills(e2e_world, tmp_path):
+    """A Mixtral whose skills put LoRA on the fused experts (target_parameters): `axolotl
+    train` fits their coefficients, and its export is the standard target_parameters adapter
+    plain PEFT loads to the model the record's coefficients describe."""
+    from fixtures import build_tokenizer
+    from test_real_skills import build_skill as build_any_skill
+    from test_real_skills import load
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    base = tmp_path / "mixtral"
+    tokenizer = build_tokenizer(base)
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(base)
+    fused = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    skills = {
+        "experts": build_any_skill(base, tmp_path / "experts", seed=1, r=2, lora_alpha=4,
+                                   target_modules=["q_proj"], target_parameters=fused),
+        "attn": build_any_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=4,
+                                target_modules=["q_proj", "v_proj"]),
+    }  # fmt: skip
+    run = write_config({**e2e_world, "base": base}, tmp_path / "run", max_steps=3)
+    settings = yaml.safe_load(run.read_text())
+    settings["cat_merge"]["adapters"] = [{"path": str(p), "name": n} for n, p in skills.items()]
+    run.write_text(yaml.safe_dump(settings))
+    result = axolotl("train", str(run), cwd=tmp_path)
+    assert result.returncode == 0, "axolotl train failed"
+
+    out = tmp_path / "run" / "out"
+    record = json.loads((out / "cat_coefficients.json").read_text())
+    entry = record["modules"]["model.layers.0.mlp.experts.gate_up_proj"]["coefficients"]
+    assert abs(entry["experts"] - 1.0) > 1e-4  # fitted
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
+    adapters = [{"path": str(p), "name": n} for n, p in skills.items()]
+    fitted = CatConfig(adapters=adapters, coefficients_from=str(out / "cat_coefficients.json"))
+    cat = attach_cat(load(base), fitted)
+    loaded = PeftModel.from_pretrained(load(base), out)
+    with torch.no_grad():
+        difference = loaded(input_ids=TOKENS).logits - cat(input_ids=TOKENS).logits
     assert difference.abs().max() <= 1e-5

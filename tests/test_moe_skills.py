@@ -220,7 +220,7 @@ def test_target_parameter_skills_are_composed_exactly_in_peft_layout(base, skill
             assert param.grad is not None and param.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("granularity", ["layer", "adapter", "rank"])
+@pytest.mark.parametrize("granularity", ["layer", "model", "rank"])
 def test_expert_skills_compose_exactly_at_every_shared_granularity(
     base, skills, tmp_path, granularity
 ):
@@ -293,7 +293,7 @@ def test_granularity_core_with_an_expert_skill_is_refused(base, skills):
         attach_cat(model, CatConfig(adapters=adapters(skills), granularity="core"))
     message = str(info.value)
     assert "granularity core" in message and "target_parameters" in message
-    assert "granularity module, layer, adapter or rank" in message
+    assert "granularity module, layer, model or rank" in message
 
 
 def test_dropout_applies_to_the_linear_layers_only(base, skills):

@@ -29,13 +29,14 @@ weighted by the same w_j = c·s as on a Linear layer (layer.py), for every exper
 
     ΔP_e = Σ_j w_j B[:, j, e] A[e, j, :] = B_e diag(w) A_e          (fp32, then P's dtype)
 
-The coefficients c (fp32, `cat_alpha`) come per skill per targeted parameter (granularity
-`module`), or are shared per decoder layer / adapter, or per rank component, as on Linear
-layers; granularity `core` is refused. PEFT's ParamWrapper accepts no LoRA variant, so CAT
-replaces the wrapper's own get_delta_weight (and, in PEFT >= 0.21, get_delta_factors, which
-its forward uses instead for one adapter) on the CAT layer: PEFT's forward, merge, unmerge
-and merge_and_unload then apply ΔP above. The export is the standard adapter PEFT itself
-saves for `target_parameters`: lora_A = (w ⊙ A) per expert, lora_B = B, scaling 1.
+The coefficients c (fp32, the layer's CatState, state.py) come per skill per targeted
+parameter (granularity `module`), or are shared per decoder layer / the whole model, or per
+rank component, as on Linear layers; granularity `core` is refused. PEFT's ParamWrapper
+accepts no LoRA variant, so CAT replaces the wrapper's own get_delta_weight (and, in PEFT >=
+0.21, get_delta_factors, which its forward uses instead for one adapter) on the CAT layer:
+PEFT's forward, merge, unmerge and merge_and_unload then apply ΔP above. The export is the
+standard adapter PEFT itself saves for `target_parameters`: lora_A = (w ⊙ A) per expert,
+lora_B = B, scaling 1.
 """
 
 from __future__ import annotations
@@ -379,7 +380,7 @@ def refuse_core(plans: list[ParameterPlan]) -> None:
         raise CatError(
             "granularity core builds its joint basis for Linear modules only, and these skills "
             f"have LoRA on MoE expert parameters ({plans[0].name}, target_parameters); use "
-            "granularity module, layer, adapter or rank with expert skills"
+            "granularity module, layer, model or rank with expert skills"
         )
 
 

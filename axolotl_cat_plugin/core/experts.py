@@ -307,10 +307,8 @@ def plan_parameters(model: nn.Module, skills) -> list[ParameterPlan]:
             name = f"{module_name}.{parameter}"
             factors = _expert_factors(skill, module, name, parameter, pair)
             plans.setdefault(name, ParameterPlan(name, [])).blocks.append((index, factors))
-            order[name] = (
-                positions[module_name],
-                list(dict(module.named_parameters())).index(parameter),
-            )
+            own = [param_name for param_name, _ in module.named_parameters(recurse=False)]
+            order[name] = (positions[module_name], own.index(parameter))
     return sorted(plans.values(), key=lambda plan: order[plan.name])
 
 
@@ -335,7 +333,8 @@ def _wrapped_parameter(skill, module: nn.Module, module_name: str, depth: int) -
 def _expert_factors(skill, module, name: str, parameter: str, pair):
     """One skill's factors on `name` per expert, checked against the parameter's shape."""
     if set(pair) != {"A", "B"}:
-        raise CatError(f"skill {skill.name!r}: parameter {name} has no lora_{'AB'[len(pair)]}")
+        missing = ({"A", "B"} - set(pair)).pop()
+        raise CatError(f"skill {skill.name!r}: parameter {name} has no lora_{missing}")
     param = module.get_parameter(parameter)
     shape = tuple(getattr(param, "ds_shape", param.shape))
     if len(shape) not in (2, 3):

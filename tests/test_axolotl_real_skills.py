@@ -100,7 +100,7 @@ def test_axolotl_train_composes_expert_skills(e2e_world, tmp_path):
     }  # fmt: skip
     run = write_config({**e2e_world, "base": base}, tmp_path / "run", max_steps=3)
     settings = yaml.safe_load(run.read_text())
-    settings["cat_merge"]["adapters"] = [{"path": str(p), "name": n} for n, p in skills.items()]
+    settings["cat_merge"]["skills"] = [{"path": str(p), "name": n} for n, p in skills.items()]
     run.write_text(yaml.safe_dump(settings))
     result = axolotl("train", str(run), cwd=tmp_path)
     assert result.returncode == 0, "axolotl train failed"
@@ -112,7 +112,7 @@ def test_axolotl_train_composes_expert_skills(e2e_world, tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == ["experts.down_proj", "experts.gate_up_proj"]
     adapters = [{"path": str(p), "name": n} for n, p in skills.items()]
-    fitted = CatConfig(adapters=adapters, coefficients_from=str(out / "cat_coefficients.json"))
+    fitted = CatConfig(skills=adapters, coefficients_from=str(out / "cat_coefficients.json"))
     cat = attach_cat(load(base), fitted)
     loaded = PeftModel.from_pretrained(load(base), out)
     with torch.no_grad():

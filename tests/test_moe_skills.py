@@ -224,7 +224,7 @@ def test_target_parameter_skills_are_composed_exactly_in_peft_layout(base, skill
 def test_expert_skills_compose_exactly_at_every_shared_granularity(
     base, skills, tmp_path, granularity
 ):
-    model = attach_cat(load(base), CatConfig(adapters=adapters(skills), granularity=granularity))
+    model = attach_cat(load(base), CatConfig(skills=adapters(skills), granularity=granularity))
     randomize(model, seed=3)
     export_cat(model, tmp_path / "out")
     peft_exact(model, tmp_path / "out")
@@ -235,7 +235,7 @@ def test_expert_skills_compose_exactly_at_every_shared_granularity(
 
 
 def test_export_rank_and_prune_threshold_fold_each_expert(base, skills, tmp_path):
-    model = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
+    model = attach_cat(load(base), CatConfig(skills=adapters(skills)))
     randomize(model, seed=1)
     concatenated = model.peft_config["default"].r
     export_cat(model, tmp_path / "full", rank=concatenated)  # lossless
@@ -266,7 +266,7 @@ def test_apply_export_leaves_the_plain_peft_model_and_reexport_rebuilds_it(base,
     from axolotl_cat_plugin.core.export import apply_export
     from axolotl_cat_plugin.core.fold import fold
 
-    model = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
+    model = attach_cat(load(base), CatConfig(skills=adapters(skills)))
     randomize(model, seed=2)
     export_cat(model, tmp_path / "out")
     before = logits(model)
@@ -290,14 +290,14 @@ def test_apply_export_leaves_the_plain_peft_model_and_reexport_rebuilds_it(base,
 def test_granularity_core_with_an_expert_skill_is_refused(base, skills):
     model = load(base)
     with pytest.raises(CatError) as info:
-        attach_cat(model, CatConfig(adapters=adapters(skills), granularity="core"))
+        attach_cat(model, CatConfig(skills=adapters(skills), granularity="core"))
     message = str(info.value)
     assert "granularity core" in message and "target_parameters" in message
     assert "granularity module, layer, model or rank" in message
 
 
 def test_dropout_applies_to_the_linear_layers_only(base, skills):
-    model = attach_cat(load(base), CatConfig(adapters=adapters(skills), dropout=0.1))
+    model = attach_cat(load(base), CatConfig(skills=adapters(skills), dropout=0.1))
     dropouts = {
         type(layer.lora_dropout["default"]).__name__
         for _, layer in experts.lora_layers(model)
@@ -306,7 +306,7 @@ def test_dropout_applies_to_the_linear_layers_only(base, skills):
     assert dropouts == {"Dropout"}
     randomize(model)
     model.eval()
-    reference = attach_cat(load(base), CatConfig(adapters=adapters(skills)))
+    reference = attach_cat(load(base), CatConfig(skills=adapters(skills)))
     randomize(reference)
     assert (logits(model) - logits(reference)).abs().max() <= TOLERANCE
 
@@ -345,7 +345,7 @@ def test_legacy_per_expert_skill_is_composed_as_peft_loads_it(base, skills, tmp_
     legacy = legacy_expert_skill(base, tmp_path / "legacy", router=True)
     applied = logits(PeftModel.from_pretrained(load(base), legacy))  # PEFT converts it
     assert (applied - logits(load(base))).abs().max() > 1e-3
-    alone = attach_cat(load(base), CatConfig(adapters=adapters({"legacy": legacy})))
+    alone = attach_cat(load(base), CatConfig(skills=adapters({"legacy": legacy})))
     assert (logits(alone) - applied).abs().max() <= TOLERANCE  # c = 1: the skill itself
 
     _, record = assert_exact(base, {"legacy": legacy, "attn": skills["attn"]}, tmp_path / "out")
@@ -386,7 +386,7 @@ def test_merge_concat_folds_expert_skills_and_other_methods_are_refused(
     ]
     merged = logits(PeftModel.from_pretrained(load(base), tmp_path / "m"))
     chosen = {"both": skills["both"], "legacy": legacy, "attn": skills["attn"]}
-    cat = attach_cat(load(base), CatConfig(adapters=adapters(chosen)))
+    cat = attach_cat(load(base), CatConfig(skills=adapters(chosen)))
     with static_coefficients(cat, [0.7, 1.3, -0.4]):
         assert (merged - logits(cat)).abs().max() <= TOLERANCE
 

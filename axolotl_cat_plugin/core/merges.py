@@ -83,7 +83,9 @@ def merge_skills(
     warn_on_foreign_base(skills, base_name)  # the README promises it for merges too
     experts = {skill.name: form for skill in skills if (form := expert_form(skill, base_model))}
     if experts:
-        return _merge_experts_with_cat(chosen, base_model, adapters, weights, output_dir, experts)
+        return _merge_experts_with_cat(
+            chosen, base_model, skill_entries, weights, output_dir, experts
+        )
     _check_first_skill_flags(chosen, skills, base_model)
     if chosen.equal_ranks:
         _check_equal_ranks(chosen, skills)
@@ -132,7 +134,7 @@ def merge_skills(
     return written
 
 
-def _merge_experts_with_cat(method, base_model, adapters, weights, output_dir, experts) -> Path:
+def _merge_experts_with_cat(method, base_model, entries, weights, output_dir, experts) -> Path:
     """`concat` for skills with LoRA on MoE expert parameters, which PEFT's add_weighted_adapter
     refuses: the CAT model with every coefficient fixed to the skill's weight (baselines'
     static_coefficients), folded into the standard adapter (target_parameters included)."""
@@ -148,7 +150,7 @@ def _merge_experts_with_cat(method, base_model, adapters, weights, output_dir, e
     from .baselines import static_coefficients
     from .fold import fold
 
-    model = attach_cat(base_model, CatConfig(adapters=adapters))
+    model = attach_cat(base_model, CatConfig(skills=entries))
     with static_coefficients(model, [float(w) for w in weights]):
         folded = fold(model)
 

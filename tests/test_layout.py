@@ -116,3 +116,12 @@ def test_every_public_definition_says_what_it_does():
                 if not ast.get_docstring(member):
                     missing.append(f"{path.relative_to(PACKAGE.parent)}:{member.name}")
     assert not missing, missing
+
+
+def test_no_package_file_is_over_about_300_lines():
+    """Issue 14: a file past ~300 lines is doing two jobs; split it where the jobs part."""
+    sizes = {
+        str(path.relative_to(PACKAGE.parent)): len(path.read_text().splitlines())
+        for path in PACKAGE.rglob("*.py")
+    }
+    assert {path: n for path, n in sizes.items() if n > 320} == {}

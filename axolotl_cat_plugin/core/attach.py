@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import types
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -23,18 +22,22 @@ from .experts import (
     is_parameter_wrapper,
     load_factors,
     lora_layers,
-    plan_parameters,
-    refuse_core,
-    target_parameters_for,
 )
-from .format import read_record_file
 from .granularity import Granularity
 from .layer import CatLinearVariant
-from .plan import ModulePlan, plan_modules, target_modules_for
+from .plan import (
+    ModulePlan,
+    plan_modules,
+    plan_parameters,
+    refuse_core,
+    target_modules_for,
+    target_parameters_for,
+)
 from .quantized import keep_gradients_through_4bit_layers
 from .saved_modules import check_saved_modules, install_saved_modules, saved_module_names
 from .skill_checks import warn_on_foreign_base
-from .skills import Skill, load_skills
+from .skills import load_skills
+from .starting import initial_alpha, starting_coefficients
 from .state import ADAPTER, CatMetadata, CatState, is_coefficient, put_state, slot_layout
 
 LOG = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     if config.granularity is Granularity.CORE:
         refuse_core(parameters)
     check_saved_modules(skills, model)  # modules_to_save: composed beside the LoRA
-    starting = _starting_coefficients(config, skills)  # refuse a bad record before wrapping
+    starting = starting_coefficients(config, skills)  # refuse a bad record before wrapping
     keep_gradients_through_4bit_layers(model)  # a QLoRA base on the CPU (see quantized.py)
     rank = max(plan.rank for plan in [*plans, *parameters])
     target_modules = target_modules_for([plan.name for plan in plans])
@@ -177,7 +180,7 @@ def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:
         group = granularity.group(plan.name)
         present = groups[group]
         if group not in shared:
-            alpha = _initial_alpha(config, present, starting.get(plan.name), skills)
+            alpha = initial_alpha(config, present, starting.get(plan.name), skills)
             shared[group] = nn.Parameter(alpha.to(device))
         slot_index, slot_scale, _ = layouts[plan.name]
         _load_factors(layer, plan, rank)
@@ -251,68 +254,3 @@ def _load_factors(layer, plan: ModulePlan, rank: int) -> None:
             lora_A[offset : offset + factors.rank] = factors.lora_A.to(lora_A)
             lora_B[:, offset : offset + factors.rank] = factors.lora_B.to(lora_B)
             offset += factors.rank
-
-
-def _initial_alpha(config: CatConfig, present, previous: dict | None, skills) -> torch.Tensor:
-    """alpha (fp32, shape of `present`): the parametrization's start, or a record's values."""
-    parametrization = config.parametrization
-    alpha = torch.full(present.shape, parametrization.initial(config.init), dtype=torch.float32)
-    for skill_index, skill in enumerate(skills):
-        if previous and skill.name in previous:
-            values = torch.as_tensor(previous[skill.name], dtype=torch.float32).reshape(-1)
-            rows = min(len(values), present.shape[0])
-            alpha[:rows, skill_index] = parametrization.inverse(values[:rows])
-    return alpha
-
-
-def _starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, dict]:
-    """Per module, per skill, the coefficients a previous cat_coefficients.json recorded."""
-    if not config.coefficients_from:
-        return {}
-    path = Path(config.coefficients_from)
-    try:
-        record = read_record_file(path)
-    except CatError as error:
-        raise CatError(f"coefficients_from: {error}") from error
-    modules = record["modules"]
-    recorded = [
-        skill.get("name") if isinstance(skill, dict) else None for skill in record["skills"]
-    ]
-    wanted = [skill.name for skill in skills]
-    if recorded != wanted:
-        raise CatError(
-            f"coefficients_from: {path} records skills {recorded}, but this config lists {wanted}"
-        )
-    if record.get("parametrization") not in (None, config.parametrization) or record.get(
-        "granularity"
-    ) not in (None, config.granularity):
-        raise CatError(
-            f"coefficients_from: {path} was fitted with granularity {record.get('granularity')!r} "
-            f"and parametrization {record.get('parametrization')!r}; this config asks for "
-            f"'{config.granularity}' / '{config.parametrization}'"
-        )
-    if config.granularity is Granularity.CORE:
-        try:
-            return {
-                name: {"core": entry["core"]} for name, entry in modules.items() if "core" in entry
-            }
-        except (AttributeError, TypeError) as error:
-            raise CatError(
-                f"coefficients_from: {path} holds no usable cores ({error!r})"
-            ) from error
-    # modules sharing coefficients (granularity layer / adapter) each record only the skills
-    # they carry: a group starts from the union of what its modules recorded
-    by_group: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        for name, entry in modules.items():
-            group = by_group.setdefault(config.granularity.group(name), {})
-            for skill, value in entry["coefficients"].items():
-                value = torch.as_tensor(value, dtype=torch.float32)
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"module {name}, skill {skill!r}: {value.tolist()}")
-                group.setdefault(skill, value)
-    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CatError(
-            f"coefficients_from: {path} holds no usable coefficients ({error!r})"
-        ) from error
-    return {name: by_group[config.granularity.group(name)] for name in modules}

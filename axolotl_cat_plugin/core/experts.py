@@ -21,7 +21,8 @@ The older form, per-expert Linear modules an older PEFT saved on transformers v4
 `...block_sparse_moe.gate`), is what PEFT converts into this one when it loads such a skill on
 a base whose experts are fused (peft/utils/transformers_weight_conversion.py: w1 and w3 fused
 block-diagonally into gate_up_proj with r and lora_alpha doubled, the router onto its
-`gate.weight`). `convert_per_expert_modules` calls those very functions.
+`gate.weight`). expert_skills.py reads both forms (`convert_per_expert_modules` calls those very
+functions) and plans which skill's factors go on which parameter; this module is the CAT layer.
 
 CAT composes either like a Linear module: the skills' per-expert factors are concatenated
 along the rank, slot j of the CAT adapter (rank R) belongs to one skill's component and is
@@ -41,61 +42,17 @@ lora_B = B, scaling 1.
 
 from __future__ import annotations
 
-import logging
-import re
 import types
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .errors import CatError
-from .format import factor_of_key, peft_key
+from .format import peft_key
 from .state import ADAPTER, cat_layers, state_of
 
-LOG = logging.getLogger(__name__)
-
-_PER_EXPERT_MODULE = re.compile(r"^(?P<experts>.+\.experts)\.(?P<index>\d+)\.(?P<leaf>[^.]+)$")
 # a ParamWrapper's factors are saved under `<module>(.base_layer)*.lora_A.weight`: the number
 # of `.base_layer` is the wrapper's depth below the outermost one
-_NESTED = ".base_layer"
-
-WHAT_WORKS = (
-    "What works: compose the skills that adapt attention and dense layers with CAT, and apply "
-    "the expert skill at full strength by merging it into the base first (PEFT "
-    "merge_and_unload, saved as the new base), or use a version of the skill trained without "
-    "expert targets"
-)
-
-
-@dataclass
-class ExpertFactors:
-    """One skill's LoRA on one targeted parameter, per expert: ΔP_e = scaling · B_e A_e.
-
-    lora_A: (E, r, in); lora_B: (E, out, r); E = 1 for a 2-D parameter. The skill's dtype.
-    """
-
-    lora_A: torch.Tensor
-    lora_B: torch.Tensor
-    scaling: float
-
-    @property
-    def rank(self) -> int:
-        """r, the skill's rank on this parameter (per expert)."""
-        return self.lora_A.shape[-2]
-
-
-@dataclass
-class ParameterPlan:
-    """The skills' factors on one targeted parameter (`<module>.<parameter>`), in skill order."""
-
-    name: str
-    blocks: list[tuple[int, ExpertFactors]]
-
-    @property
-    def rank(self) -> int:
-        """The concatenated rank per expert: the sum of the skills' ranks here."""
-        return sum(factors.rank for _, factors in self.blocks)
+NESTED = ".base_layer"
 
 
 # ---------------------------------------------------------------- PEFT's layout <-> per expert
@@ -114,273 +71,6 @@ def peft_layout(stacked_A: torch.Tensor, stacked_B: torch.Tensor):
     lora_A = stacked_A.reshape(-1, stacked_A.shape[-1])
     lora_B = stacked_B.permute(1, 2, 0).reshape(stacked_B.shape[1], -1)
     return lora_A, lora_B
-
-
-# ---------------------------------------------------------------- reading skills
-
-
-def take_parameter_factors(config: dict, tensors: dict[str, torch.Tensor], everything=False):
-    """Take the ParamWrapper factors out of a skill's `tensors`, by (module, nesting depth).
-
-    A factor is a ParamWrapper's when its key nests (`.base_layer.lora_A`) or its module is
-    not one target_modules selects (PEFT wraps those as Linear or Embedding layers; anything
-    else it wrapped is a target parameter's). everything=True takes every factor (keys PEFT's
-    conversion of the per-expert form produced). Which parameter a depth means needs the base:
-    `plan_parameters` resolves it. Returns {(module, depth): {"A": tensor, "B": tensor}}.
-    """
-    factors: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
-    for key in list(tensors):
-        found = factor_of_key(key)
-        if found is None or found[2]:  # no factor, or an embedding's
-            continue
-        module, which, _ = found
-        depth = 0
-        while module.endswith(_NESTED):
-            module, depth = module.removesuffix(_NESTED), depth + 1
-        if not (everything or depth or not _selected_as_module(config, module)):
-            continue
-        factors.setdefault((module, depth), {})[which] = tensors.pop(key)
-    return factors
-
-
-def _selected_as_module(config: dict, module: str) -> bool:
-    """Whether the skill's target_modules select `module` (PEFT's matching: a list by name or
-    name suffix, a string as a full regex; `all-linear` by the target parameters' modules)."""
-    targets = config.get("target_modules")
-    if isinstance(targets, str) and targets.lower() == "all-linear":
-        owners = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
-        return not any(o and (module == o or module.endswith(f".{o}")) for o in owners)
-    if isinstance(targets, str):
-        return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in targets or [])
-
-
-def _targets(name: str, target_parameters) -> bool:
-    """PEFT's match of `<module>.<parameter>` against target_parameters (name or suffix)."""
-    return any(name == t or name.endswith(f".{t}") for t in target_parameters or [])
-
-
-def convert_per_expert_modules(skill, model: nn.Module) -> None:
-    """Turn a skill's per-expert Linear modules the base lacks into target-parameter factors,
-    exactly as PEFT does when it loads such a skill (in place: skill.modules, skill.config,
-    skill.parameter_factors).
-
-    PEFT's own functions do it (peft/utils/transformers_weight_conversion.py):
-    convert_peft_config_for_transformers retargets the config (w1/w3 -> gate_up_proj with
-    r and lora_alpha doubled by rank_pattern / alpha_pattern, w2 -> down_proj, the router
-    gate -> gate.weight), convert_peft_adapter_state_dict_for_transformers the factors.
-    Raises CatError naming the skill, a module and the form where PEFT cannot convert it;
-    returns untouched when the skill has no per-expert module the base lacks.
-    """
-    names = dict(model.named_modules())
-    missing = sorted(name for name in skill.modules if name not in names)
-    legacy = [match for name in missing if (match := _PER_EXPERT_MODULE.match(name))]
-    if not legacy:
-        return  # a module the base lacks for another reason: plan_modules names it
-    where = (
-        f"skill {skill.name!r}: module {legacy[0].string} is expert {legacy[0]['index']}'s "
-        f"{legacy[0]['leaf']} in the per-expert MoE layout an older PEFT/transformers saved"
-    )
-    config = _converted_config(skill, model, where)
-    tensors = {}
-    for name in missing:
-        factors = skill.modules[name]
-        tensors[peft_key(name, "A")] = factors.lora_A
-        tensors[peft_key(name, "B")] = factors.lora_B
-    from peft.utils.transformers_weight_conversion import (
-        convert_peft_adapter_state_dict_for_transformers,
-    )
-
-    try:
-        converted = convert_peft_adapter_state_dict_for_transformers(
-            model, config, tensors, adapter_name=ADAPTER
-        )
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise CatError(
-            f"{where}; PEFT cannot convert its factors ({error}). {WHAT_WORKS}."
-        ) from error
-    unconverted = converted.keys() & tensors.keys()  # no conversion applies: plan_modules names it
-    for name in missing:
-        if peft_key(name, "A") not in unconverted:
-            del skill.modules[name]
-    for key in unconverted:
-        del converted[key]
-    skill.config = {
-        **skill.config,
-        "target_modules": sorted(config.target_modules),
-        "target_parameters": sorted(config.target_parameters),
-        "rank_pattern": dict(config.rank_pattern),
-        "alpha_pattern": dict(config.alpha_pattern),
-    }
-    for key, pair in take_parameter_factors(skill.config, converted, everything=True).items():
-        module_name, depth = key
-        if module_name in names and _wrapped_parameter(skill, names[module_name], *key) is None:
-            raise CatError(
-                f"{where}; PEFT's conversion puts its factors on {module_name} under "
-                f"{module_name + _NESTED * depth}, a nested ParamWrapper, but the converted "
-                f"skill targets only {_targeted(skill, names[module_name], module_name)} there, "
-                "so PEFT's own loading drops them (it warns of missing adapter keys). "
-                f"{WHAT_WORKS}."
-            )
-        skill.parameter_factors.setdefault(key, {}).update(pair)
-    LOG.info(
-        "skill %r: converted its per-expert MoE modules to LoRA on %s, as PEFT loads it",
-        skill.name,
-        skill.config["target_parameters"],
-    )
-
-
-def _converted_config(skill, model, where: str):
-    """The skill's LoraConfig after PEFT's conversion for this base (a new object)."""
-    fused = [
-        f"{name}.{param_name}"
-        for name, module in model.named_modules()
-        if name.endswith(".experts")
-        for param_name, param in module.named_parameters(recurse=False)
-        if param.dim() == 3
-    ]
-    try:
-        from peft import PeftConfig
-        from peft.utils.transformers_weight_conversion import (
-            convert_peft_config_for_transformers,
-            get_model_conversion_mapping,
-        )
-    except ImportError as error:  # transformers < 5 or a PEFT without the conversion
-        raise CatError(
-            f"{where}; this PEFT/transformers has no conversion of that layout ({error}). "
-            f"{WHAT_WORKS}."
-        ) from error
-    config = PeftConfig.from_peft_type(**skill.config)
-    try:
-        convert_peft_config_for_transformers(
-            config, model=model, conversions=get_model_conversion_mapping(model)
-        )
-    except ValueError as error:  # e.g. w1 targeted without w3, which are fused together
-        raise CatError(
-            f"{where}; PEFT cannot convert it to this base's fused experts ({error}). {WHAT_WORKS}."
-        ) from error
-    if not config.target_parameters:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
-        here = (
-            f"this base fuses each layer's experts into 3-D parameters (e.g. {fused[0]}), but "
-            f"PEFT has no conversion of the per-expert layout for model type {model_type!r}"
-            if fused
-            else "this base has no such module"
-        )
-        raise CatError(f"{where}; {here}. {WHAT_WORKS}.")
-    return config
-
-
-# ---------------------------------------------------------------- planning against the base
-
-
-def plan_parameters(model: nn.Module, skills) -> list[ParameterPlan]:
-    """Which skills put LoRA on which base parameter, validated against the base's shapes.
-
-    Resolves each saved wrapper depth to its parameter by PEFT's nesting (module docstring).
-    Raises CatError naming the skill, the saved module, the parameter and both shapes.
-    """
-    plans: dict[str, ParameterPlan] = {}
-    order: dict[str, tuple[int, int]] = {}
-    positions = {name: index for index, (name, _) in enumerate(model.named_modules())}
-    for index, skill in enumerate(skills):
-        targets = skill.config.get("target_parameters") or []
-        for (module_name, depth), pair in sorted(skill.parameter_factors.items()):
-            saved = module_name + _NESTED * depth
-            if module_name not in positions:
-                raise CatError(
-                    f"skill {skill.name!r}: it has LoRA factors on parameters of {saved} "
-                    f"(target_parameters {targets!r}), but the base model has no module "
-                    f"{module_name}; was it trained on another architecture?"
-                )
-            module = model.get_submodule(module_name)
-            parameter = _wrapped_parameter(skill, module, module_name, depth)
-            if parameter is None:
-                targeted = _targeted(skill, module, module_name)
-                raise CatError(
-                    f"skill {skill.name!r}: it saved LoRA factors under {saved}, the ParamWrapper "
-                    f"{depth} level(s) below the outermost, but its target_parameters "
-                    f"{targets!r} select {len(targeted)} parameter(s) of {module_name} "
-                    f"({targeted}); PEFT's own loading finds no wrapper for these factors "
-                    "either. Use a skill saved by PEFT on this base"
-                )
-            name = f"{module_name}.{parameter}"
-            factors = _expert_factors(skill, module, name, parameter, pair)
-            plans.setdefault(name, ParameterPlan(name, [])).blocks.append((index, factors))
-            own = [param_name for param_name, _ in module.named_parameters(recurse=False)]
-            order[name] = (positions[module_name], own.index(parameter))
-    return sorted(plans.values(), key=lambda plan: order[plan.name])
-
-
-def _targeted(skill, module: nn.Module, module_name: str) -> list[str]:
-    """The parameters of `module` the skill's target_parameters select, in the module's order:
-    the order PEFT wraps them in (tuners_utils.BaseTuner._inject_parameters)."""
-    targets = skill.config.get("target_parameters") or []
-    return [
-        name
-        for name, _ in module.named_parameters(recurse=False)
-        if _targets(f"{module_name}.{name}", targets)
-    ]
-
-
-def _wrapped_parameter(skill, module: nn.Module, module_name: str, depth: int) -> str | None:
-    """The parameter whose ParamWrapper lies `depth` levels below the outermost one on
-    `module` (the first targeted is innermost), or None where the skill has no such wrapper."""
-    targeted = _targeted(skill, module, module_name)
-    return targeted[len(targeted) - 1 - depth] if depth < len(targeted) else None
-
-
-def _expert_factors(skill, module, name: str, parameter: str, pair):
-    """One skill's factors on `name` per expert, checked against the parameter's shape."""
-    if set(pair) != {"A", "B"}:
-        missing = ({"A", "B"} - set(pair)).pop()
-        raise CatError(f"skill {skill.name!r}: parameter {name} has no lora_{missing}")
-    param = module.get_parameter(parameter)
-    shape = tuple(getattr(param, "ds_shape", param.shape))
-    if len(shape) not in (2, 3):
-        raise CatError(
-            f"skill {skill.name!r}: parameter {name} has shape {shape}; PEFT's ParamWrapper "
-            "adapts 2-D and 3-D (experts) parameters only"
-        )
-    experts, d_out, d_in = _experts_out_in(module, shape)
-    rank, scaling = skill.scaling(name)
-    lora_A, lora_B = pair["A"], pair["B"]
-    if lora_A.shape != (rank * experts, d_in) or lora_B.shape != (d_out, rank * experts):
-        raise CatError(
-            f"skill {skill.name!r}: parameter {name} {shape} takes lora_A "
-            f"{(rank * experts, d_in)} and lora_B {(d_out, rank * experts)} at r={rank} for "
-            f"{experts} expert(s), but the skill has {tuple(lora_A.shape)} and "
-            f"{tuple(lora_B.shape)}; was the skill trained on another base model?"
-        )
-    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
-        raise CatError(f"skill {skill.name!r}: the factors on parameter {name} hold NaN or Inf")
-    stacked_A, stacked_B = per_expert(lora_A, lora_B, experts)
-    return ExpertFactors(stacked_A, stacked_B, scaling)
-
-
-def _experts_out_in(module, shape) -> tuple[int, int, int]:
-    """(E, out, in) of a parameter as ParamWrapper._get_in_out_features / update_layer read it."""
-    if len(shape) == 2:
-        return 1, shape[0], shape[1]
-    if getattr(module, "is_transposed", False):  # stored (E, in, out)
-        return shape[0], shape[2], shape[1]
-    return shape[0], shape[1], shape[2]
-
-
-def target_parameters_for(plans: list[ParameterPlan]) -> list[str]:
-    """PEFT target_parameters for these parameters: `<module leaf>.<parameter>`, which PEFT
-    matches by suffix on every layer (untouched ones carry zero factors, as for modules)."""
-    return sorted({".".join(plan.name.split(".")[-2:]) for plan in plans})
-
-
-def refuse_core(plans: list[ParameterPlan]) -> None:
-    """Granularity `core` builds its joint basis for Linear modules only."""
-    if plans:
-        raise CatError(
-            "granularity core builds its joint basis for Linear modules only, and these skills "
-            f"have LoRA on MoE expert parameters ({plans[0].name}, target_parameters); use "
-            "granularity module, layer, model or rank with expert skills"
-        )
 
 
 # ---------------------------------------------------------------- the CAT layer
@@ -403,8 +93,8 @@ def lora_layers(model: nn.Module):
         ):
             continue
         if is_parameter_wrapper(module):
-            while name.endswith(_NESTED):
-                name = name.removesuffix(_NESTED)
+            while name.endswith(NESTED):
+                name = name.removesuffix(NESTED)
             name = f"{name}.{module.parameter_name}"
         yield name, module
 
@@ -517,19 +207,8 @@ def factor_keys(model: nn.Module) -> dict[str, tuple[str, str]]:
         if name is None or not is_parameter_wrapper(module):
             continue
         depth = 0
-        while path.endswith(_NESTED * (depth + 1)):
+        while path.endswith(NESTED * (depth + 1)):
             depth += 1
-        saved = name.rpartition(".")[0] + _NESTED * depth
+        saved = name.rpartition(".")[0] + NESTED * depth
         keys[name] = (peft_key(saved, "A"), peft_key(saved, "B"))
     return keys
-
-
-def expert_form(skill, model: nn.Module) -> str | None:
-    """What LoRA on MoE expert weights a skill has, in words (None: none), for merges."""
-    names = dict(model.named_modules())
-    legacy = [n for n in skill.modules if _PER_EXPERT_MODULE.match(n) and n not in names]
-    if legacy:
-        return f"per-expert MoE modules (e.g. {legacy[0]}), which PEFT loads as target_parameters"
-    if skill.parameter_factors or skill.config.get("target_parameters"):
-        return f"target_parameters {skill.config.get('target_parameters')!r}"
-    return None

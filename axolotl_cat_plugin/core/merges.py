@@ -38,16 +38,18 @@ from torch import nn
 
 from .config import CatConfig
 from .errors import CatError
-from .experts import expert_form
+from .expert_skills import expert_form
 from .format import CONFIG_FILE, WEIGHTS_FILE
-from .merge_methods import MergeMethod, method_named
+from .merge_methods import (
+    check_arguments,
+    check_equal_ranks,
+    check_first_skill_flags,
+    method_named,
+)
 from .skill_checks import check_base_copies, warn_on_foreign_base
 from .skills import Skill, load_skills
 
 LOG = logging.getLogger(__name__)
-
-# flags the merged adapter copies from the first skill that decide where it applies
-_WHERE_FLAGS = ("layers_to_transform", "layers_pattern", "exclude_modules")
 
 
 def merge_skills(
@@ -69,7 +71,7 @@ def merge_skills(
     """
     chosen = method_named(method)
     specs = CatConfig(skills=skill_entries).skills  # names, duplicates: CAT's own rules
-    _check_arguments(chosen, specs, weights, density)
+    check_arguments(chosen, specs, weights, density)
     skills = load_skills(specs)
     for skill in skills:
         if skill.saved_modules:
@@ -86,9 +88,9 @@ def merge_skills(
         return _merge_experts_with_cat(
             chosen, base_model, skill_entries, weights, output_dir, experts
         )
-    _check_first_skill_flags(chosen, skills, base_model)
+    check_first_skill_flags(chosen, skills, base_model)
     if chosen.equal_ranks:
-        _check_equal_ranks(chosen, skills)
+        check_equal_ranks(chosen, skills)
     weights = [float(w) for w in weights]
     peft_weights = weights
     if chosen.rebuilds_delta and _peft_scales_svd_merges_twice():
@@ -168,95 +170,6 @@ def _merge_experts_with_cat(method, base_model, entries, weights, output_dir, ex
         written,
     )
     return written
-
-
-def _check_arguments(method: MergeMethod, specs, weights, density) -> None:
-    if len(weights) != len(specs):
-        raise CatError(f"{len(specs)} skills but {len(weights)} weights; give one weight per skill")
-    if method.density:
-        if density is None or not 0.0 < density <= 1.0:
-            raise CatError(
-                f"--method {method.name} needs a density in (0, 1] (the fraction of each "
-                f"skill's entries kept), got {density!r}"
-            )
-    elif density is not None:
-        raise CatError(
-            f"--density applies to ties and dare only; --method {method.name} does not use it"
-        )
-
-
-def _check_first_skill_flags(method: MergeMethod, skills: list[Skill], base_model) -> None:
-    first = skills[0]
-    if first.config.get("use_rslora"):
-        plain = [s.name for s in skills if not s.config.get("use_rslora")]
-        hint = (
-            f"list a skill without rsLoRA first (e.g. {plain[0]!r})"
-            if plain
-            else "every skill uses rsLoRA: fit CAT instead (its export has scaling 1)"
-        )
-        raise CatError(
-            f"skill {first.name!r} uses rsLoRA and is listed first: PEFT's {method.name} merge "
-            "copies the first skill's use_rslora into the merged adapter, which would then be "
-            f"scaled by sqrt(r) instead of 1 (huggingface/peft#3449); {hint}"
-        )
-    for flag in _WHERE_FLAGS:
-        value = first.config.get(flag)
-        if value and any(skill.config.get(flag) != value for skill in skills[1:]):
-            raise CatError(
-                f"skill {first.name!r} is listed first and sets {flag}={value!r}: PEFT's merged "
-                "adapter copies it, so the other skills would silently lose every module outside "
-                f"it; {_reorder_advice(skills, base_model)}"
-            )
-
-
-def _reorder_advice(skills: list[Skill], base_model) -> str:
-    """What to do about a restricted first skill: a skill to list first, where that merge then
-    covers every module it targets (see _check_every_target_has_a_skill), or CAT."""
-    cat = "fit CAT instead (attach_cat / adapter: cat_merge), which handles restricted skills"
-    free = [s for s in skills if not any(s.config.get(flag) for flag in _WHERE_FLAGS)]
-    if not free:
-        return f"no skill is free of {', '.join(_WHERE_FLAGS)} to list first: {cat}"
-    uncovered = _uncovered_by_an_unrestricted_merge(skills, base_model)
-    if uncovered:
-        return (
-            f"listing an unrestricted skill first ({free[0].name!r}) would not help: the merged "
-            f"adapter would then cover {uncovered[0]}, which no skill has factors on (only a "
-            f"restricted skill targets that module type); {cat}"
-        )
-    return f"list a skill without that restriction first (e.g. {free[0].name!r})"
-
-
-def _uncovered_by_an_unrestricted_merge(skills: list[Skill], base_model) -> list[str]:
-    """Base modules a merge whose first skill has no layer restriction would target (the union
-    of the target_modules, on every layer) but no skill has factors on."""
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    targets = [skill.config.get("target_modules") for skill in skills]
-    if all(isinstance(t, str) for t in targets):
-        union = "|".join(f"({t})" for t in targets)
-    elif not any(isinstance(t, str) for t in targets):
-        union = set().union(*(t or [] for t in targets))
-    else:
-        return []  # a mix of regexes and lists: PEFT refuses it itself, clearly
-    covered = {name for skill in skills for name in skill.modules}
-    probe = LoraConfig(target_modules=union)
-    return [
-        name
-        for name, _ in base_model.named_modules()
-        if name and name not in covered and check_target_module_exists(probe, name)
-    ]
-
-
-def _check_equal_ranks(method: MergeMethod, skills: list[Skill]) -> None:
-    ranks = {skill.name: sorted({m.rank for m in skill.modules.values()}) for skill in skills}
-    if len({rank for values in ranks.values() for rank in values}) > 1:
-        described = ", ".join(
-            f"{name} r={'/'.join(str(r) for r in values)}" for name, values in ranks.items()
-        )
-        raise CatError(
-            f"--method {method.name} combines the skills' factors entry by entry, so every skill "
-            f"needs the same rank on every module; got {described}: use --method concat or svd"
-        )
 
 
 def _check_every_target_has_a_skill(model: PeftModel, names: list[str]) -> None:

@@ -2,8 +2,8 @@
 
 Every refusal here names the skill and the module: a target module the base lacks, factors
 whose shapes do not fit it, a layer kind CAT cannot compose, per-expert MoE modules PEFT cannot
-convert (experts.py), and saved base-matrix copies that differ from the base
-(skill_checks.py). LoRA on MoE expert parameters is planned by experts.plan_parameters.
+convert (expert_skills.py), and saved base-matrix copies that differ from the base
+(skill_checks.py). LoRA on MoE expert parameters (experts.py) is planned by plan_parameters.
 """
 
 from __future__ import annotations
@@ -11,10 +11,17 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .errors import CatError
-from .experts import convert_per_expert_modules
+from .expert_skills import (
+    ExpertFactors,
+    convert_per_expert_modules,
+    targeted_parameters,
+    wrapped_parameter,
+)
+from .experts import NESTED, per_expert
 from .skill_checks import check_base_copies
 from .skills import Skill, SkillModule
 
@@ -29,6 +36,19 @@ class ModulePlan:
     @property
     def rank(self) -> int:
         """The concatenated rank of this module: the sum of its skills' ranks."""
+        return sum(factors.rank for _, factors in self.blocks)
+
+
+@dataclass
+class ParameterPlan:
+    """The skills' factors on one targeted parameter (`<module>.<parameter>`), in skill order."""
+
+    name: str
+    blocks: list[tuple[int, ExpertFactors]]
+
+    @property
+    def rank(self) -> int:
+        """The concatenated rank per expert: the sum of the skills' ranks here."""
         return sum(factors.rank for _, factors in self.blocks)
 
 
@@ -127,3 +147,97 @@ def _in_out_features(module: nn.Module, skill: Skill, module_name: str) -> tuple
         f"skill {skill.name!r}: module {module_name} is a {type(module).__name__}; "
         "CAT composes LoRAs on Linear and Embedding layers only"
     )
+
+
+# ---------------------------------------------------------------- MoE expert parameters
+
+
+def plan_parameters(model: nn.Module, skills) -> list[ParameterPlan]:
+    """Which skills put LoRA on which base parameter, validated against the base's shapes.
+
+    Resolves each saved wrapper depth to its parameter by PEFT's nesting (module docstring).
+    Raises CatError naming the skill, the saved module, the parameter and both shapes.
+    """
+    plans: dict[str, ParameterPlan] = {}
+    order: dict[str, tuple[int, int]] = {}
+    positions = {name: index for index, (name, _) in enumerate(model.named_modules())}
+    for index, skill in enumerate(skills):
+        targets = skill.config.get("target_parameters") or []
+        for (module_name, depth), pair in sorted(skill.parameter_factors.items()):
+            saved = module_name + NESTED * depth
+            if module_name not in positions:
+                raise CatError(
+                    f"skill {skill.name!r}: it has LoRA factors on parameters of {saved} "
+                    f"(target_parameters {targets!r}), but the base model has no module "
+                    f"{module_name}; was it trained on another architecture?"
+                )
+            module = model.get_submodule(module_name)
+            parameter = wrapped_parameter(skill, module, module_name, depth)
+            if parameter is None:
+                targeted = targeted_parameters(skill, module, module_name)
+                raise CatError(
+                    f"skill {skill.name!r}: it saved LoRA factors under {saved}, the ParamWrapper "
+                    f"{depth} level(s) below the outermost, but its target_parameters "
+                    f"{targets!r} select {len(targeted)} parameter(s) of {module_name} "
+                    f"({targeted}); PEFT's own loading finds no wrapper for these factors "
+                    "either. Use a skill saved by PEFT on this base"
+                )
+            name = f"{module_name}.{parameter}"
+            factors = _expert_factors(skill, module, name, parameter, pair)
+            plans.setdefault(name, ParameterPlan(name, [])).blocks.append((index, factors))
+            own = [param_name for param_name, _ in module.named_parameters(recurse=False)]
+            order[name] = (positions[module_name], own.index(parameter))
+    return sorted(plans.values(), key=lambda plan: order[plan.name])
+
+
+def _expert_factors(skill, module, name: str, parameter: str, pair):
+    """One skill's factors on `name` per expert, checked against the parameter's shape."""
+    if set(pair) != {"A", "B"}:
+        missing = ({"A", "B"} - set(pair)).pop()
+        raise CatError(f"skill {skill.name!r}: parameter {name} has no lora_{missing}")
+    param = module.get_parameter(parameter)
+    shape = tuple(getattr(param, "ds_shape", param.shape))
+    if len(shape) not in (2, 3):
+        raise CatError(
+            f"skill {skill.name!r}: parameter {name} has shape {shape}; PEFT's ParamWrapper "
+            "adapts 2-D and 3-D (experts) parameters only"
+        )
+    experts, d_out, d_in = _experts_out_in(module, shape)
+    rank, scaling = skill.scaling(name)
+    lora_A, lora_B = pair["A"], pair["B"]
+    if lora_A.shape != (rank * experts, d_in) or lora_B.shape != (d_out, rank * experts):
+        raise CatError(
+            f"skill {skill.name!r}: parameter {name} {shape} takes lora_A "
+            f"{(rank * experts, d_in)} and lora_B {(d_out, rank * experts)} at r={rank} for "
+            f"{experts} expert(s), but the skill has {tuple(lora_A.shape)} and "
+            f"{tuple(lora_B.shape)}; was the skill trained on another base model?"
+        )
+    if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
+        raise CatError(f"skill {skill.name!r}: the factors on parameter {name} hold NaN or Inf")
+    stacked_A, stacked_B = per_expert(lora_A, lora_B, experts)
+    return ExpertFactors(stacked_A, stacked_B, scaling)
+
+
+def _experts_out_in(module, shape) -> tuple[int, int, int]:
+    """(E, out, in) of a parameter as ParamWrapper._get_in_out_features / update_layer read it."""
+    if len(shape) == 2:
+        return 1, shape[0], shape[1]
+    if getattr(module, "is_transposed", False):  # stored (E, in, out)
+        return shape[0], shape[2], shape[1]
+    return shape[0], shape[1], shape[2]
+
+
+def target_parameters_for(plans: list[ParameterPlan]) -> list[str]:
+    """PEFT target_parameters for these parameters: `<module leaf>.<parameter>`, which PEFT
+    matches by suffix on every layer (untouched ones carry zero factors, as for modules)."""
+    return sorted({".".join(plan.name.split(".")[-2:]) for plan in plans})
+
+
+def refuse_core(plans: list[ParameterPlan]) -> None:
+    """Granularity `core` builds its joint basis for Linear modules only."""
+    if plans:
+        raise CatError(
+            "granularity core builds its joint basis for Linear modules only, and these skills "
+            f"have LoRA on MoE expert parameters ({plans[0].name}, target_parameters); use "
+            "granularity module, layer, model or rank with expert skills"
+        )

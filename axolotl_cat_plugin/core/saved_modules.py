@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import CatError
-from .format import read_record_file
+from .starting import starting_saved_coefficients
 from .state import (
     ADAPTER,
     CatState,
@@ -120,7 +120,7 @@ def install_saved_modules(peft_model, skills, config) -> None:
     attach_cat passes the saved modules' names as modules_to_save to get_peft_model first.
     """
     names = saved_module_names(skills)
-    starting = _starting(config, names)
+    starting = starting_saved_coefficients(config, names)
     parametrization = config.parametrization  # a Parametrization (CatConfig parses it)
     model = peft_model.base_model.model
     for name in names:
@@ -162,21 +162,6 @@ def _set_adapter_keeping_module_frozen(wrapper, *args, **kwargs):
     for param_name, param in wrapper.named_parameters():
         if not is_coefficient(param_name):
             param.requires_grad_(False)
-
-
-def _starting(config, names) -> dict[str, dict[str, float]]:
-    """Per saved module, per skill, the coefficient a previous cat_coefficients.json recorded."""
-    if not config.coefficients_from:
-        return {}
-    record = read_record_file(config.coefficients_from)  # the one record reader
-    try:
-        saved = record.get("saved_modules") or {}
-        return {name: dict(saved[name]["coefficients"]) for name in names if name in saved}
-    except (ValueError, KeyError, TypeError, AttributeError) as error:
-        raise CatError(
-            f"coefficients_from: cannot read the saved modules' coefficients in "
-            f"{config.coefficients_from} ({error!r})"
-        ) from error
 
 
 def fold_saved_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, list[str]]:

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import SkillSpec
 from .errors import CatError
-from .experts import take_parameter_factors
+from .expert_skills import take_parameter_factors
 from .format import CONFIG_FILE, base_copy_module, factor_of_key
 from .locate import is_hub_id, locate
 from .skill_checks import check_config

@@ -1,6 +1,6 @@
 """CAT on a bitsandbytes 4-bit / 8-bit base (QLoRA users), on the GPU or as a CPU dry run.
 
-    python scripts/qlora_check.py --device cuda --out /tmp/qlora      (scripts/gpu_checks.sh)
+    python scripts/qlora_check.py --device cuda --out /tmp/qlora      (scripts/tools/gpu_checks.sh)
     python scripts/qlora_check.py --device cpu --size tiny --out /tmp/qlora
 
 For each of nf4 and int8: a Llama built from a config is saved, two skill LoRAs are made on

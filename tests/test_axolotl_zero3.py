@@ -21,7 +21,7 @@ pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(
         importlib.util.find_spec("deepspeed") is None,
-        reason="deepspeed is not installed (scripts/env.sh installs it)",
+        reason="deepspeed is not installed (scripts/tools/env.sh installs it)",
     ),
 ]
 TOLERANCE = 1e-5

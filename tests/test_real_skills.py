@@ -430,7 +430,7 @@ def test_fit_cat_trl_fits_on_a_4bit_base(world, tmp_path):
     from axolotl_cat_plugin.core.summary import module_values
 
     pytest.importorskip("bitsandbytes")
-    script = Path(__file__).resolve().parent.parent / "scripts" / "fit_cat_trl.py"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "examples" / "fit_cat_trl.py"
     rows = [{"text": f"Q: {a} + {b}? A: {a} + {b} = {a + b}"} for a in range(8) for b in range(4)]
     data = write_jsonl(tmp_path / "mix.jsonl", rows)
     out = tmp_path / "out"
@@ -460,7 +460,7 @@ def test_fit_cat_trl_fits_on_a_4bit_base(world, tmp_path):
     "flag, named",
     [
         ("load_in_4bit", "silently ignored"),
-        ("load_in_8bit", "scripts/fit_cat_trl.py --load-in-4bit"),
+        ("load_in_8bit", "scripts/examples/fit_cat_trl.py --load-in-4bit"),
         ("gptq", "GPTQ"),
     ],
 )

@@ -1,4 +1,4 @@
-"""CAT without Axolotl: scripts/fit_cat_trl.py fits with TRL's SFTTrainer and exports.
+"""CAT without Axolotl: scripts/examples/fit_cat_trl.py fits with TRL's SFTTrainer and exports.
 
 Run as a user would, in a subprocess, for a few steps on the tiny world.
 """
@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from axolotl_cat_plugin.core.summary import module_values
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fit_cat_trl.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "examples" / "fit_cat_trl.py"
 
 
 def test_trl_script_fits_coefficients_and_exports_a_plain_peft_adapter(world, tmp_path):

@@ -23,7 +23,7 @@ pytestmark = [
     pytest.mark.core_distributed,
     pytest.mark.skipif(
         importlib.util.find_spec("deepspeed") is None,
-        reason="deepspeed is not installed (scripts/env.sh installs it)",
+        reason="deepspeed is not installed (scripts/tools/env.sh installs it)",
     ),
 ]
 REPO = Path(__file__).resolve().parent.parent

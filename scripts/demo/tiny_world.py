@@ -1,6 +1,6 @@
 """Build the tiny CPU world the example YAMLs use: a base, three skill LoRAs and a data mix.
 
-    python scripts/tiny_world.py demo_out/tiny
+    python scripts/demo/tiny_world.py demo_out/tiny
 
 Everything is made locally (character tokenizer, random tiny Llama, random skills); nothing
 is downloaded. The builders are the test suite's own (tests/fixtures.py).
@@ -10,7 +10,7 @@ import random
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from fixtures import build_base, build_skills, write_jsonl  # noqa: E402
 

@@ -2,11 +2,11 @@
 # CAT checks for a lent single-GPU machine (an H100; torch, transformers, peft and accelerate
 # installed, no axolotl, no network), in a few minutes. Run from anywhere; it works in the repo.
 #
-#   scripts/gpu_checks.sh                        the GPU (cuda, nccl, the ~124M-parameter model)
-#   PYTHON=.venv/bin/python scripts/gpu_checks.sh --device cpu
+#   scripts/tools/gpu_checks.sh                        the GPU (cuda, nccl, the ~124M-parameter model)
+#   PYTHON=.venv/bin/python scripts/tools/gpu_checks.sh --device cpu
 #                                                a dry run of the same Python on the CPU (gloo,
 #                                                a tiny model, no install)
-#   OUT=/tmp/x scripts/gpu_checks.sh             keep the outputs there (default: a temp folder)
+#   OUT=/tmp/x scripts/tools/gpu_checks.sh             keep the outputs there (default: a temp folder)
 #
 # What each check proves (one PASS/FAIL line each, and a summary at the end):
 #   install   `pip install --no-deps .` works with the image's own packages (GPU runs only;
@@ -35,9 +35,9 @@
 #             exported tensors equal those of the same coefficients on the full-precision base.
 #             Needs bitsandbytes (carry its wheel in .whl/); without it the check says SKIP.
 #             The CPU dry run (--device cpu) is what tests/test_real_skills.py also covers.
-# Throughput is a separate run: python scripts/bench_gpu.py (writes docs/measurements/).
+# Throughput is a separate run: python scripts/bench/gpu.py (writes docs/measurements/).
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 DEVICE=cuda
 while [ $# -gt 0 ]; do
@@ -370,7 +370,7 @@ fi
 record bf16 $status $((SECONDS - started))
 
 # --- axolotl: `axolotl train` itself on the device: bf16, sample packing, sdpa --------------
-# The tiny world (scripts/tiny_world.py) and example_yamls/tiny-cpu/cat.yml with bf16: true,
+# The tiny world (scripts/demo/tiny_world.py) and example_yamls/tiny-cpu/cat.yml with bf16: true,
 # sample_packing: true, attn_implementation: sdpa; PASS when the run writes the folded export.
 # Needs axolotl and what the image lacks (trl, datasets, pydantic, ...) carried as wheels in
 # .whl/ (installed into /tmp/cat-site above); SKIP when `import axolotl` fails.
@@ -378,7 +378,7 @@ started=$SECONDS
 if [ "$DEVICE" = cuda ] && "$PY" -c "import axolotl.cli.main" > "$OUT/axolotl.log" 2>&1; then
   W="$OUT/axolotl"
   axolotl_ok=1
-  timeout 120 "$PY" scripts/tiny_world.py "$W/world" >> "$OUT/axolotl.log" 2>&1 || axolotl_ok=0
+  timeout 120 "$PY" scripts/demo/tiny_world.py "$W/world" >> "$OUT/axolotl.log" 2>&1 || axolotl_ok=0
   "$PY" - "$W" <<'PY' >> "$OUT/axolotl.log" 2>&1 || axolotl_ok=0
 import sys
 from pathlib import Path

@@ -6,29 +6,17 @@ Everything is made locally (character tokenizer, random tiny Llama, random skill
 is downloaded. The builders are the test suite's own (tests/fixtures.py).
 """
 
-import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
-from fixtures import build_base, build_skills, write_jsonl  # noqa: E402
-
-
-def mix_rows(count: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(count):
-        a, b = rng.randint(1, 50), rng.randint(1, 50)
-        rows.append({"text": f"Q: what is {a} + {b}? A: {a} + {b} = {a + b}"})
-        rows.append({"text": f"Write a program for {a} + {b}. def solution(): return {a} + {b}"})
-    return rows
+from fixtures import build_world, mix_rows, write_jsonl  # noqa: E402
 
 
 def main(root: str) -> None:
     root_path = Path(root)
-    base = build_base(root_path / "base")
-    build_skills(base, root_path / "skills")
+    build_world(root_path)
     write_jsonl(root_path / "data" / "mix.jsonl", mix_rows(32))
     print(f"tiny world ready in {root_path}")
 

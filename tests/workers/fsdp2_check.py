@@ -24,33 +24,33 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import random
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
-from fixtures import build_base, build_skills, load_base  # noqa: E402
+from fixtures import load_base  # noqa: E402
 
 from axolotl_cat_plugin.core import CatConfig, attach_cat, write_export  # noqa: E402
 
 # `fold` from its home module: once the submodule axolotl_cat_plugin.core.fold is imported,
 # the package attribute `fold` is that module, not the function the lazy __getattr__ gives
-from axolotl_cat_plugin.core.fold import (  # noqa: E402
-    fold,
-    full_tensor,
-    gathered,
-    skill_coefficients,
+from axolotl_cat_plugin.core.fold import fold, skill_coefficients  # noqa: E402
+from workers.common import (  # noqa: E402
+    argument_parser,
+    base_and_skills,
+    close,
+    coefficients,
+    make_rows,
+    rank,
+    world_size,
+    write_record,
 )
 
-SEQUENCE_LEN = 16
-SKILLS = ("math", "code", "prose")
 # module: one coefficient row per module, so rank 1 holds an empty shard; layer: one
 # coefficient tensor shared by the modules of a decoder layer (one FSDP unit); rank: 4 rows,
 # split 2 + 2 over the ranks; adapter: one coefficient tensor shared by every decoder layer,
@@ -60,15 +60,8 @@ SHARED_ACROSS_UNITS = "is shared with a parameter already managed by another FSD
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", help="base model folder (default: build a tiny Llama in OUT)")
-    parser.add_argument("--skills", nargs="+", help="skill LoRA folders (default: build three)")
-    parser.add_argument("--out", required=True, help="where the exports and rank files go")
+    parser = argument_parser(__doc__.split("\n\n")[0], steps=4)
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--per-device-batch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", default="gloo", help="gloo (CPU) or nccl (CUDA)")
     return parser.parse_args(argv)
@@ -76,32 +69,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def distributed() -> bool:
     return "WORLD_SIZE" in os.environ  # launched by torchrun, even with one process
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def tiny_world(out: Path) -> tuple[Path, list[Path]]:
-    """The test suite's tiny base and three skills, built by rank 0 while the others wait."""
-    root = out / "world"
-    if rank() == 0 and not (root / "skills" / SKILLS[-1] / "adapter_config.json").exists():
-        build_skills(build_base(root / "base"), root / "skills")
-    if dist.is_initialized():
-        dist.barrier()
-    return root / "base", [root / "skills" / name for name in SKILLS]
-
-
-def make_rows(count: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """`count` fixed-length token rows (BOS first): no padding, so every row weighs the same."""
-    rng = random.Random(seed)
-    return [
-        [1] + [rng.randrange(4, vocab_size) for _ in range(SEQUENCE_LEN - 1)] for _ in range(count)
-    ]
 
 
 def shard(model, device: str):
@@ -148,16 +115,6 @@ def check_sharding(facts: dict) -> None:
         assert alpha["dtensor"], f"{name} is not a DTensor"
         assert alpha["dtype"] == "torch.float32", f"{name} is {alpha['dtype']}"
         assert alpha["placements"] == ["Shard(dim=0)"], f"{name}: {alpha['placements']}"
-
-
-def coefficients(model) -> dict[str, list[float]]:
-    """Every coefficient tensor, whole (gathered: collective under FSDP2 and ZeRO-3)."""
-    with gathered(model):
-        return {
-            name: full_tensor(param).detach().float().flatten().tolist()
-            for name, param in model.named_parameters()
-            if name.endswith("cat_alpha")
-        }
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -259,24 +216,15 @@ def finish(model, spec, out: Path, global_batch, losses, start, record: dict):
     return folded
 
 
-def write_record(out: Path, record: dict) -> None:
-    (out / f"rank{record['rank']}.json").write_text(json.dumps(record, indent=1) + "\n")
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if bool(args.base) != bool(args.skills):
-        raise SystemExit("give --base and --skills together, or neither (a tiny world is built)")
     if distributed():
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(args.backend)
-    if args.base:
-        base, skills = Path(args.base), [Path(path) for path in args.skills]
-    else:
-        base, skills = tiny_world(out)
+    base, skills = base_and_skills(args, out)
     for spec in args.configs:
         folder = out / spec.replace(":", "-")
         try:
@@ -285,12 +233,9 @@ def main(argv=None) -> None:
             if not (distributed() and SHARED_ACROSS_UNITS in str(error)):
                 raise
             # every rank fails here alike, in FSDP2's lazy init before any collective
-            record = {"rank": rank(), "config": spec, "refused": str(error)}
-            (folder / f"rank{rank()}.json").write_text(json.dumps(record, indent=1) + "\n")
+            write_record(folder, {"rank": rank(), "config": spec, "refused": str(error)})
             print(f"rank {rank()}/{world_size()} {spec}: FSDP2 refused: {error}", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close()
 
 
 if __name__ == "__main__":

@@ -23,21 +23,17 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
-from fsdp2_check import (  # noqa: E402
-    cat_model,
+from workers.common import (  # noqa: E402
+    base_and_skills,
+    close,
     coefficients,
-    distributed,
-    finish,
-    parse_args,
-    tiny_world,
-    train_steps,
     world_size,
     write_record,
 )
+from workers.fsdp2_check import cat_model, distributed, finish, parse_args, train_steps  # noqa: E402
 
 
 def partition_facts(model) -> dict:
@@ -115,15 +111,10 @@ def main(argv=None) -> None:
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         deepspeed.init_distributed(dist_backend=args.backend)
-    if args.base:
-        base, skills = Path(args.base), [Path(path) for path in args.skills]
-    else:
-        base, skills = tiny_world(out)
+    base, skills = base_and_skills(args, out)
     for spec in args.configs:
         fit(args, base, skills, spec, out / spec.replace(":", "-"))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close()
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch.distributed as dist
 from compare import export_difference, largest_difference
-from workers.launch import finish, launch, ranks
+from workers.launch import ranks, two_ranks_and_one
 
 from axolotl_cat_plugin.core import export
 
@@ -36,18 +36,7 @@ def runs(world, tmp_path_factory):
     if not dist.is_gloo_available():
         pytest.skip("this torch has no gloo backend: FSDP2 cannot run on the CPU")
     root = tmp_path_factory.mktemp("fsdp2")
-    # side by side: the processes spend most of their time importing
-    processes = {
-        name: launch(
-            "fsdp2_check.py",
-            world,
-            root / name,
-            processes=processes,
-            args=["--steps", STEPS, "--per-device-batch", batch],
-        )
-        for name, processes, batch in (("two", 2, 2), ("one", 0, 4))
-    }
-    logs = {name: finish(process, timeout=300, name=name) for name, process in processes.items()}
+    logs = two_ranks_and_one("fsdp2_check.py", world, root, steps=STEPS, timeout=300)
     return {name: (root / name, log) for name, log in logs.items()}
 
 

@@ -13,7 +13,7 @@ import json
 
 import pytest
 from compare import export_difference, largest_difference
-from workers.launch import finish, launch, ranks
+from workers.launch import ranks, two_ranks_and_one
 
 from axolotl_cat_plugin.core import export
 
@@ -33,20 +33,9 @@ TOLERANCE = 1e-5
 @pytest.fixture(scope="module")
 def runs(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
-    processes = {
-        name: launch(
-            "zero3_check.py",
-            world,
-            root / name,
-            processes=processes,
-            args=["--steps", STEPS, "--per-device-batch", batch],
-            env={"DS_ACCELERATOR": "cpu"},
-        )
-        for name, processes, batch in (("two", 2, 2), ("one", 0, 4))
-    }
-    for name, process in processes.items():
-        finish(process, timeout=400, name=name)
-    return {name: root / name for name in processes}
+    env = {"DS_ACCELERATOR": "cpu"}
+    logs = two_ranks_and_one("zero3_check.py", world, root, steps=STEPS, timeout=400, env=env)
+    return {name: root / name for name in logs}
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -83,28 +83,33 @@ def shard(model, device: str):
     return model
 
 
+def parameter_facts(model, describe, split_name: str, is_split) -> dict:
+    """The trainable parameters' names, describe(p) of every coefficient tensor, and how many
+    of the frozen parameters is_split(p) finds distributed (as `split_name`), of how many."""
+    named = list(model.named_parameters())
+    return {
+        "trainable": sorted(n for n, p in named if p.requires_grad),
+        "alphas": {n: describe(p) for n, p in named if n.endswith("cat_alpha")},
+        split_name: sum(bool(is_split(p)) for _, p in named if not p.requires_grad),
+        "frozen": sum(not p.requires_grad for _, p in named),
+    }
+
+
 def sharding_facts(model) -> dict:
     """What FSDP2 made of the parameters: the coefficients' types, dtypes and shards."""
     from torch.distributed.tensor import DTensor
 
-    alphas = {n: p for n, p in model.named_parameters() if n.endswith("cat_alpha")}
-    return {
-        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
-        "alphas": {
-            name: {
-                "dtensor": isinstance(p, DTensor),
-                "dtype": str(p.dtype),
-                "shape": list(p.shape),
-                "placements": [repr(x) for x in p.placements] if isinstance(p, DTensor) else None,
-                "local_shape": list(p.to_local().shape) if isinstance(p, DTensor) else None,
-            }
-            for name, p in alphas.items()
-        },
-        "frozen_dtensors": sum(
-            isinstance(p, DTensor) for n, p in model.named_parameters() if not p.requires_grad
-        ),
-        "frozen": sum(not p.requires_grad for p in model.parameters()),
-    }
+    def describe(p):
+        sharded = isinstance(p, DTensor)
+        return {
+            "dtensor": sharded,
+            "dtype": str(p.dtype),
+            "shape": list(p.shape),
+            "placements": [repr(x) for x in p.placements] if sharded else None,
+            "local_shape": list(p.to_local().shape) if sharded else None,
+        }
+
+    return parameter_facts(model, describe, "frozen_dtensors", lambda p: isinstance(p, DTensor))
 
 
 def check_sharding(facts: dict) -> None:

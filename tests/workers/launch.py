@@ -60,6 +60,26 @@ def finish(process: subprocess.Popen, timeout: float, name: str = "") -> str:
     return stdout
 
 
+def two_ranks_and_one(
+    worker: str, world: dict, root: Path, *, steps: int, timeout: float, env: dict | None = None
+) -> dict[str, str]:
+    """The worker under torchrun with two ranks of batch 2 (root/two) and as one plain process
+    of batch 4 (root/one), side by side (they spend most of their time importing): the same
+    global batches at every step. Their stdout by name."""
+    processes = {
+        name: launch(
+            worker,
+            world,
+            root / name,
+            processes=count,
+            args=["--steps", steps, "--per-device-batch", batch],
+            env=env,
+        )
+        for name, count, batch in (("two", 2, 2), ("one", 0, 4))
+    }
+    return {name: finish(process, timeout, name=name) for name, process in processes.items()}
+
+
 def ranks(out: Path) -> list[dict]:
     """The rank{R}.json records a worker's ranks wrote into `out`, rank 0 first."""
     return [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]

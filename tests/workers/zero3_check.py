@@ -33,28 +33,28 @@ from workers.common import (  # noqa: E402
     world_size,
     write_record,
 )
-from workers.fsdp2_check import cat_model, distributed, finish, parse_args, train_steps  # noqa: E402
+from workers.fsdp2_check import (  # noqa: E402
+    cat_model,
+    distributed,
+    finish,
+    parameter_facts,
+    parse_args,
+    train_steps,
+)
 
 
 def partition_facts(model) -> dict:
     """What ZeRO-3 made of the parameters: each coefficient's full shape and what a rank holds."""
-    alphas = {n: p for n, p in model.named_parameters() if n.endswith("cat_alpha")}
-    return {
-        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
-        "alphas": {
-            name: {
-                "dtype": str(p.dtype),
-                "full_shape": list(getattr(p, "ds_shape", p.shape)),
-                "held_outside_forward": p.numel(),
-                "partitioned": hasattr(p, "ds_id"),
-            }
-            for name, p in alphas.items()
-        },
-        "frozen_partitioned": sum(
-            hasattr(p, "ds_id") for p in model.parameters() if not p.requires_grad
-        ),
-        "frozen": sum(not p.requires_grad for p in model.parameters()),
-    }
+
+    def describe(p):
+        return {
+            "dtype": str(p.dtype),
+            "full_shape": list(getattr(p, "ds_shape", p.shape)),
+            "held_outside_forward": p.numel(),
+            "partitioned": hasattr(p, "ds_id"),
+        }
+
+    return parameter_facts(model, describe, "frozen_partitioned", lambda p: hasattr(p, "ds_id"))
 
 
 def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:

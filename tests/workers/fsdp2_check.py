@@ -171,7 +171,6 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
     if distributed():
         check_sharding(facts)
     start = coefficients(model)
-    global_batch = args.per_device_batch * world_size()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0
     )
@@ -181,30 +180,26 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    model.train()
-    losses = train_steps(
-        args, model.config.vocab_size, lambda ids: model(input_ids=ids, labels=ids).loss, update
-    )
-
-    record = {
-        "sharded": distributed(),
-        "model_type": type(model).__name__,
-        **facts,
-    }
-    folded = finish(model, spec, out, global_batch, losses, start, record)
+    record = {"sharded": distributed(), "model_type": type(model).__name__, **facts}
+    folded = train_and_fold(args, model, model, update, spec, out, start, record)
     record["fold_devices"] = sorted({str(t.device) for t in folded.tensors.values()})
     record["fold_types"] = sorted({type(t).__name__ for t in folded.tensors.values()})
     write_record(out, record)
 
 
-def finish(model, spec, out: Path, global_batch, losses, start, record: dict):
-    """After training, on every rank: gather, fold (collective), rank 0 exports; the common
-    fields of this rank's record are added to `record`. The folded adapter comes back."""
+def train_and_fold(args, model, engine, update, spec: str, out: Path, start, record: dict):
+    """Train through `engine` (the model, or what wraps it; update(loss) steps it), then on
+    every rank: gather, fold (collective), rank 0 exports; the common fields of this rank's
+    record are added to `record`. The folded adapter comes back."""
+    engine.train()
+    losses = train_steps(
+        args, model.config.vocab_size, lambda ids: engine(input_ids=ids, labels=ids).loss, update
+    )
     record.update(
         rank=rank(),
         world_size=world_size(),
         config=spec,
-        global_batch=global_batch,
+        global_batch=args.per_device_batch * world_size(),
         losses=losses,
         alpha_start=start,
         alpha=coefficients(model),
@@ -221,15 +216,21 @@ def finish(model, spec, out: Path, global_batch, losses, start, record: dict):
     return folded
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
+def begin(args, init_process_group) -> tuple[Path, Path, list[Path]]:
+    """OUT made; under torchrun, this rank's GPU picked (cuda) and init_process_group(backend)
+    called; then OUT, the base and the skills."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if distributed():
         if args.device == "cuda":
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(args.backend)
-    base, skills = base_and_skills(args, out)
+        init_process_group(args.backend)
+    return out, *base_and_skills(args, out)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    out, base, skills = begin(args, dist.init_process_group)
     for spec in args.configs:
         folder = out / spec.replace(":", "-")
         try:

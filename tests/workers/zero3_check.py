@@ -18,7 +18,6 @@ tests/workers/fsdp2_check.py, whose helpers this reuses. On a CPU set DS_ACCELER
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -26,20 +25,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
-from workers.common import (  # noqa: E402
-    base_and_skills,
-    close,
-    coefficients,
-    world_size,
-    write_record,
-)
+from workers.common import close, coefficients, write_record  # noqa: E402
 from workers.fsdp2_check import (  # noqa: E402
+    begin,
     cat_model,
     distributed,
-    finish,
     parameter_facts,
     parse_args,
-    train_steps,
+    train_and_fold,
 )
 
 
@@ -79,7 +72,6 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
             },
         )
     facts = partition_facts(model)
-    global_batch = args.per_device_batch * world_size()
 
     def update(loss):
         if distributed():
@@ -90,28 +82,21 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    engine.train()
-    losses = train_steps(
-        args, model.config.vocab_size, lambda ids: engine(input_ids=ids, labels=ids).loss, update
-    )
-
     record = {"partitioned": distributed(), **facts}
-    folded = finish(model, spec, out, global_batch, losses, start, record)
+    folded = train_and_fold(args, model, engine, update, spec, out, start, record)
     record["fold_shapes"] = {key: list(t.shape) for key, t in folded.tensors.items()}
     write_record(out, record)
 
 
+def init_deepspeed(backend: str) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if distributed():
-        import deepspeed
-
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        deepspeed.init_distributed(dist_backend=args.backend)
-    base, skills = base_and_skills(args, out)
+    out, base, skills = begin(args, init_deepspeed)
     for spec in args.configs:
         fit(args, base, skills, spec, out / spec.replace(":", "-"))
     close()

@@ -8,11 +8,11 @@
 # data files it reads and the stamps of the stages it builds on) matches the one stored next
 # to its output. Stages hash the data, not demo_world.py, so an edit that leaves a dataset
 # unchanged reruns nothing that reads it.
-# The base is the pretrained one shipped in scripts/demo_base/ (scripts/build_demo_base.sh made
+# The base is the pretrained one shipped in scripts/demo/base/ (scripts/demo/build_base.sh made
 # it with base.yml); DEMO_PRETRAIN=1 pretrains it here instead (about 6 more minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/env.sh
+source scripts/tools/env.sh
 # DEMO_AXOLOTL=0.21 runs every training with axolotl 0.21 (.venv312) under demo_out/axolotl-0.21/
 if [ "${DEMO_AXOLOTL:-0.19}" = 0.21 ]; then
   ensure_env312
@@ -21,24 +21,25 @@ else
   ensure_env311
   source .venv/bin/activate
 fi
-# the YAMLs of the LoRA trainings list demo_plugins.SeedLoraInit (same seed, same adapters)
-export PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}"
+# the YAMLs of the LoRA trainings list demo_plugins.SeedLoraInit (same seed, same adapters),
+# which lives in scripts/demo/
+export PYTHONPATH="$PWD/scripts/demo${PYTHONPATH:+:$PYTHONPATH}"
 
 # accelerate launches a single process with OMP_NUM_THREADS=1 unless it is set: use every core
 # when one stage runs alone; stages that run side by side get one thread each (see `together`)
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$(nproc)}"
 OUT=demo_out
 # DEMO_SEED=N (not 0) trains every skill, baseline and fit again with seed N under
-# demo_out/seed-N/, on the same world and base (scripts/demo_seeds.sh runs several).
+# demo_out/seed-N/, on the same world and base (scripts/demo/seeds.sh runs several).
 SEED=${DEMO_SEED:-0}
 RUN=$OUT
 [ "${DEMO_AXOLOTL:-0.19}" = 0.21 ] && RUN=$OUT/axolotl-0.21
 [ "$SEED" = 0 ] || RUN=$RUN/seed-$SEED
 YAMLS=example_yamls/tiny-cpu
-SHIPPED=scripts/demo_base
+SHIPPED=scripts/demo/base
 mkdir -p "$RUN/logs"
 started=$SECONDS
-source scripts/demo_stages.sh # say, stage, together, show_table
+source scripts/demo/stages.sh # say, stage, together, show_table
 
 merge() { # NAME METHOD WEIGHT1 WEIGHT2 [--density D]
   local name=$1 method=$2 w1=$3 w2=$4
@@ -93,9 +94,9 @@ cat_fits() { # the three CAT granularities over the real skills, one after the o
 
 controls() { # random skills shaped like the real ones, the same fits over them, static merges
   local name
-  stage random-skills "$RUN/random-skills" scripts/random_skills.py "${skills[@]}" -- \
-    python scripts/random_skills.py --seed "$SEED" "$RUN/skill-manual=$RUN/random-skills/manual" \
-    "$RUN/skill-french=$RUN/random-skills/french"
+  stage random-skills "$RUN/random-skills" scripts/demo/random_skills.py "${skills[@]}" -- \
+    python scripts/demo/random_skills.py --seed "$SEED" \
+    "$RUN/skill-manual=$RUN/random-skills/manual" "$RUN/skill-french=$RUN/random-skills/french"
   for name in cat-random cat-rank-random cat-core-random; do fit "$name"; done
   static_merges
 }
@@ -110,14 +111,14 @@ static_merges() {
   done
 }
 
-stage world "$OUT/world" scripts/demo_world.py -- \
-  python scripts/demo_world.py "$OUT/world"
+stage world "$OUT/world" scripts/demo/demo_world.py -- \
+  python scripts/demo/demo_world.py "$OUT/world"
 if [ "${DEMO_PRETRAIN:-0}" = 1 ]; then
   stage base "$OUT/base" "$YAMLS/base.yml" "$OUT"/world/init/* "$OUT/world/data/generic.jsonl" \
     -- axolotl train "$YAMLS/base.yml"
 else
   stage base "$OUT/base" "$SHIPPED"/* "$OUT/world/data/generic.jsonl" -- \
-    python scripts/demo_base.py install "$SHIPPED" "$OUT/world" "$OUT/base"
+    python scripts/demo/demo_base.py install "$SHIPPED" "$OUT/world" "$OUT/base"
 fi
 skills=("$RUN/skill-manual/.stage-hash" "$RUN/skill-french/.stage-hash")
 compositions() { # what is built from the two skills, once both exist
@@ -139,9 +140,9 @@ for run in "${runs[@]}"; do
   timings+=("\"$name\": $(cat "$dir/.stage-seconds")")
 done
 (IFS=,; echo "{${timings[*]}}") > "$RUN/timings.json"
-stage eval "$RUN/eval" scripts/eval_composition.py "$OUT"/world/data/test_*.jsonl \
+stage eval "$RUN/eval" scripts/demo/eval_composition.py "$OUT"/world/data/test_*.jsonl \
   "${stamps[@]}" -- \
-  python scripts/eval_composition.py --base "$OUT/base" --tests "$OUT/world/data" \
+  python scripts/demo/eval_composition.py --base "$OUT/base" --tests "$OUT/world/data" \
   --timings "$RUN/timings.json" --heatmap "$RUN/cat/cat_coefficients.png" \
   --out "$RUN/results.json" "${methods[@]/#/--method=}"
 show_table "$RUN/results.json"

@@ -6,7 +6,7 @@
 #   scripts/test.sh -k exact   extra arguments go to both pytest runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/env.sh
+source scripts/tools/env.sh
 mkdir -p .ci-logs
 
 ( ensure_env312 ) > .ci-logs/env312.log 2>&1 &

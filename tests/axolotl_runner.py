@@ -12,7 +12,9 @@ EXAMPLE = REPO / "example_yamls" / "tiny-cpu" / "cat.yml"
 
 
 def axolotl_command(*args: str) -> tuple[list[str], dict]:
-    """The command and environment: this venv's bin on PATH (axolotl launches accelerate)."""
+    """The command and environment: this venv's bin on PATH (axolotl launches accelerate).
+    Without the `axolotl` console script (axolotl carried as wheels unpacked onto the path, as
+    on a lent GPU machine), `python -m axolotl.cli.main`."""
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -20,7 +22,9 @@ def axolotl_command(*args: str) -> tuple[list[str], dict]:
         "HF_HUB_OFFLINE": "1",
         "AXOLOTL_DO_NOT_TRACK": "1",
     }
-    return [os.path.join(bin_dir, "axolotl"), *args], env
+    script = os.path.join(bin_dir, "axolotl")
+    command = [script] if os.path.exists(script) else [sys.executable, "-m", "axolotl.cli.main"]
+    return [*command, *args], env
 
 
 def axolotl(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -5,16 +5,13 @@ os.environ.setdefault("AXOLOTL_DO_NOT_TRACK", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
-from fixtures import build_base, build_skills, write_jsonl  # noqa: E402
+from fixtures import build_world, write_jsonl  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """A tiny Llama base and three skill LoRAs of different ranks, alphas and targets."""
-    root = tmp_path_factory.mktemp("world")
-    base = build_base(root / "base")
-    skills = build_skills(base, root / "skills")
-    return {"base": base, "skills": skills, "root": root}
+    return build_world(tmp_path_factory.mktemp("world"))
 
 
 @pytest.fixture(scope="session")

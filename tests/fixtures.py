@@ -6,6 +6,7 @@ Nothing here downloads anything; every test builds what it needs in its tmp fold
 from __future__ import annotations
 
 import json
+import random
 import string
 from pathlib import Path
 
@@ -102,6 +103,27 @@ def build_skills(base_folder: Path, root: Path) -> dict[str, Path]:
         name: build_skill(base_folder, root / name, seed=10 + i, **kwargs)
         for i, (name, kwargs) in enumerate(SKILL_SPECS.items())
     }
+
+
+def build_world(root: Path) -> dict:
+    """The tiny world: a base in root/base and the SKILL_SPECS skills in root/skills/NAME.
+
+    The one builder behind the tests' `world` fixture, the multi-process workers (built there
+    when no --base is given) and scripts/demo/tiny_world.py.
+    """
+    base = build_base(root / "base")
+    return {"base": base, "skills": build_skills(base, root / "skills"), "root": root}
+
+
+def mix_rows(count: int, seed: int = 0) -> list[dict]:
+    """A small data mix for a CAT fit: `count` arithmetic and `count` code rows."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        rows.append({"text": f"Q: what is {a} + {b}? A: {a} + {b} = {a + b}"})
+        rows.append({"text": f"Write a program for {a} + {b}. def solution(): return {a} + {b}"})
+    return rows
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:

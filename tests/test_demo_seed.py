@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parent.parent
-SCRIPTS = REPO / "scripts"
+DEMO = REPO / "scripts" / "demo"
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +28,12 @@ def demo(tmp_path_factory):
         [
             "demo_base.py",
             "install",
-            str(SCRIPTS / "demo_base"),
+            str(DEMO / "base"),
             str(root / "world"),
             str(root / "base"),
         ],
     ):
-        subprocess.run(
-            [sys.executable, str(SCRIPTS / command[0]), *command[1:]], check=True, cwd=REPO
-        )
+        subprocess.run([sys.executable, str(DEMO / command[0]), *command[1:]], check=True, cwd=REPO)
     return root
 
 
@@ -58,7 +56,7 @@ def stage_config(demo: Path, run: str) -> Path:
 
 
 def test_a_seed_gives_the_same_adapter_twice(demo):
-    env = {"PYTHONPATH": os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")])}
+    env = {"PYTHONPATH": os.pathsep.join([str(DEMO), os.environ.get("PYTHONPATH", "")])}
     adapters = []
     for run in ("first", "second"):
         result = axolotl("train", str(stage_config(demo, run)), cwd=demo, env=env)
@@ -73,7 +71,7 @@ def test_a_seed_gives_the_same_adapter_twice(demo):
 
 
 def test_random_skills_match_shapes_and_norms_and_repeat_for_a_seed(demo, tmp_path):
-    sys.path.insert(0, str(SCRIPTS))
+    sys.path.insert(0, str(DEMO))
     from random_skills import randomize  # noqa: PLC0415
 
     skill = demo / "first"

@@ -1,7 +1,7 @@
 """The demo's miniature is a fair test of composition: what no method may see, none sees.
 
-scripts/demo_world.py builds the data; scripts/eval_composition.py grades answers. These tests
-pin the invariants the demo's table relies on, without training anything.
+scripts/demo/demo_world.py builds the data; scripts/demo/eval_composition.py grades answers.
+These tests pin the invariants the demo's table relies on, without training anything.
 """
 
 import random
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "demo"))
 from demo_world import FRENCH, FRENCH_CUE, World, datasets, evaluation_sets  # noqa: E402
 from eval_composition import accuracy, final_word  # noqa: E402
 

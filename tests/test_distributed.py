@@ -11,61 +11,28 @@ TRL or plain-transformers user would.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+from compare import export_difference
+from workers.launch import finish, launch, ranks
 
 from axolotl_cat_plugin.core import export
 
 pytestmark = [pytest.mark.e2e, pytest.mark.core_distributed]
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "tests" / "workers" / "ddp_check.py"
 STEPS = 6
 REQUIRED = {export.CONFIG_FILE, export.WEIGHTS_FILE, export.COEFFICIENTS_FILE}
 TOLERANCE = 1e-5
 
 
 def ddp_check(world, out: Path, *, processes: int, batch: int, trainer: str = "hf") -> str:
-    """Run the script: under torchrun with `processes` ranks, or as one plain process (0)."""
-    launcher = [sys.executable]
-    if processes:
-        launcher += ["-m", "torch.distributed.run", "--standalone"]
-        launcher += ["--nproc_per_node", str(processes)]
-    skills = [str(world["skills"][name]) for name in ("math", "code", "prose")]
-    command = [
-        *launcher,
-        str(SCRIPT),
-        "--base",
-        str(world["base"]),
-        "--skills",
-        *skills,
-        "--out",
-        str(out),
-        "--steps",
-        str(STEPS),
-        "--per-device-batch",
-        str(batch),
-        "--lr",
-        "0.05",
-        "--seed",
-        "0",
-        "--trainer",
-        trainer,
-    ]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",  # torchrun's default for its ranks; the same for the reference
-    }
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    return result.stdout
+    """Run tests/workers/ddp_check.py: under torchrun with `processes` ranks, or as one plain
+    process (0)."""
+    args = ["--steps", STEPS, "--per-device-batch", batch, "--lr", "0.05", "--seed", "0"]
+    process = launch(
+        "ddp_check.py", world, out, processes=processes, args=[*args, "--trainer", trainer]
+    )
+    return finish(process, timeout=300, name=f"{processes or 'one'} process(es), {trainer}")
 
 
 @pytest.fixture(scope="module")
@@ -79,11 +46,6 @@ def runs(world, tmp_path_factory):
     return {name: (root / name, log) for name, log in logs.items()}
 
 
-def ranks(out: Path) -> list[dict]:
-    records = sorted(out.glob("rank*_alpha.json"))
-    return [json.loads(path.read_text()) for path in records]
-
-
 def coefficient_values(out: Path) -> dict[tuple[str, str], list[float]]:
     """Every (module, skill) coefficient in cat_coefficients.json, scalars as 1-lists."""
     record = json.loads((out / "cat_coefficients.json").read_text())
@@ -92,24 +54,6 @@ def coefficient_values(out: Path) -> dict[tuple[str, str], list[float]]:
         for skill, value in entry["coefficients"].items():
             values[module, skill] = value if isinstance(value, list) else [value]
     return values
-
-
-def export_difference(a: Path, b: Path) -> tuple[float, float]:
-    """Largest difference of the adapter tensors and of the recorded coefficients."""
-    tensors_a = load_file(a / "adapter_model.safetensors")
-    tensors_b = load_file(b / "adapter_model.safetensors")
-    assert tensors_a.keys() == tensors_b.keys()
-    tensors = 0.0
-    for key, tensor in tensors_a.items():
-        assert tensor.shape == tensors_b[key].shape, key
-        if tensor.numel():
-            tensors = max(tensors, float((tensor - tensors_b[key]).abs().max()))
-    values_a, values_b = coefficient_values(a), coefficient_values(b)
-    assert values_a.keys() == values_b.keys()
-    coefficients = max(
-        abs(x - y) for key in values_a for x, y in zip(values_a[key], values_b[key], strict=True)
-    )
-    return tensors, coefficients
 
 
 @pytest.mark.parametrize("name", ["two", "sft"])
@@ -145,7 +89,7 @@ def test_only_rank_zero_writes_the_export(runs, name):
         log.count("wrote the CAT export") == 1 and f"rank 0: wrote the CAT export to {out}" in log
     )
     files = {path.name for path in out.iterdir() if path.is_file()}
-    files -= {"rank0_alpha.json", "rank1_alpha.json"}
+    files -= {"rank0.json", "rank1.json"}
     assert REQUIRED <= files <= set(export.EXPORT_FILES), files  # one export, nothing else
     assert not [path.name for path in out.iterdir() if path.name.startswith(".")]  # no staging
 

@@ -11,49 +11,20 @@ same processes; adapter (shared across units) is refused by FSDP2, which is pinn
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from safetensors.torch import load_file
+from compare import export_difference, largest_difference
+from workers.launch import ranks, two_ranks_and_one
 
 from axolotl_cat_plugin.core import export
 
 pytestmark = [pytest.mark.e2e, pytest.mark.core_distributed]
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "tests" / "workers" / "fsdp2_check.py"
 STEPS = 4
 FITTED = ["module-free", "layer-softmax", "rank-free"]
 REFUSED = "adapter-free"
 REQUIRED = {export.CONFIG_FILE, export.WEIGHTS_FILE, export.COEFFICIENTS_FILE}
 TOLERANCE = 1e-5
-
-
-def launch(
-    world, out: Path, *, processes: int, batch: int, script: Path = SCRIPT, env: dict | None = None
-) -> subprocess.Popen:
-    """Start the script: under torchrun with `processes` ranks, or as one plain process (0)."""
-    launcher = [sys.executable]
-    if processes:
-        launcher += ["-m", "torch.distributed.run", "--standalone"]
-        launcher += ["--nproc_per_node", str(processes)]
-    skills = [str(world["skills"][name]) for name in ("math", "code", "prose")]
-    command = [*launcher, str(script), "--base", str(world["base"]), "--skills", *skills]
-    command += ["--out", str(out), "--steps", str(STEPS), "--per-device-batch", str(batch)]
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "AXOLOTL_DO_NOT_TRACK": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",  # torchrun's default for its ranks; the same for the reference
-        **(env or {}),
-    }
-    return subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
 
 
 @pytest.fixture(scope="module")
@@ -65,49 +36,8 @@ def runs(world, tmp_path_factory):
     if not dist.is_gloo_available():
         pytest.skip("this torch has no gloo backend: FSDP2 cannot run on the CPU")
     root = tmp_path_factory.mktemp("fsdp2")
-    # side by side: the processes spend most of their time importing
-    processes = {
-        "two": launch(world, root / "two", processes=2, batch=2),
-        "one": launch(world, root / "one", processes=0, batch=4),
-    }
-    logs = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=300)
-        assert process.returncode == 0, f"{name}:\n{stdout[-4000:]}{stderr[-6000:]}"
-        logs[name] = stdout
+    logs = two_ranks_and_one("fsdp2_check.py", world, root, steps=STEPS, timeout=300)
     return {name: (root / name, log) for name, log in logs.items()}
-
-
-def ranks(out: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(out.glob("rank*.json"))]
-
-
-def largest_difference(a, b) -> float:
-    """Largest difference between two equally shaped nests of lists / dicts of floats."""
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        return max((largest_difference(a[key], b[key]) for key in a), default=0.0)
-    if isinstance(a, list):
-        assert len(a) == len(b)
-        return max((largest_difference(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
-    return abs(a - b)
-
-
-def export_difference(a: Path, b: Path) -> tuple[float, float]:
-    """Largest difference of the adapter tensors and of the recorded coefficients."""
-    tensors_a = load_file(a / export.WEIGHTS_FILE)
-    tensors_b = load_file(b / export.WEIGHTS_FILE)
-    assert tensors_a.keys() == tensors_b.keys()
-    tensors = 0.0
-    for key, tensor in tensors_a.items():
-        assert tensor.shape == tensors_b[key].shape, key
-        if tensor.numel():
-            tensors = max(tensors, float((tensor - tensors_b[key]).abs().max()))
-    modules = [
-        json.loads((out / export.COEFFICIENTS_FILE).read_text())["modules"] for out in (a, b)
-    ]
-    coefficients = [{name: entry["coefficients"] for name, entry in m.items()} for m in modules]
-    return tensors, largest_difference(*coefficients)
 
 
 @pytest.mark.parametrize("config", FITTED)

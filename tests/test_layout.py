@@ -1,13 +1,15 @@
 """The package's structure: import arrows point one way, the core never reaches Axolotl, and
-the viewer (`axolotl-cat inspect`) starts without torch."""
+the viewer (`axolotl-cat inspect`) starts without torch; every path the README names exists."""
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parent.parent / "axolotl_cat_plugin"
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "axolotl_cat_plugin"
 
 
 def module_name(path: Path) -> str:
@@ -125,3 +127,12 @@ def test_no_package_file_is_over_about_300_lines():
         for path in PACKAGE.rglob("*.py")
     }
     assert {path: n for path, n in sizes.items() if n > 320} == {}
+
+
+def test_every_path_the_readme_names_exists():
+    top = "scripts|tests|docs|example_yamls|axolotl_cat_plugin|\\.ci"
+    path = rf"(?<![\w./-])((?:{top})/[\w./-]*)(?![\w./<*-])"  # not a pattern such as bench_<gpu>
+    named = re.findall(path, (REPO / "README.md").read_text())
+    assert "scripts/demo.sh" in named and "scripts/test.sh" in named
+    missing = sorted({path for path in named if not (REPO / path.rstrip(".")).exists()})
+    assert not missing, f"the README names paths that do not exist: {missing}"

@@ -427,32 +427,14 @@ def test_a_4bit_base_already_repacked_for_cpu_inference_is_refused(bases, tmp_pa
         attach_cat(model, CatConfig(skills=[str(skill)]))
 
 
-def test_fit_cat_trl_fits_on_a_4bit_base(world, tmp_path):
+def test_fit_cat_trl_fits_on_a_4bit_base(e2e_world, tmp_path):
     """The Python path for QLoRA users, end to end: TRL's SFTTrainer on a 4-bit base."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from fixtures import write_jsonl
+    from test_trl import fit_cat_trl
 
     from axolotl_cat_plugin.core.summary import module_values
 
     pytest.importorskip("bitsandbytes")
-    script = Path(__file__).resolve().parent.parent / "scripts" / "fit_cat_trl.py"
-    rows = [{"text": f"Q: {a} + {b}? A: {a} + {b} = {a + b}"} for a in range(8) for b in range(4)]
-    data = write_jsonl(tmp_path / "mix.jsonl", rows)
-    out = tmp_path / "out"
-    skills = [f"--skill={name}={path}" for name, path in world["skills"].items()]
-    result = subprocess.run(
-        [sys.executable, str(script), "--base", str(world["base"]), *skills, "--load-in-4bit"]
-        + ["--data", str(data), "--out", str(out), "--steps", "3", "--lr", "0.1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "cache")},
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    out = fit_cat_trl(e2e_world, tmp_path, "--load-in-4bit")
     record = json.loads((out / "cat_coefficients.json").read_text())
     moved = [
         abs(value - 1.0) > 1e-4
@@ -461,7 +443,7 @@ def test_fit_cat_trl_fits_on_a_4bit_base(world, tmp_path):
         for value in values
     ]
     assert moved and all(moved)  # every coefficient trained, through every 4-bit layer
-    loaded = PeftModel.from_pretrained(load(world["base"]), out)  # plain PEFT, full precision
+    loaded = PeftModel.from_pretrained(load(e2e_world["base"]), out)  # plain PEFT, full precision
     assert torch.isfinite(logits(loaded)).all()
 
 
@@ -469,7 +451,7 @@ def test_fit_cat_trl_fits_on_a_4bit_base(world, tmp_path):
     "flag, named",
     [
         ("load_in_4bit", "silently ignored"),
-        ("load_in_8bit", "scripts/fit_cat_trl.py --load-in-4bit"),
+        ("load_in_8bit", "scripts/examples/fit_cat_trl.py --load-in-4bit"),
         ("gptq", "GPTQ"),
     ],
 )

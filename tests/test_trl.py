@@ -1,4 +1,4 @@
-"""CAT without Axolotl: scripts/fit_cat_trl.py fits with TRL's SFTTrainer and exports.
+"""CAT without Axolotl: scripts/examples/fit_cat_trl.py fits with TRL's SFTTrainer and exports.
 
 Run as a user would, in a subprocess, for a few steps on the tiny world.
 """
@@ -10,22 +10,22 @@ import sys
 from pathlib import Path
 
 import torch
-from fixtures import load_base, write_jsonl
+from fixtures import load_base
 from peft import PeftModel
 
 from axolotl_cat_plugin.core.summary import module_values
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fit_cat_trl.py"
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "examples" / "fit_cat_trl.py"
 
 
-def test_trl_script_fits_coefficients_and_exports_a_plain_peft_adapter(world, tmp_path):
-    rows = [{"text": f"Q: {a} + {b}? A: {a} + {b} = {a + b}"} for a in range(8) for b in range(4)]
-    data = write_jsonl(tmp_path / "mix.jsonl", rows)
+def fit_cat_trl(e2e_world, tmp_path: Path, *flags: str) -> Path:
+    """Run the script as a user would, 3 steps on the world's mix; the export's folder.
+    (tests/test_real_skills.py runs it on a 4-bit base with --load-in-4bit.)"""
     out = tmp_path / "out"
-    skills = [f"--skill={name}={path}" for name, path in world["skills"].items()]
+    skills = [f"--skill={name}={path}" for name, path in e2e_world["skills"].items()]
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--base", str(world["base"]), *skills]
-        + ["--data", str(data), "--out", str(out), "--steps", "3", "--lr", "0.1"],
+        [sys.executable, str(SCRIPT), "--base", str(e2e_world["base"]), *skills, *flags]
+        + ["--data", str(e2e_world["mix"]), "--out", str(out), "--steps", "3", "--lr", "0.1"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -37,8 +37,12 @@ def test_trl_script_fits_coefficients_and_exports_a_plain_peft_adapter(world, tm
         },
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    return out
 
-    model = PeftModel.from_pretrained(load_base(world["base"]), out)  # plain PEFT
+
+def test_trl_script_fits_coefficients_and_exports_a_plain_peft_adapter(e2e_world, tmp_path):
+    out = fit_cat_trl(e2e_world, tmp_path)
+    model = PeftModel.from_pretrained(load_base(e2e_world["base"]), out)  # plain PEFT
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=torch.tensor([[1, 10, 20, 30]])).logits).all()
 

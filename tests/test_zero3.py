@@ -10,11 +10,10 @@ granularity `adapter` (one coefficient tensor shared by every decoder layer).
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-from test_fsdp2 import export_difference, largest_difference, ranks
-from test_fsdp2 import launch as launch_check
+from compare import export_difference, largest_difference
+from workers.launch import ranks, two_ranks_and_one
 
 from axolotl_cat_plugin.core import export
 
@@ -23,32 +22,20 @@ pytestmark = [
     pytest.mark.core_distributed,
     pytest.mark.skipif(
         importlib.util.find_spec("deepspeed") is None,
-        reason="deepspeed is not installed (scripts/env.sh installs it)",
+        reason="deepspeed is not installed (scripts/tools/env.sh installs it)",
     ),
 ]
-REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "tests" / "workers" / "zero3_check.py"
 STEPS = 4
 CONFIGS = ["module-free", "layer-softmax", "rank-free", "adapter-free"]
 TOLERANCE = 1e-5
 
 
-def launch(world, out: Path, *, processes: int, batch: int):
-    env = {"DS_ACCELERATOR": "cpu"}
-    return launch_check(world, out, processes=processes, batch=batch, script=SCRIPT, env=env)
-
-
 @pytest.fixture(scope="module")
 def runs(world, tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3")
-    processes = {
-        "two": launch(world, root / "two", processes=2, batch=2),
-        "one": launch(world, root / "one", processes=0, batch=4),
-    }
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=400)
-        assert process.returncode == 0, f"{name}:\n{stdout[-4000:]}{stderr[-6000:]}"
-    return {name: root / name for name in processes}
+    env = {"DS_ACCELERATOR": "cpu"}
+    logs = two_ranks_and_one("zero3_check.py", world, root, steps=STEPS, timeout=400, env=env)
+    return {name: root / name for name in logs}
 
 
 @pytest.mark.parametrize("config", CONFIGS)

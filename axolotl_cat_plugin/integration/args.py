@@ -131,8 +131,8 @@ class CatMergeArgs(BaseModel):
                 "Axolotl quantizes the base only for adapter qlora or lora, so the flag would be "
                 "silently ignored (a full-precision base). CAT itself fits on a bitsandbytes "
                 "4-bit/8-bit base: use the Python API (attach_cat on a model loaded with "
-                "transformers' BitsAndBytesConfig, e.g. scripts/fit_cat_trl.py --load-in-4bit), "
-                "or remove the flag."
+                "transformers' BitsAndBytesConfig, e.g. "
+                "scripts/examples/fit_cat_trl.py --load-in-4bit), or remove the flag."
             )
         if data.get("gptq"):
             raise ValueError(

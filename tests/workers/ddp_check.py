@@ -13,47 +13,44 @@ DDP-wrapped model as on the unwrapped one.
 Why at core level: TRL and plain-transformers users fit CAT without Axolotl;
 tests/test_axolotl_ddp.py runs `axolotl train` itself under torchrun.
 
-Every rank writes OUT/rank{R}_alpha.json (its coefficients before and after, the example ids
-of each step, the losses, and what folding the DDP-wrapped model gave); rank 0 alone writes
-the export to OUT and OUT/trainer_save (the Trainer's own save_model path).
+Every rank writes OUT/rank{R}.json (its coefficients before and after, the example ids of
+each step, the losses, and what folding the DDP-wrapped model gave); rank 0 alone writes the
+export to OUT and OUT/trainer_save (the Trainer's own save_model path).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import random
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from datasets import Dataset
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
-from fixtures import build_base, build_skills, load_base  # noqa: E402
+from compare import tensor_difference  # noqa: E402
+from fixtures import load_base  # noqa: E402
 
 from axolotl_cat_plugin.core import CatConfig, attach_cat, export_cat  # noqa: E402
 from axolotl_cat_plugin.core.fold import fold  # noqa: E402  (see fsdp2_check.py)
-from axolotl_cat_plugin.core.state import is_coefficient  # noqa: E402
-
-SEQUENCE_LEN = 16
+from workers.common import (  # noqa: E402
+    SEQUENCE_LEN,
+    argument_parser,
+    base_and_skills,
+    close,
+    coefficients,
+    make_rows,
+    rank,
+    world_size,
+    write_record,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", help="base model folder (default: build a tiny Llama in OUT)")
-    parser.add_argument("--skills", nargs="+", help="skill LoRA folders (default: build three)")
-    parser.add_argument("--out", required=True, help="where the export and rank files go")
-    parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--per-device-batch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
+    parser = argument_parser(__doc__.split("\n\n")[0], steps=6)
     parser.add_argument("--granularity", default="module")
     parser.add_argument("--parametrization", default="free")
     parser.add_argument("--trainer", choices=["hf", "sft"], default="hf")
@@ -70,54 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="dataset size (default: exactly steps x global batch, one epoch)",
     )
     return parser.parse_args(argv)
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def tiny_world(out: Path) -> tuple[Path, list[Path]]:
-    """The test suite's tiny base and three skills, built by rank 0 while the others wait."""
-    root = out / "world"
-    if rank() == 0 and not (root / "skills" / "prose" / "adapter_config.json").exists():
-        base = build_base(root / "base")
-        build_skills(base, root / "skills")
-        (root / "ready").write_text("ok\n")
-    _wait_for(root / "ready")
-    return root / "base", [root / "skills" / name for name in ("math", "code", "prose")]
-
-
-def _wait_for(path: Path, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{path} never appeared")
-        time.sleep(0.2)
-
-
-def make_rows(count: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """`count` distinct fixed-length token rows (BOS first): no padding, so no collation drift."""
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < count:
-        row = [1] + [rng.randrange(4, vocab_size) for _ in range(SEQUENCE_LEN - 1)]
-        if tuple(row) not in seen:
-            seen.add(tuple(row))
-            rows.append(row)
-    return rows
-
-
-def coefficients(model) -> dict[str, list[float]]:
-    """Every trainable coefficient tensor by name, flattened (Python floats hold fp32 exactly)."""
-    return {
-        name: param.detach().float().flatten().tolist()
-        for name, param in model.named_parameters()
-        if is_coefficient(name)
-    }
 
 
 def recording(base_cls, ids: dict[tuple[int, ...], int]):
@@ -186,26 +135,14 @@ def build_trainer(args, model, tokenizer, rows, out: Path):
 
 def fold_difference(a, b) -> float:
     """Largest difference between two folded adapters (inf if they differ in shape or keys)."""
-    if a.tensors.keys() != b.tensors.keys() or a.record != b.record:
-        return float("inf")
-    worst = 0.0
-    for key, tensor in a.tensors.items():
-        if tensor.shape != b.tensors[key].shape:
-            return float("inf")
-        worst = max(worst, float((tensor - b.tensors[key]).abs().max()) if tensor.numel() else 0.0)
-    return worst
+    return tensor_difference(a.tensors, b.tensors) if a.record == b.record else float("inf")
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if bool(args.base) != bool(args.skills):
-        raise SystemExit("give --base and --skills together, or neither (a tiny world is built)")
-    if args.base:
-        base, skills = Path(args.base), [Path(path) for path in args.skills]
-    else:
-        base, skills = tiny_world(out)
+    base, skills = base_and_skills(args, out)
 
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -252,16 +189,14 @@ def main(argv=None) -> None:
         "alpha_start": start,
         "alpha": coefficients(unwrapped),
     }
-    (out / f"rank{rank()}_alpha.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_record(out, record)
     print(
         f"rank {rank()}/{world_size()}: {trainer.state.global_step} steps, global batch "
         f"{global_batch}, model {type(wrapped).__name__}, fold(wrapped) vs fold(unwrapped) "
         f"max difference {wrapped_difference}, losses {[round(x, 6) for x in losses]}",
         flush=True,
     )
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close()
 
 
 if __name__ == "__main__":

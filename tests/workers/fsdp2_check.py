@@ -10,7 +10,7 @@ then on the root), the CAT coefficients are fp32 DTensor shards and the only
 trainable parameters; AdamW on them fits the same coefficients as one unsharded process
 over the same global batches; `fold` (collective: every rank calls it) gives every rank the
 same adapter; `skill_coefficients` works on the sharded model; and a rank-0 `write_export`
-writes the adapter the unsharded run exports. Granularity `adapter` (one coefficient tensor
+writes the adapter the unsharded run exports. Granularity `model` (one coefficient tensor
 shared across decoder layers) cannot be sharded this way: FSDP2 refuses a parameter shared
 by two FSDP units, and the run records that refusal instead of an export.
 
@@ -24,52 +24,45 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
-import random
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
-from fixtures import build_base, build_skills, load_base  # noqa: E402
+from fixtures import load_base  # noqa: E402
 
 from axolotl_cat_plugin.core import CatConfig, attach_cat, write_export  # noqa: E402
 
 # `fold` from its home module: once the submodule axolotl_cat_plugin.core.fold is imported,
 # the package attribute `fold` is that module, not the function the lazy __getattr__ gives
-from axolotl_cat_plugin.core.fold import (  # noqa: E402
-    fold,
-    full_tensor,
-    gathered,
-    skill_coefficients,
-)
+from axolotl_cat_plugin.core.fold import fold, skill_coefficients  # noqa: E402
 from axolotl_cat_plugin.core.state import is_coefficient  # noqa: E402
+from workers.common import (  # noqa: E402
+    argument_parser,
+    base_and_skills,
+    close,
+    coefficients,
+    make_rows,
+    rank,
+    world_size,
+    write_record,
+)
 
-SEQUENCE_LEN = 16
-SKILLS = ("math", "code", "prose")
 # module: one coefficient row per module, so rank 1 holds an empty shard; layer: one
 # coefficient tensor shared by the modules of a decoder layer (one FSDP unit); rank: 4 rows,
-# split 2 + 2 over the ranks; adapter: one coefficient tensor shared by every decoder layer,
+# split 2 + 2 over the ranks; model: one coefficient tensor shared by every decoder layer,
 # so by several FSDP units, which FSDP2 refuses at the first forward (the run records that)
-DEFAULT_CONFIGS = ["module:free", "layer:softmax", "rank:free", "adapter:free"]
+DEFAULT_CONFIGS = ["module:free", "layer:softmax", "rank:free", "model:free"]
 SHARED_ACROSS_UNITS = "is shared with a parameter already managed by another FSDP group"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base", help="base model folder (default: build a tiny Llama in OUT)")
-    parser.add_argument("--skills", nargs="+", help="skill LoRA folders (default: build three)")
-    parser.add_argument("--out", required=True, help="where the exports and rank files go")
+    parser = argument_parser(__doc__.split("\n\n")[0], steps=4)
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--per-device-batch", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--backend", default="gloo", help="gloo (CPU) or nccl (CUDA)")
     return parser.parse_args(argv)
@@ -77,32 +70,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def distributed() -> bool:
     return "WORLD_SIZE" in os.environ  # launched by torchrun, even with one process
-
-
-def rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def tiny_world(out: Path) -> tuple[Path, list[Path]]:
-    """The test suite's tiny base and three skills, built by rank 0 while the others wait."""
-    root = out / "world"
-    if rank() == 0 and not (root / "skills" / SKILLS[-1] / "adapter_config.json").exists():
-        build_skills(build_base(root / "base"), root / "skills")
-    if dist.is_initialized():
-        dist.barrier()
-    return root / "base", [root / "skills" / name for name in SKILLS]
-
-
-def make_rows(count: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """`count` fixed-length token rows (BOS first): no padding, so every row weighs the same."""
-    rng = random.Random(seed)
-    return [
-        [1] + [rng.randrange(4, vocab_size) for _ in range(SEQUENCE_LEN - 1)] for _ in range(count)
-    ]
 
 
 def shard(model, device: str):
@@ -117,28 +84,33 @@ def shard(model, device: str):
     return model
 
 
+def parameter_facts(model, describe, split_name: str, is_split) -> dict:
+    """The trainable parameters' names, describe(p) of every coefficient tensor, and how many
+    of the frozen parameters is_split(p) finds distributed (as `split_name`), of how many."""
+    named = list(model.named_parameters())
+    return {
+        "trainable": sorted(n for n, p in named if p.requires_grad),
+        "alphas": {n: describe(p) for n, p in named if is_coefficient(n)},
+        split_name: sum(bool(is_split(p)) for _, p in named if not p.requires_grad),
+        "frozen": sum(not p.requires_grad for _, p in named),
+    }
+
+
 def sharding_facts(model) -> dict:
     """What FSDP2 made of the parameters: the coefficients' types, dtypes and shards."""
     from torch.distributed.tensor import DTensor
 
-    alphas = {n: p for n, p in model.named_parameters() if is_coefficient(n)}
-    return {
-        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
-        "alphas": {
-            name: {
-                "dtensor": isinstance(p, DTensor),
-                "dtype": str(p.dtype),
-                "shape": list(p.shape),
-                "placements": [repr(x) for x in p.placements] if isinstance(p, DTensor) else None,
-                "local_shape": list(p.to_local().shape) if isinstance(p, DTensor) else None,
-            }
-            for name, p in alphas.items()
-        },
-        "frozen_dtensors": sum(
-            isinstance(p, DTensor) for n, p in model.named_parameters() if not p.requires_grad
-        ),
-        "frozen": sum(not p.requires_grad for p in model.parameters()),
-    }
+    def describe(p):
+        sharded = isinstance(p, DTensor)
+        return {
+            "dtensor": sharded,
+            "dtype": str(p.dtype),
+            "shape": list(p.shape),
+            "placements": [repr(x) for x in p.placements] if sharded else None,
+            "local_shape": list(p.to_local().shape) if sharded else None,
+        }
+
+    return parameter_facts(model, describe, "frozen_dtensors", lambda p: isinstance(p, DTensor))
 
 
 def check_sharding(facts: dict) -> None:
@@ -149,16 +121,6 @@ def check_sharding(facts: dict) -> None:
         assert alpha["dtensor"], f"{name} is not a DTensor"
         assert alpha["dtype"] == "torch.float32", f"{name} is {alpha['dtype']}"
         assert alpha["placements"] == ["Shard(dim=0)"], f"{name}: {alpha['placements']}"
-
-
-def coefficients(model) -> dict[str, list[float]]:
-    """Every coefficient tensor, whole (gathered: collective under FSDP2 and ZeRO-3)."""
-    with gathered(model):
-        return {
-            name: full_tensor(param).detach().float().flatten().tolist()
-            for name, param in model.named_parameters()
-            if is_coefficient(name)
-        }
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -210,7 +172,6 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
     if distributed():
         check_sharding(facts)
     start = coefficients(model)
-    global_batch = args.per_device_batch * world_size()
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0
     )
@@ -220,30 +181,26 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    model.train()
-    losses = train_steps(
-        args, model.config.vocab_size, lambda ids: model(input_ids=ids, labels=ids).loss, update
-    )
-
-    record = {
-        "sharded": distributed(),
-        "model_type": type(model).__name__,
-        **facts,
-    }
-    folded = finish(model, spec, out, global_batch, losses, start, record)
+    record = {"sharded": distributed(), "model_type": type(model).__name__, **facts}
+    folded = train_and_fold(args, model, model, update, spec, out, start, record)
     record["fold_devices"] = sorted({str(t.device) for t in folded.tensors.values()})
     record["fold_types"] = sorted({type(t).__name__ for t in folded.tensors.values()})
     write_record(out, record)
 
 
-def finish(model, spec, out: Path, global_batch, losses, start, record: dict):
-    """After training, on every rank: gather, fold (collective), rank 0 exports; the common
-    fields of this rank's record are added to `record`. The folded adapter comes back."""
+def train_and_fold(args, model, engine, update, spec: str, out: Path, start, record: dict):
+    """Train through `engine` (the model, or what wraps it; update(loss) steps it), then on
+    every rank: gather, fold (collective), rank 0 exports; the common fields of this rank's
+    record are added to `record`. The folded adapter comes back."""
+    engine.train()
+    losses = train_steps(
+        args, model.config.vocab_size, lambda ids: engine(input_ids=ids, labels=ids).loss, update
+    )
     record.update(
         rank=rank(),
         world_size=world_size(),
         config=spec,
-        global_batch=global_batch,
+        global_batch=args.per_device_batch * world_size(),
         losses=losses,
         alpha_start=start,
         alpha=coefficients(model),
@@ -260,24 +217,21 @@ def finish(model, spec, out: Path, global_batch, losses, start, record: dict):
     return folded
 
 
-def write_record(out: Path, record: dict) -> None:
-    (out / f"rank{record['rank']}.json").write_text(json.dumps(record, indent=1) + "\n")
+def begin(args, init_process_group) -> tuple[Path, Path, list[Path]]:
+    """OUT made; under torchrun, this rank's GPU picked (cuda) and init_process_group(backend)
+    called; then OUT, the base and the skills."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if distributed():
+        if args.device == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        init_process_group(args.backend)
+    return out, *base_and_skills(args, out)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if bool(args.base) != bool(args.skills):
-        raise SystemExit("give --base and --skills together, or neither (a tiny world is built)")
-    if distributed():
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(args.backend)
-    if args.base:
-        base, skills = Path(args.base), [Path(path) for path in args.skills]
-    else:
-        base, skills = tiny_world(out)
+    out, base, skills = begin(args, dist.init_process_group)
     for spec in args.configs:
         folder = out / spec.replace(":", "-")
         try:
@@ -286,12 +240,9 @@ def main(argv=None) -> None:
             if not (distributed() and SHARED_ACROSS_UNITS in str(error)):
                 raise
             # every rank fails here alike, in FSDP2's lazy init before any collective
-            record = {"rank": rank(), "config": spec, "refused": str(error)}
-            (folder / f"rank{rank()}.json").write_text(json.dumps(record, indent=1) + "\n")
+            write_record(folder, {"rank": rank(), "config": spec, "refused": str(error)})
             print(f"rank {rank()}/{world_size()} {spec}: FSDP2 refused: {error}", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close()
 
 
 if __name__ == "__main__":

@@ -18,49 +18,36 @@ tests/workers/fsdp2_check.py, whose helpers this reuses. On a CPU set DS_ACCELER
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/
 
-from fsdp2_check import (  # noqa: E402
+from workers.common import close, coefficients, write_record  # noqa: E402
+from workers.fsdp2_check import (  # noqa: E402
+    begin,
     cat_model,
-    coefficients,
     distributed,
-    finish,
+    parameter_facts,
     parse_args,
-    tiny_world,
-    train_steps,
-    world_size,
-    write_record,
+    train_and_fold,
 )
-
-from axolotl_cat_plugin.core.state import is_coefficient  # noqa: E402
 
 
 def partition_facts(model) -> dict:
     """What ZeRO-3 made of the parameters: each coefficient's full shape and what a rank holds."""
-    alphas = {n: p for n, p in model.named_parameters() if is_coefficient(n)}
-    return {
-        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
-        "alphas": {
-            name: {
-                "dtype": str(p.dtype),
-                "full_shape": list(getattr(p, "ds_shape", p.shape)),
-                "held_outside_forward": p.numel(),
-                "partitioned": hasattr(p, "ds_id"),
-            }
-            for name, p in alphas.items()
-        },
-        "frozen_partitioned": sum(
-            hasattr(p, "ds_id") for p in model.parameters() if not p.requires_grad
-        ),
-        "frozen": sum(not p.requires_grad for p in model.parameters()),
-    }
+
+    def describe(p):
+        return {
+            "dtype": str(p.dtype),
+            "full_shape": list(getattr(p, "ds_shape", p.shape)),
+            "held_outside_forward": p.numel(),
+            "partitioned": hasattr(p, "ds_id"),
+        }
+
+    return parameter_facts(model, describe, "frozen_partitioned", lambda p: hasattr(p, "ds_id"))
 
 
 def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
@@ -85,7 +72,6 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
             },
         )
     facts = partition_facts(model)
-    global_batch = args.per_device_batch * world_size()
 
     def update(loss):
         if distributed():
@@ -96,36 +82,24 @@ def fit(args, base: Path, skills: list[Path], spec: str, out: Path) -> None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-    engine.train()
-    losses = train_steps(
-        args, model.config.vocab_size, lambda ids: engine(input_ids=ids, labels=ids).loss, update
-    )
-
     record = {"partitioned": distributed(), **facts}
-    folded = finish(model, spec, out, global_batch, losses, start, record)
+    folded = train_and_fold(args, model, engine, update, spec, out, start, record)
     record["fold_shapes"] = {key: list(t.shape) for key, t in folded.tensors.items()}
     write_record(out, record)
 
 
+def init_deepspeed(backend: str) -> None:
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if distributed():
-        import deepspeed
-
-        if args.device == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        deepspeed.init_distributed(dist_backend=args.backend)
-    if args.base:
-        base, skills = Path(args.base), [Path(path) for path in args.skills]
-    else:
-        base, skills = tiny_world(out)
+    out, base, skills = begin(args, init_deepspeed)
     for spec in args.configs:
         fit(args, base, skills, spec, out / spec.replace(":", "-"))
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    close()
 
 
 if __name__ == "__main__":

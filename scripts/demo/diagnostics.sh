@@ -7,14 +7,14 @@
 # Neither is part of the comparison: every method there is trained without composite data.
 # Stages are cached as in demo.sh; the results land in demo_out/diagnostics.json.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/env.sh
+cd "$(dirname "$0")/../.."
+source scripts/tools/env.sh
 ensure_env311
 source .venv/bin/activate
 OUT=demo_out RUN=demo_out YAMLS=example_yamls/tiny-cpu
 mkdir -p "$RUN/logs"
 started=$SECONDS
-source scripts/demo_stages.sh # say, stage, together, show_table
+source scripts/demo/stages.sh # say, stage, together, show_table
 composite=$OUT/world/data/composite.jsonl
 skills=("$OUT/skill-manual/.stage-hash" "$OUT/skill-french/.stage-hash")
 
@@ -27,9 +27,9 @@ diagnostic() { # NAME STAMP...: train example_yamls/tiny-cpu/NAME.yml on the com
 
 together "diagnostic diag-composite $OUT/base/.stage-hash" \
   "diagnostic diag-cat-composite ${skills[*]}" "diagnostic diag-cat-rank-composite ${skills[*]}"
-stage diagnostics-eval "$OUT/diagnostics-eval" scripts/eval_composition.py \
+stage diagnostics-eval "$OUT/diagnostics-eval" scripts/demo/eval_composition.py \
   "$OUT"/world/data/test_*.jsonl "$OUT"/diag-*/.stage-hash -- \
-  python scripts/eval_composition.py --base "$OUT/base" --tests "$OUT/world/data" \
+  python scripts/demo/eval_composition.py --base "$OUT/base" --tests "$OUT/world/data" \
   --method composite_lora="$OUT/diag-composite" \
   --method cat_on_composite="$OUT/diag-cat-composite" \
   --method cat_rank_on_composite="$OUT/diag-cat-rank-composite" \

@@ -1,6 +1,6 @@
 """Build the demo's world: a word-level tokenizer, a random tiny Llama, and every dataset.
 
-    python scripts/demo_world.py demo_out/world
+    python scripts/demo/demo_world.py demo_out/world
 
 A miniature of the paper's use case "a QA bot over a manual": two skills on one base, and a
 task that needs both.

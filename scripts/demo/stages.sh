@@ -1,4 +1,4 @@
-# Sourced by demo.sh and demo_diagnostics.sh: cached stages, their progress, and running them
+# Sourced by demo.sh and demo/diagnostics.sh: cached stages, their progress, and running them
 # side by side. The caller sets RUN (logs under $RUN/logs, Axolotl's prepared data under
 # $RUN/prepared/NAME) and started (the $SECONDS its run began).
 
@@ -71,6 +71,6 @@ together() {
 }
 
 show_table() { # RESULTS_JSON: the table eval_composition.py printed, also when its stage is cached
-  python -c 'import json, sys; sys.path.insert(0, "scripts"); import eval_composition as e
+  python -c 'import json, sys; sys.path.insert(0, "scripts/demo"); import eval_composition as e
 e.print_table(json.load(open(sys.argv[1])))' "$1"
 }

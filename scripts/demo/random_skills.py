@@ -1,6 +1,6 @@
 """The `cat_random` control: random LoRAs shaped like the real skills.
 
-    python scripts/random_skills.py --seed 0 demo_out/skill-manual=demo_out/random-manual ...
+    python scripts/demo/random_skills.py --seed 0 demo_out/skill-manual=demo_out/random-manual ...
 
 For every skill and module, lora_A and lora_B are Gaussian with exactly the real factors'
 shapes and Frobenius norms, and adapter_config.json is the skill's own (same r, lora_alpha,

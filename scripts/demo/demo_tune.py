@@ -1,6 +1,6 @@
 """Pick the demo's learning rates without looking at any test.
 
-    python scripts/demo_tune.py            # after scripts/demo.sh has trained the skills
+    python scripts/demo/demo_tune.py            # after scripts/demo.sh has trained the skills
 
 Every trained method (data mixing, the fresh LoRA on the mix, CAT per module, per rank and
 core) trains once per rate of ONE shared grid, holding out 10% of its own training rows
@@ -25,6 +25,7 @@ from pathlib import Path
 GRID = (0.002, 0.01, 0.05)
 METHODS = ("data-mix", "mix-lora", "demo-cat", "demo-cat-rank", "demo-cat-core")
 YAMLS = Path("example_yamls/tiny-cpu")
+HERE = Path(__file__).resolve().parent
 OUT = Path("demo_out/tune")
 EVAL_LOSS = re.compile(r"'eval_loss': '?([0-9.eE+-]+)")
 
@@ -58,7 +59,9 @@ def run(method: str, rate: float, results: dict) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     losses = EVAL_LOSS.findall(log.read_text()) if log.exists() else []
     if not losses:
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        # data-mix.yml and mix-lora.yml list demo_plugins.SeedLoraInit, which lives here
+        path = os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
         print(f"[tune] {method} lr {rate} (log: {log})", flush=True)
         with log.open("w") as handle:
             subprocess.run(

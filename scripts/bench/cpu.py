@@ -1,9 +1,9 @@
 """CPU benchmark of CAT training cost against its baselines, and of the export.
 
 Usage:
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py [--quick] [--out bench.json]
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --profile cat2   # where does a step go?
-    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench.py --paired --threads 1 --out paired.json
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/cpu.py [--quick] [--out bench.json]
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/cpu.py --profile cat2   # where does a step go?
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/cpu.py --paired --threads 1 --out paired.json
 
 Every training configuration runs on the same randomly initialised Llama (hidden 512,
 intermediate 1408, 4 layers, 8 heads / 2 KV heads as in Llama-3's 4:1 GQA, vocabulary 1024,
@@ -553,7 +553,7 @@ class Worker:
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         env["OMP_NUM_THREADS"] = env["CAT_BENCH_THREADS"] = str(threads)
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        repo = str(Path(__file__).resolve().parents[1])
+        repo = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
         with self.log.open("w") as log:
             self.process = subprocess.Popen(

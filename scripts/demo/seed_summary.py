@@ -1,6 +1,6 @@
 """One table over several demo runs (one results.json per seed): mean and range per accuracy.
 
-    python scripts/seed_summary.py demo_out/results.json demo_out/seed-*/results.json \
+    python scripts/demo/seed_summary.py demo_out/results.json demo_out/seed-*/results.json \
         --out demo_out/seeds.json
 """
 

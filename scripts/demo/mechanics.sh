@@ -4,14 +4,14 @@
 # `axolotl train`, then load the result with plain PEFT. It measures nothing about composition.
 # Everything lands in demo_out/tiny (ignored by git).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-source scripts/env.sh
+cd "$(dirname "$0")/../.."
+source scripts/tools/env.sh
 ensure_env311
 source .venv/bin/activate   # axolotl launches through accelerate, found on PATH
 
 started=$SECONDS
 echo "[mechanics 1/3] building the tiny world in demo_out/tiny"
-python scripts/tiny_world.py demo_out/tiny
+python scripts/demo/tiny_world.py demo_out/tiny
 
 echo "[mechanics 2/3] axolotl train example_yamls/tiny-cpu/cat.yml"
 axolotl train example_yamls/tiny-cpu/cat.yml

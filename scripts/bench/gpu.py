@@ -5,8 +5,8 @@ For a lent H100/H200 (one run, a few minutes): a ~1B-parameter Llama built from 
 attention, sequence 2048, batch 4. Needs only torch, transformers, peft and this package
 (`pip install --no-deps .`, or the repo on PYTHONPATH).
 
-    python scripts/bench_gpu.py                 # writes docs/measurements/bench_gpu_<gpu>.json
-    python scripts/bench_gpu.py --smoke         # tiny sizes on the CPU: checks the script runs
+    python scripts/bench/gpu.py                 # writes docs/measurements/bench_gpu_<gpu>.json
+    python scripts/bench/gpu.py --smoke         # tiny sizes on the CPU: checks the script runs
 
 Configurations, each a separate model on the device, timed in interleaved rounds (medians):
 - floor:        forward + backward of the frozen base with input-embedding gradients only;
@@ -48,7 +48,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 NAMES = ["floor", "lora", "cat_k2", "cat_k8", "cat_k32", "cat_k2_unfused"]
 PROFILED = ["floor", "lora", "cat_k2", "cat_k2_unfused"]
 SMOKE = dict(hidden=64, intermediate=160, layers=2, head_dim=16, seq=32, batch=2, rounds=1, steps=1)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def llama_config(args) -> LlamaConfig:

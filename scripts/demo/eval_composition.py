@@ -1,6 +1,6 @@
 """Score a base and any number of LoRA adapters on each skill's test and on the composite test.
 
-    python scripts/eval_composition.py --base demo_out/base --tests demo_out/world/data \
+    python scripts/demo/eval_composition.py --base demo_out/base --tests demo_out/world/data \
         --method base= --method manual=demo_out/skill-manual --method cat=demo_out/cat \
         --out demo_out/results.json
 

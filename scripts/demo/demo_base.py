@@ -1,10 +1,10 @@
 """The demo's pretrained base: ship it into the repository, or install it for a demo run.
 
-    python scripts/demo_base.py ship demo_out/base demo_out/world scripts/demo_base
-    python scripts/demo_base.py install scripts/demo_base demo_out/world demo_out/base
+    python scripts/demo/demo_base.py ship demo_out/base demo_out/world scripts/demo/base
+    python scripts/demo/demo_base.py install scripts/demo/base demo_out/world demo_out/base
 
 Pretraining the tiny base (base.yml) takes longer than the rest of the demo, so
-scripts/build_demo_base.sh runs it once and `ship` stores the result as bf16 safetensors
+scripts/demo/build_base.sh runs it once and `ship` stores the result as bf16 safetensors
 (a few MB) with a fingerprint of the pretraining data it saw. `install` refuses a base whose
 fingerprint does not match the world that demo_world.py builds now (its facts would not be
 the facts the tests ask about), then writes it back as fp32, the dtype every stage trains in.
@@ -49,11 +49,11 @@ def ship(trained: Path, world: Path, shipped: Path) -> None:
 
 def install(shipped: Path, world: Path, base: Path) -> None:
     if not (shipped / FINGERPRINT).exists():
-        sys.exit(f"{shipped} holds no {FINGERPRINT}: rebuild it with scripts/build_demo_base.sh")
+        sys.exit(f"{shipped} holds no {FINGERPRINT}: rebuild it with scripts/demo/build_base.sh")
     if (shipped / FINGERPRINT).read_text().strip() != fingerprint(world):
         sys.exit(
             f"{shipped} was pretrained on other data than {world}/data/generic.jsonl "
-            "(demo_world.py changed?): rebuild it with scripts/build_demo_base.sh, or run "
+            "(demo_world.py changed?): rebuild it with scripts/demo/build_base.sh, or run "
             "DEMO_PRETRAIN=1 scripts/demo.sh"
         )
     save(shipped, base, torch.float32)

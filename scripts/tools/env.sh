@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE=1 AXOLOTL_DO_NOT_TRACK=1 TOKENIZERS_PARALLELISM=false
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 
 _env_stamp() {
-  cat pyproject.toml scripts/env.sh | sha256sum | cut -d' ' -f1
+  cat pyproject.toml scripts/tools/env.sh | sha256sum | cut -d' ' -f1
 }
 
 _pip() {

@@ -1,6 +1,6 @@
 """Fit CAT without Axolotl: TRL's SFTTrainer on the coefficients, then one standard adapter.
 
-    python scripts/fit_cat_trl.py --base meta-llama/Llama-3.1-8B \\
+    python scripts/examples/fit_cat_trl.py --base meta-llama/Llama-3.1-8B \\
         --skill math=./skills/math --skill code=./skills/code \\
         --data mix.jsonl --out out/cat --steps 200 --lr 1e-3
 

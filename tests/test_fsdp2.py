@@ -7,7 +7,7 @@ process, no process group, no sharding, with a batch of 4: the same global batch
 step, so the same losses, gradients and updates up to float rounding. Every rank folds
 (collectively), rank 0 exports. Granularities module (rank 1 holds an empty shard), layer
 (one coefficient tensor shared inside an FSDP unit) and rank (2 + 2 rows) are fitted in the
-same processes; adapter (shared across units) is refused by FSDP2, which is pinned here too.
+same processes; model (shared across units) is refused by FSDP2, which is pinned here too.
 """
 
 import json
@@ -22,7 +22,7 @@ from axolotl_cat_plugin.core import export
 pytestmark = [pytest.mark.e2e, pytest.mark.core_distributed]
 STEPS = 4
 FITTED = ["module-free", "layer-softmax", "rank-free"]
-REFUSED = "adapter-free"
+REFUSED = "model-free"
 REQUIRED = {export.CONFIG_FILE, export.WEIGHTS_FILE, export.COEFFICIENTS_FILE}
 TOLERANCE = 1e-5
 
@@ -106,7 +106,7 @@ def test_the_sharded_fit_equals_the_unsharded_fit(runs, config):
     assert configs[0] == configs[1]
 
 
-def test_granularity_adapter_is_refused_by_fsdp2_not_fitted_wrong(runs):
+def test_granularity_model_is_refused_by_fsdp2_not_fitted_wrong(runs):
     """One coefficient tensor shared by all decoder layers spans FSDP units: FSDP2 says so."""
     out = runs["two"][0] / REFUSED
     for record in ranks(out):

@@ -38,6 +38,8 @@ import torch
 from compare import export_difference, largest_difference
 from workers.launch import finish, launch, ranks
 
+from axolotl_cat_plugin.core.state import is_coefficient
+
 DEVICE = os.environ.get("CAT_GPU_DEVICE") or ("cuda" if torch.cuda.is_available() else "")
 pytestmark = [
     pytest.mark.gpu,
@@ -85,7 +87,7 @@ def test_fsdp2_on_the_device_fits_what_the_unsharded_run_fits(fsdp2, config):
     alphas = largest_difference(record["alpha"], reference["alpha"])
     print(
         f"{config}: {record['model_type']}, fold on {record['fold_devices']}, max difference "
-        f"to unsharded: adapter {tensors:.3g}, cat_alpha {alphas:.3g}, "
+        f"to unsharded: adapter {tensors:.3g}, coefficients {alphas:.3g}, "
         f"exported coefficients {coefficients:.3g}"
     )
     assert max(tensors, alphas, coefficients) <= TOLERANCE
@@ -93,7 +95,7 @@ def test_fsdp2_on_the_device_fits_what_the_unsharded_run_fits(fsdp2, config):
 
 # ---------------------------------------------------------------- zero3
 
-ZERO3_CONFIGS = ["module:free", "layer:softmax", "adapter:free"]
+ZERO3_CONFIGS = ["module:free", "layer:softmax", "model:free"]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +172,7 @@ def bf16(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from axolotl_cat_plugin.core import CatConfig, attach_cat, export_cat
-    from axolotl_cat_plugin.core.fold import peft_key
+    from axolotl_cat_plugin.core.format import peft_key
 
     out = tmp_path_factory.mktemp("bf16")
     batch, seq = (8, 512) if ON_GPU else (2, 32)
@@ -261,7 +263,7 @@ def bf16(tmp_path_factory):
 
 def test_bf16_base_runs_sdpa_and_only_the_fp32_coefficients_train(bf16):
     assert bf16["attention"] == "sdpa"
-    assert bf16["trainable"] and all(n.endswith("cat_alpha") for n in bf16["trainable"])
+    assert bf16["trainable"] and all(is_coefficient(n) for n in bf16["trainable"])
     assert bf16["dtypes_before"] == {torch.float32}
     assert bf16["base_dtypes"] == {torch.bfloat16}
 
@@ -382,8 +384,8 @@ def test_qlora_fits_exports_and_reloads_on_a_quantized_base(qlora_world, mode):
             device_map={"": 0} if ON_GPU else "cpu",
         )
 
-    model = attach_cat(load(), CatConfig(adapters=skills))
-    alphas = [p for n, p in model.named_parameters() if n.endswith("cat_alpha")]
+    model = attach_cat(load(), CatConfig(skills=skills))
+    alphas = [p for n, p in model.named_parameters() if is_coefficient(n)]
     start = [a.detach().clone() for a in alphas]
     optimizer = torch.optim.AdamW(alphas, lr=0.05, weight_decay=0.0)
     every_step = True
@@ -412,9 +414,9 @@ def test_qlora_fits_exports_and_reloads_on_a_quantized_base(qlora_world, mode):
 
     full = attach_cat(
         AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32),
-        CatConfig(adapters=skills),
+        CatConfig(skills=skills),
     )
-    full_alphas = [p for n, p in full.named_parameters() if n.endswith("cat_alpha")]
+    full_alphas = [p for n, p in full.named_parameters() if is_coefficient(n)]
     with torch.no_grad():
         for mine, theirs in zip(full_alphas, alphas, strict=True):
             mine.copy_(theirs.cpu())

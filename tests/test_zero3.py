@@ -5,7 +5,7 @@ parameter partitioned, none kept whole for being small), on the CPU over gloo wi
 and a per-device batch of 2; the reference is one plain torch process with a batch of 4 and
 the same AdamW. Every rank folds (fold gathers the partitioned factors and coefficients with
 GatheredParameters, a collective), rank 0 exports. Unlike FSDP2, ZeRO-3 also fits
-granularity `adapter` (one coefficient tensor shared by every decoder layer).
+granularity `model` (one coefficient tensor shared by every decoder layer).
 """
 
 import importlib.util
@@ -26,7 +26,7 @@ pytestmark = [
     ),
 ]
 STEPS = 4
-CONFIGS = ["module-free", "layer-softmax", "rank-free", "adapter-free"]
+CONFIGS = ["module-free", "layer-softmax", "rank-free", "model-free"]
 TOLERANCE = 1e-5
 
 

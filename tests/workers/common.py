@@ -14,6 +14,7 @@ import torch.distributed as dist
 from fixtures import build_world
 
 from axolotl_cat_plugin.core.fold import full_tensor, gathered
+from axolotl_cat_plugin.core.state import is_coefficient
 
 SEQUENCE_LEN = 16
 SKILLS = ("math", "code", "prose")
@@ -87,7 +88,7 @@ def coefficients(model) -> dict[str, list[float]]:
         return {
             name: full_tensor(param).detach().float().flatten().tolist()
             for name, param in model.named_parameters()
-            if name.endswith("cat_alpha")
+            if is_coefficient(name)
         }
 
 

@@ -208,6 +208,36 @@ def test_a_record_of_version_1_reads_in_todays_terms(world, tmp_path, capsys):
     attach_cat(load_base(world["base"]), config)  # resumes from it without a mismatch
 
 
+@pytest.mark.parametrize("weight", ["nan", "inf"])
+def test_merge_refuses_weights_that_are_not_finite(world, tmp_path, capsys, weight):
+    skills = [f"{n}={world['skills'][n]}" for n in ("math", "code")]
+    argv = ["merge", "--method", "concat", "--weights", "1", weight, "--base", str(world["base"])]
+    assert main([*argv, "--out", str(tmp_path / "m"), *skills]) == 2
+    assert "--weights must be finite numbers" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_no_writer_writes_into_a_skills_own_folder(world, tmp_path, capsys):
+    """export_cat, axolotl-cat merge --out and export --out all refuse a skill's folder."""
+    skills = {name: tmp_path / name for name in ("math", "code")}
+    for name, folder in skills.items():
+        shutil.copytree(world["skills"][name], folder)
+    digests = {p: p.read_bytes() for folder in skills.values() for p in folder.iterdir()}
+    entries = [{"path": str(folder), "name": name} for name, folder in skills.items()]
+    model = attach_cat(load_base(world["base"]), CatConfig(skills=entries))
+    with pytest.raises(CatError, match="is the folder of skill 'math'"):
+        export_cat(model, skills["math"])
+    argv = ["merge", "--method", "concat", "--weights", "1", "1", "--base", str(world["base"])]
+    argv += ["--out", str(skills["code"]), *[f"{n}={f}" for n, f in skills.items()]]
+    assert main(argv) == 2
+    assert "--out" in capsys.readouterr().err
+    run = export_cat(model, tmp_path / "run")
+    argv = ["export", str(run), "--out", str(skills["math"]), "--base", str(world["base"])]
+    assert main(argv) == 2
+    assert "is the folder of skill" in capsys.readouterr().err
+    assert {p: p.read_bytes() for folder in skills.values() for p in folder.iterdir()} == digests
+
+
 def test_merge_svd_is_the_weighted_sum_despite_peft_scaling_twice(world, tmp_path):
     # the same skill twice: the sum has rank 4, so PEFT's rank-4 SVD loses nothing
     math = world["skills"]["math"]  # scaling 2: PEFT 0.20 would square it

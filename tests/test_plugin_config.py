@@ -109,6 +109,8 @@ def test_defaults_fill_the_block():
             "granularity: adapter",
         ),
         (with_block(skills=["./no/such/skill"]), "./no/such/skill"),
+        (example(output_dir="demo_out/tiny/skills/math"), "the folder of skill"),
+        (with_block(granularity="core", prune_threshold=0.1), "prune_threshold"),
         (with_block(skills=["demo_out"]), "adapter_config.json"),
     ],
 )
@@ -138,6 +140,21 @@ def test_the_old_adapters_key_still_reads_as_skills_with_a_deprecation_warning(c
     both = with_block(adapters=example()["cat_merge"]["skills"])
     with pytest.raises((ValidationError, ValueError), match="not also as `adapters`"):
         validate(both)
+
+
+def test_an_export_rank_above_the_concatenated_rank_is_refused_before_training(world):
+    """Checked when the CAT model is built (the rank is known then), not after the fit."""
+    from fixtures import load_base
+
+    from axolotl_cat_plugin.core import CatError
+    from axolotl_cat_plugin.integration.plugin import CatMergePlugin
+
+    cfg = validate(with_block(export_rank=1000))
+    with pytest.raises(CatError, match="export_rank: 1000 is above the skills' concatenated"):
+        CatMergePlugin().load_adapter(load_base(world["base"]), cfg)
+    cfg = validate(with_block(export_rank=2))
+    model, config = CatMergePlugin().load_adapter(load_base(world["base"]), cfg)
+    assert config.r >= 2
 
 
 def test_deepspeed_zero3_is_accepted():

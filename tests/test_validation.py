@@ -222,7 +222,40 @@ def test_dora_adapter_is_refused(world, tmp_path):
 def test_trained_biases_are_refused(world, tmp_path, bias):
     config = LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"], **bias)
     folder = save_adapter(world, tmp_path / "biased", config)
-    refused(world, [skill(folder, "biased")], "'biased'", "bias")
+    key, value = next(iter(bias.items()))
+    # the message names the setting that trained biases, and the fix for both settings
+    refused(world, [skill(folder, "biased")], "'biased'", f"{key}={value!r}", "lora_bias: false")
+
+
+def test_factors_outside_the_skills_own_targets_are_composed_with_a_warning(
+    world, tmp_path, caplog
+):
+    """PEFT loads only the modules a skill's config targets; a hand-edited config that
+    narrows target_modules leaves factors PEFT would ignore, which CAT says it composes."""
+    narrowed = tmp_path / "narrowed"
+    shutil.copytree(world["skills"]["math"], narrowed)
+    config = json.loads((narrowed / "adapter_config.json").read_text())
+    (narrowed / "adapter_config.json").write_text(
+        json.dumps({**config, "target_modules": ["q_proj"]})
+    )
+    with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
+        attach_cat(load_base(world["base"]), CatConfig(skills=[skill(narrowed, "narrowed")]))
+    assert "does not target" in caplog.text and "PEFT ignores them" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
+        attach_cat(
+            load_base(world["base"]), CatConfig(skills=[skill(world["skills"]["math"], "m")])
+        )
+    assert "does not target" not in caplog.text
+
+
+def test_init_must_be_a_number_and_is_said_unused_under_softmax(tmp_path, caplog):
+    entries = [skill(tmp_path / "a", "math")]
+    with pytest.raises(CatError, match="cat_merge.init"):
+        CatConfig(skills=entries, init=True)
+    with caplog.at_level(logging.WARNING, logger="axolotl_cat_plugin"):
+        CatConfig(skills=entries, parametrization="softmax", init=0.7)
+    assert "init 0.7 is not used with parametrization softmax" in caplog.text
 
 
 def test_pissa_adapter_relative_to_a_modified_base_is_refused(world, tmp_path):

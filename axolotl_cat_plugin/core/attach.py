@@ -61,7 +61,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     if config.granularity is Granularity.CORE and embeddings:
         raise CatError(
             f"granularity core builds its joint basis for Linear modules only, and these skills "
-            f"have embedding LoRAs on {embeddings[0]}; use granularity module, layer, adapter "
+            f"have embedding LoRAs on {embeddings[0]}; use granularity module, layer, model "
             "or rank with embedding skills"
         )
     if config.granularity is Granularity.CORE:

@@ -45,7 +45,7 @@ def is_sharded(model) -> bool:
 def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
     """Within the block, every CAT layer computes Σ_i weights[i] · s_i B_i A_i.
 
-    weights: one float per skill, in the order of the config's adapters. Per-slot layers get
+    weights: one float per skill, in the order of the config's skills. Per-slot layers get
     c = weights (a softmax layer is switched to `free` meanwhile); `core` layers get
     M = Σ_i weights[i] C_i. The coefficients (fp32) and parametrizations are restored on exit,
     bit for bit.

@@ -119,7 +119,17 @@ class CatConfig:
                 "cat_merge.parametrization: granularity core learns a full matrix per module, "
                 f"which has no softmax form; use parametrization free, not '{self.parametrization}'"
             )
-        if not isinstance(self.init, (int, float)) or not math.isfinite(self.init):
+        if (
+            not isinstance(self.init, (int, float))
+            or isinstance(self.init, bool)
+            or not math.isfinite(self.init)
+        ):
             raise CatError(f"cat_merge.init: must be a finite number, got {self.init!r}")
+        if self.parametrization is Parametrization.SOFTMAX and self.init != 1.0:
+            LOG.warning(
+                "cat_merge.init %s is not used with parametrization softmax, which starts "
+                "uniform over the skills (c = 1/K)",
+                self.init,
+            )
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise CatError(f"cat_merge.dropout: must be in [0, 1), got {self.dropout!r}")

@@ -42,6 +42,7 @@ from .format import (
 )
 from .plot import coefficient_heatmap
 from .saved_modules import unparametrize_saved_modules
+from .skill_checks import refuse_skill_folder
 from .state import ADAPTER, cat_layers, remove_state
 
 LOG = logging.getLogger(__name__)
@@ -122,6 +123,7 @@ def write_export(
     write leaves the previous export or none, never a mix, and no staging folder survives
     the next write.
     """
+    refuse_skill_folder(output_dir, folded.record.get("skills", []))  # nothing written yet
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for stale in output_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed export

@@ -20,7 +20,7 @@ with granularity `layer` or `model`.
 
 We plug into PEFT through its `LoraVariant` hook (the mechanism DoRA uses; PEFT documents it
 as private) rather than a LoRA layer of our own: PEFT's `Linear.forward` keeps doing the
-parts we must not diverge on (disabled or merged adapters, input dtype casting), and
+parts we must not diverge on (disabled or merged adapters, the base layer's own call), and
 `merge_and_unload` folds the coefficients in through `merge_*` below.
 """
 

@@ -7,6 +7,7 @@ what the method needs of the skills, and the checks of those needs that run befo
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -77,6 +78,8 @@ def check_arguments(method: MergeMethod, specs, weights, density) -> None:
     Raises CatError naming the argument."""
     if len(weights) != len(specs):
         raise CatError(f"{len(specs)} skills but {len(weights)} weights; give one weight per skill")
+    if not all(math.isfinite(weight) for weight in weights):
+        raise CatError(f"--weights must be finite numbers, got {list(weights)}")
     if method.density:
         if density is None or not 0.0 < density <= 1.0:
             raise CatError(

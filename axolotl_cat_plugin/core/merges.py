@@ -46,7 +46,7 @@ from .merge_methods import (
     check_first_skill_flags,
     method_named,
 )
-from .skill_checks import check_base_copies, warn_on_foreign_base
+from .skill_checks import check_base_copies, refuse_skill_folder, warn_on_foreign_base
 from .skills import Skill, load_skills
 
 LOG = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def merge_skills(
     """
     chosen = method_named(method)
     specs = CatConfig(skills=skill_entries).skills  # names, duplicates: CAT's own rules
+    refuse_skill_folder(output_dir, [{"path": s.path, "name": s.name} for s in specs], "--out")
     check_arguments(chosen, specs, weights, density)
     skills = load_skills(specs)
     for skill in skills:

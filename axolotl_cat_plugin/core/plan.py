@@ -8,6 +8,7 @@ convert (expert_skills.py), and saved base-matrix copies that differ from the ba
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -24,6 +25,8 @@ from .expert_skills import (
 from .experts import NESTED, per_expert
 from .skill_checks import check_base_copies
 from .skills import Skill, SkillModule
+
+LOG = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,6 +73,7 @@ def plan_modules(model: nn.Module, skills: list[Skill]) -> list[ModulePlan]:
         # the target check, which would name its modules as missing
         convert_per_expert_modules(skill, model)
         _check_target_modules(skill, base_modules)
+        _warn_on_factors_outside_the_config(skill)
         check_base_copies(skill, model)
         if skill.fan_in_fan_out != skills[0].fan_in_fan_out:
             raise CatError(
@@ -96,6 +100,32 @@ def plan_modules(model: nn.Module, skills: list[Skill]) -> list[ModulePlan]:
             )
     position = {name: i for i, name in enumerate(base_modules)}
     return sorted(plans.values(), key=lambda plan: position[plan.name])
+
+
+def _warn_on_factors_outside_the_config(skill: Skill) -> None:
+    """Warn about factors on modules the skill's own config does not target (its
+    target_modules, layers_to_transform / layers_pattern, exclude_modules, by PEFT's matching):
+    PEFT ignores them when it loads the skill; CAT composes every factor in the file."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    keys = ("target_modules", "layers_to_transform", "layers_pattern", "exclude_modules")
+    where = {key: skill.config.get(key) for key in keys}
+    if not where["target_modules"] or where["target_modules"] == "all-linear":
+        return  # PEFT resolves these against the model; nothing to compare names with
+    try:
+        probe = LoraConfig(**{key: value for key, value in where.items() if value is not None})
+        outside = [m for m in skill.modules if not check_target_module_exists(probe, m)]
+    except (TypeError, ValueError):
+        return  # a combination PEFT itself refuses: its own loading says so
+    if outside:
+        LOG.warning(
+            "skill %r: its weights hold factors on %d module(s) its adapter_config.json does "
+            "not target (e.g. %s); PEFT ignores them when it loads the skill, CAT composes them",
+            skill.name,
+            len(outside),
+            outside[0],
+        )
 
 
 def _check_target_modules(skill: Skill, base_modules: dict[str, nn.Module]) -> None:

@@ -2,12 +2,15 @@
 
 `check_config` reads only adapter_config.json (cheap enough for config validation);
 `check_base_copies` compares what PEFT saved of the base with the base itself;
-`warn_on_foreign_base` says when a skill names another base model.
+`warn_on_foreign_base` says when a skill names another base model; `refuse_skill_folder`
+keeps every writer out of the skills' own folders.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,9 +53,14 @@ def check_config(spec: SkillSpec, config: dict) -> None:
             "so CAT would silently change the skill. Use plain LoRA skills."
         )
     if config.get("bias", "none") != "none" or config.get("lora_bias"):
+        trained = [
+            f"{key}={config.get(key)!r}"
+            for key, untrained in (("bias", "none"), ("lora_bias", False))
+            if config.get(key, untrained) not in (untrained, None)
+        ]
         raise CatError(
-            f"{where}: trained biases (bias={config.get('bias')!r}, lora_bias="
-            f"{config.get('lora_bias')!r}) are not supported; use bias: none"
+            f"{where}: trained biases ({', '.join(trained)}) are not supported: CAT composes "
+            "the LoRA factors only. Use a skill trained with bias: none and lora_bias: false"
         )
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS):
@@ -141,4 +149,24 @@ def warn_on_foreign_base(skills: list[Skill], base_name: str | None) -> None:
                 skill.name,
                 trained_on,
                 base_name,
+            )
+
+
+def refuse_skill_folder(output_dir: str | os.PathLike, sources, what: str = "output_dir") -> None:
+    """Refuse to write into a skill's own folder (it would overwrite the skill's adapter files).
+
+    sources: the skills' paths as the config gives them (str, or dicts with `path` and maybe
+    `name`); Hub ids and paths that do not exist are skipped. Raises CatError naming `what`,
+    the folder and the skill.
+    """
+    target = Path(output_dir).expanduser().resolve()
+    for entry in sources:
+        path = entry.get("path") or entry.get("source") if isinstance(entry, dict) else entry
+        if not isinstance(path, (str, os.PathLike)) or not Path(path).expanduser().is_dir():
+            continue
+        if Path(path).expanduser().resolve() == target:
+            name = entry.get("name", path) if isinstance(entry, dict) else path
+            raise CatError(
+                f"{what} {output_dir} is the folder of skill {name!r}: writing there would "
+                "overwrite the skill's own adapter. Choose another folder"
             )

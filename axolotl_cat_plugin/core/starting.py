@@ -1,9 +1,9 @@
 """Where the coefficients start: the config's `init`, or a previous fit's record.
 
-`coefficients_from` (CatConfig) names a cat_coefficients.json: resuming a fit, re-exporting it
-(reexport.py), or starting from another granularity's result. The record is read by the one
-reader (format.read_record_file) and checked against this config (same skills in the same
-order, same granularity and parametrization) before anything is wrapped.
+`coefficients_from` (CatConfig) names a cat_coefficients.json: resuming a fit or re-exporting
+it (reexport.py). The record is read by the one reader (format.read_record_file) and checked
+against this config (same skills in the same order, same granularity and parametrization)
+before anything is wrapped.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, d
             raise CatError(
                 f"coefficients_from: {path} holds no usable cores ({error!r})"
             ) from error
-    # modules sharing coefficients (granularity layer / adapter) each record only the skills
+    # modules sharing coefficients (granularity layer / model) each record only the skills
     # they carry: a group starts from the union of what its modules recorded
     by_group: dict[str, dict[str, torch.Tensor]] = {}
     try:

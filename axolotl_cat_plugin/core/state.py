@@ -196,8 +196,8 @@ def cat_metadata(model: nn.Module) -> CatMetadata:
 
 
 def is_coefficient(parameter_name: str) -> bool:
-    """Whether a (dotted) parameter name is a CAT coefficient (`....cat_state.<adapter>.
-    coefficients`, or a saved-module mix's `...cat_state.coefficients`)."""
+    """Whether a (dotted) parameter name is a CAT coefficient, `<module>.cat_state.<adapter>.
+    coefficients` (on a wrapped layer or a composed saved module alike)."""
     parts = parameter_name.split(".")
     return parts[-1] == COEFFICIENTS and STATE in parts[-3:-1]
 

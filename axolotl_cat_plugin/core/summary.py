@@ -3,7 +3,7 @@
 One place for the summaries the model card, the heatmap and `axolotl-cat inspect` show, so
 the three always agree. Pure functions of the record: no torch, no I/O.
 
-A module's coefficient of a skill is a number (granularity module, layer, adapter) or a list
+A module's coefficient of a skill is a number (granularity module, layer, model) or a list
 with one number per rank-1 component (granularity rank). Statistics over skills use every
 number; per-module views (per-layer table, heatmap) first average a module's components so
 each module counts once.

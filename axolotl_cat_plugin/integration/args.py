@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..core.config import ADAPTERS_RENAMED, CatConfig
 from ..core.granularity import Granularity, Parametrization
+from ..core.skill_checks import refuse_skill_folder
 from ..core.skills import preflight
 
 LOG = logging.getLogger(__name__)
@@ -80,6 +81,11 @@ class CatMergeConfig(BaseModel):
         # the core's own rules (names, duplicates, adapter configs), before any compute
         for skill in self.to_core().skills:
             preflight(skill)
+        if self.granularity == Granularity.CORE and self.prune_threshold is not None:
+            raise ValueError(
+                "prune_threshold: granularity core mixes every skill's directions in one core, "
+                "so no skill can be dropped from a module; use export_rank to shrink the export"
+            )
         return self
 
     def to_core(self) -> CatConfig:
@@ -121,6 +127,9 @@ class CatMergeArgs(BaseModel):
                 f"a `cat_merge:` block is set but adapter is {adapter!r}; set adapter: cat_merge "
                 "or remove the block"
             )
+        if isinstance(block, dict) and data.get("output_dir"):  # before any training
+            skills = block.get("skills", block.get("adapters"))
+            refuse_skill_folder(data["output_dir"], skills if isinstance(skills, list) else [])
         if adapter != "cat_merge":
             return data
         if data.get("load_in_4bit") or data.get("load_in_8bit"):

@@ -88,7 +88,15 @@ class CatMergePlugin(BasePlugin):
                 "adapter: cat_merge fits coefficients with supervised fine-tuning only; "
                 f"rl: {cfg.rl!r} is not supported"
             )
-        peft_model = attach_cat(model, self._config(cfg).to_core())
+        block = self._config(cfg)
+        peft_model = attach_cat(model, block.to_core())
+        rank = peft_model.peft_config["default"].r
+        if block.export_rank is not None and block.export_rank > rank:  # not after training
+            raise CatError(
+                f"cat_merge.export_rank: {block.export_rank} is above the skills' concatenated "
+                f"rank {rank}, the largest an export can have; use at most {rank}, or leave "
+                "export_rank unset for the exact full-rank export"
+            )
         return peft_model, peft_model.peft_config["default"]
 
     def get_trainer_cls(self, cfg):

@@ -38,6 +38,9 @@ def in_a_world(world, tmp_path, monkeypatch):
     for name, folder in world["skills"].items():
         shutil.copytree(folder, skills / name)
     monkeypatch.chdir(tmp_path)
+    # the demo's YAMLs list demo_plugins.SeedLoraInit, which scripts/demo.sh finds through
+    # PYTHONPATH; without this the test passed only after another test had imported from there
+    monkeypatch.syspath_prepend(str(REPO / "scripts" / "demo"))
     return tmp_path
 
 

@@ -153,7 +153,7 @@ def test_an_export_rank_above_the_concatenated_rank_is_refused_before_training(w
     from axolotl_cat_plugin.integration.plugin import CatMergePlugin
 
     cfg = validate(with_block(export_rank=1000))
-    with pytest.raises(CatError, match="export_rank: 1000 is above the skills' concatenated"):
+    with pytest.raises(CatError, match=r"export_rank: .* the concatenated rank \d+, got 1000"):
         CatMergePlugin().load_adapter(load_base(world["base"]), cfg)
     cfg = validate(with_block(export_rank=2))
     model, config = CatMergePlugin().load_adapter(load_base(world["base"]), cfg)

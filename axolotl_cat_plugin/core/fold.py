@@ -54,20 +54,21 @@ def fold(model, rank: int | None = None, prune_threshold: float | None = None) -
         return _fold(model, rank, prune_threshold)
 
 
-def _fold(model, rank, prune_threshold) -> FoldedAdapter:
-    metadata = cat_metadata(model)
-    layers = list(cat_layers(model))
-    concatenated_rank = layers[0][1].r[ADAPTER]
-    embeddings = {name for name, layer in layers if is_embedding(layer)}
+def check_export_options(granularity, concatenated_rank, rank=None, prune_threshold=None):
+    """The export options' one rule, used by fold and, before any training, by the Axolotl
+    integration: rank a whole number in [1, concatenated_rank] (no upper bound when
+    concatenated_rank is None, i.e. not known yet), prune_threshold finite >= 0 and not with
+    granularity core. Returns rank as an int (or None); raises CatError naming the option."""
     if rank is not None:
         if (
             not isinstance(rank, numbers.Integral)
             or isinstance(rank, bool)
-            or not 1 <= rank <= concatenated_rank
+            or rank < 1
+            or (concatenated_rank is not None and rank > concatenated_rank)
         ):
             raise CatError(
                 f"export_rank: must be a whole number between 1 and the concatenated rank "
-                f"{concatenated_rank}, got {rank!r}"
+                f"{concatenated_rank or 'of the skills'}, got {rank!r}"
             )
         rank = int(rank)
     if prune_threshold is not None and (
@@ -76,11 +77,20 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         or not 0 <= prune_threshold < math.inf
     ):
         raise CatError(f"prune_threshold: must be a finite number >= 0, got {prune_threshold!r}")
-    if prune_threshold is not None and metadata.granularity == Granularity.CORE:
+    if prune_threshold is not None and granularity == Granularity.CORE:
         raise CatError(
             "prune_threshold: granularity core mixes every skill's directions in one core, so "
             "no skill can be dropped from a module; use export_rank to shrink the export"
         )
+    return rank
+
+
+def _fold(model, rank, prune_threshold) -> FoldedAdapter:
+    metadata = cat_metadata(model)
+    layers = list(cat_layers(model))
+    concatenated_rank = layers[0][1].r[ADAPTER]
+    embeddings = {name for name, layer in layers if is_embedding(layer)}
+    rank = check_export_options(metadata.granularity, concatenated_rank, rank, prune_threshold)
 
     factors, modules = {}, {}
     for name, layer in tqdm(layers, desc="Folding CAT coefficients", disable=len(layers) < 64):

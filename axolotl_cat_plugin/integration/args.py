@@ -8,6 +8,7 @@ import math
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..core.config import ADAPTERS_RENAMED, CatConfig
+from ..core.fold import check_export_options
 from ..core.granularity import Granularity, Parametrization
 from ..core.skill_checks import refuse_skill_folder
 from ..core.skills import preflight
@@ -81,11 +82,8 @@ class CatMergeConfig(BaseModel):
         # the core's own rules (names, duplicates, adapter configs), before any compute
         for skill in self.to_core().skills:
             preflight(skill)
-        if self.granularity == Granularity.CORE and self.prune_threshold is not None:
-            raise ValueError(
-                "prune_threshold: granularity core mixes every skill's directions in one core, "
-                "so no skill can be dropped from a module; use export_rank to shrink the export"
-            )
+        # the export's own rule, now rather than after the fit (the rank bound: at load)
+        check_export_options(self.granularity, None, self.export_rank, self.prune_threshold)
         return self
 
     def to_core(self) -> CatConfig:

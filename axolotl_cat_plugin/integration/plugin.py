@@ -22,6 +22,7 @@ from ..core import (
     retire_previous_export,
 )
 from ..core.export import compose, write
+from ..core.fold import check_export_options
 from .args import CatMergeConfig
 
 LOG = logging.getLogger(__name__)
@@ -90,13 +91,9 @@ class CatMergePlugin(BasePlugin):
             )
         block = self._config(cfg)
         peft_model = attach_cat(model, block.to_core())
-        rank = peft_model.peft_config["default"].r
-        if block.export_rank is not None and block.export_rank > rank:  # not after training
-            raise CatError(
-                f"cat_merge.export_rank: {block.export_rank} is above the skills' concatenated "
-                f"rank {rank}, the largest an export can have; use at most {rank}, or leave "
-                "export_rank unset for the exact full-rank export"
-            )
+        # the export's rule with the concatenated rank known: before training, not after
+        concatenated_rank = peft_model.peft_config["default"].r
+        check_export_options(block.granularity, concatenated_rank, block.export_rank)
         return peft_model, peft_model.peft_config["default"]
 
     def get_trainer_cls(self, cfg):

@@ -38,7 +38,15 @@ from .saved_modules import check_saved_modules, install_saved_modules, saved_mod
 from .skill_checks import warn_on_foreign_base
 from .skills import load_skills
 from .starting import initial_alpha, starting_coefficients
-from .state import ADAPTER, CatMetadata, CatState, is_coefficient, put_state, slot_layout
+from .state import (
+    ADAPTER,
+    CatMetadata,
+    CatState,
+    is_coefficient,
+    keep_frozen_on_set_adapter,
+    put_state,
+    slot_layout,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -94,7 +102,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         param.requires_grad_(is_coefficient(name))
     for module in peft_model.modules():
         if hasattr(module, "lora_A") and hasattr(module, "set_adapter"):
-            module.set_adapter = types.MethodType(_set_adapter_keeping_factors_frozen, module)
+            keep_frozen_on_set_adapter(module)
 
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     peft_model.base_model.cat_metadata = CatMetadata(
@@ -132,20 +140,6 @@ def _save_folded(self, save_directory, *args, is_main_process: bool = True, **kw
 
     if is_main_process:
         export_cat(self, save_directory)
-
-
-def _set_adapter_keeping_factors_frozen(layer, *args, **kwargs):
-    """PEFT's set_adapter, then the skills' factors frozen again.
-
-    PEFT's BaseTunerLayer.set_adapter marks the active adapter's parameters trainable; it
-    runs on set_adapter, enable_adapter_layers and on leaving `disable_adapter()` (as TRL
-    does for reference logits). On a CAT layer that would silently train every skill's
-    lora_A / lora_B: only the coefficients (state.py) stay trainable.
-    """
-    type(layer).set_adapter(layer, *args, **kwargs)
-    for name, param in layer.named_parameters():
-        if not is_coefficient(name):
-            param.requires_grad_(False)
 
 
 def _install(peft_model, plans, skills, config: CatConfig, starting) -> None:

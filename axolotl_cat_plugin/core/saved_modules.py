@@ -19,8 +19,6 @@ both shapes. One coefficient per skill per saved module whatever the granularity
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
@@ -30,7 +28,7 @@ from .starting import starting_saved_coefficients
 from .state import (
     ADAPTER,
     CatState,
-    is_coefficient,
+    keep_frozen_on_set_adapter,
     put_state,
     remove_state,
     saved_module_wrappers,
@@ -151,17 +149,7 @@ def install_saved_modules(peft_model, skills, config) -> None:
             parametrize.register_parametrization(
                 copy, param_name, SavedModuleMix(deltas.to(device), state)
             )
-        wrapper.set_adapter = types.MethodType(_set_adapter_keeping_module_frozen, wrapper)
-
-
-def _set_adapter_keeping_module_frozen(wrapper, *args, **kwargs):
-    """PEFT's ModulesToSaveWrapper.set_adapter marks the copy trainable (it runs on
-    set_adapter, enable_adapter_layers and on leaving disable_adapter()); on CAT only the
-    coefficients train, so everything else is frozen again (as attach does for LoRA layers)."""
-    type(wrapper).set_adapter(wrapper, *args, **kwargs)
-    for param_name, param in wrapper.named_parameters():
-        if not is_coefficient(param_name):
-            param.requires_grad_(False)
+        keep_frozen_on_set_adapter(wrapper)
 
 
 def fold_saved_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict, list[str]]:

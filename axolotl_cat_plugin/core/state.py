@@ -13,6 +13,7 @@ encoded by `slot_layout` and decoded by `CatState.slot_skills`, both here.
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -141,6 +142,25 @@ def slot_layout(blocks, num_skills: int, rank: int, rows: int):
 def put_state(module: nn.Module, state: CatState) -> None:
     """Give `module` its CAT state (replacing any), as `module.cat_state[ADAPTER]`."""
     setattr(module, STATE, nn.ModuleDict({ADAPTER: state}))
+
+
+def keep_frozen_on_set_adapter(module: nn.Module) -> None:
+    """Make `module.set_adapter` (a PEFT LoRA layer's or ModulesToSaveWrapper's) freeze all but
+    the coefficients again after PEFT's own.
+
+    PEFT's set_adapter marks the active adapter's parameters trainable; it runs on
+    set_adapter, enable_adapter_layers and on leaving `disable_adapter()` (as TRL does for
+    reference logits). On a CAT model that would silently train every skill's lora_A / lora_B
+    and saved module: only the coefficients stay trainable.
+    """
+    module.set_adapter = types.MethodType(_set_adapter_keeping_frozen, module)
+
+
+def _set_adapter_keeping_frozen(module: nn.Module, *args, **kwargs) -> None:
+    type(module).set_adapter(module, *args, **kwargs)
+    for name, param in module.named_parameters():
+        if not is_coefficient(name):
+            param.requires_grad_(False)
 
 
 def remove_state(module: nn.Module) -> None:

@@ -42,7 +42,7 @@ class _Choice(StrEnum):
         if isinstance(value, cls):
             return value
         renamed = _RENAMED.get(cls.__name__, {})
-        if value in renamed:
+        if isinstance(value, str) and value in renamed:
             LOG.warning(
                 "%s: %r is deprecated and will be removed in a future release; it means %r now",
                 key,
@@ -52,7 +52,7 @@ class _Choice(StrEnum):
             return cls(renamed[value])
         try:
             return cls(value)
-        except ValueError:
+        except (ValueError, TypeError):
             raise CatError(f"{key}: {value!r} is not one of {cls.names()}") from None
 
     @classmethod

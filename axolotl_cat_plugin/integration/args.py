@@ -67,8 +67,9 @@ class CatMergeConfig(BaseModel):
     @field_validator("granularity", mode="before")
     @classmethod
     def _renamed_granularity(cls, value):
-        # `adapter` (before 0.2) reads as `model`, with a deprecation warning
-        return Granularity.parse(value) if value == "adapter" else value
+        # the core's own lookup: `adapter` (before 0.2) reads as `model` with a deprecation
+        # warning, a wrong name is refused naming the choices
+        return Granularity.parse(value)
 
     @field_validator("init")
     @classmethod

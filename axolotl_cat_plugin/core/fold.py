@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +110,7 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
     for name, (lora_A, lora_B) in factors.items():
         missing = exported_rank - lora_A.shape[-2]
         lora_A, lora_B = _pad_rows(lora_A, missing), _pad_rows(lora_B.mT, missing).mT
+        lora_A, lora_B = init_idle_slots(name, lora_A, lora_B, embedding=name in embeddings)
         if name in keys:  # experts stacked (E, r, in), (E, out, r) -> PEFT's (r·E, in), (out, r·E)
             (key_A, key_B), (lora_A, lora_B) = keys[name], peft_layout(lora_A, lora_B)
         else:
@@ -232,7 +234,10 @@ def _fold_core_layer(layer, state):
             )
         lora_A = full_tensor(layer.lora_A[ADAPTER].weight).float()
         lora_B = full_tensor(layer.lora_B[ADAPTER].weight).float()
-        used = (lora_A.abs().sum(1) != 0) | (lora_B.abs().sum(0) != 0)
+        # the basis has the skills' numerical rank (core_space.span_basis): k_A orthonormal
+        # rows of lora_A and k_B columns of lora_B, zeros after them
+        rows_A, columns_B = lora_A.abs().sum(1) != 0, lora_B.abs().sum(0) != 0
+        used = rows_A | columns_B
         rank = int(used.nonzero().max()) + 1 if used.any() else 0
         present = state.present[0]
         weights, residual = skill_weights(core, full_tensor(state.skill_cores), present)
@@ -247,8 +252,42 @@ def _fold_core_layer(layer, state):
         "core_residual": residual,
         "core": core[:rank, :rank].tolist(),
         "rank": rank,
+        # directions of the skills' joint span this module kept, per side (k_A, k_B)
+        "kept_directions": {"lora_A": int(rows_A.sum()), "lora_B": int(columns_B.sum())},
     }
     return lora_A[:rank], lora_B[:, :rank], entry
+
+
+# the seed of init_idle_slots (with the module's name): the same export every time
+IDLE_SLOT_SEED = 0
+
+
+def init_idle_slots(name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, embedding=False):
+    """Give the rank slots whose lora_A row and lora_B column are both zero PEFT's own
+    initialisation, so the export can be trained further (PeftModel.from_pretrained(...,
+    is_trainable=True)) without changing what it computes.
+
+    A slot zero in both factors is a saddle no gradient leaves (each factor's gradient is a
+    product with the other); PEFT's init keeps the update zero with one factor random
+    (LoraLayer.reset_lora_parameters, init_lora_weights=True): a Linear's (or expert's) lora_A
+    row kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)), and lora_B zero;
+    an embedding's lora_embedding_B column N(0, 1) and lora_embedding_A zero. lora_A: (..., r,
+    d_in), lora_B: (..., d_out, r) (stacked experts lead with E). Seeded by IDLE_SLOT_SEED and
+    the module's name (crc32), so an export is reproducible and independent of module order.
+    Returns new tensors (the inputs are not modified).
+    """
+    idle = (lora_A.abs().sum(-1) == 0) & (lora_B.abs().sum(-2) == 0)  # (..., r)
+    if not idle.any():
+        return lora_A, lora_B
+    generator = torch.Generator().manual_seed(IDLE_SLOT_SEED * 2**32 + zlib.crc32(name.encode()))
+    if embedding:  # PEFT: lora_embedding_A zero, lora_embedding_B normal
+        noise = torch.randn(lora_B.mT.shape, generator=generator, dtype=torch.float32)
+        lora_B = torch.where(idle[..., None], noise.to(lora_B), lora_B.mT).mT
+        return lora_A, lora_B
+    bound = 1.0 / math.sqrt(lora_A.shape[-1])  # kaiming_uniform_(a=sqrt(5)) on (r, d_in)
+    noise = torch.rand(lora_A.shape, generator=generator, dtype=torch.float32) * 2 * bound - bound
+    lora_A = torch.where(idle[..., None], noise.to(lora_A), lora_A)
+    return lora_A, lora_B
 
 
 def compress(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int):

@@ -75,11 +75,7 @@ def plan_modules(model: nn.Module, skills: list[Skill]) -> list[ModulePlan]:
         _check_target_modules(skill, base_modules)
         _warn_on_factors_outside_the_config(skill)
         check_base_copies(skill, model)
-        if skill.fan_in_fan_out != skills[0].fan_in_fan_out:
-            raise CatError(
-                f"skill {skill.name!r}: fan_in_fan_out={skill.fan_in_fan_out} differs from skill "
-                f"{skills[0].name!r}; all skills must be trained on the same base"
-            )
+        _note_fan_in_fan_out(skill, base_modules)
         for module_name, factors in skill.modules.items():
             module = base_modules.get(module_name)
             if module is None:
@@ -100,6 +96,36 @@ def plan_modules(model: nn.Module, skills: list[Skill]) -> list[ModulePlan]:
             )
     position = {name: i for i, name in enumerate(base_modules)}
     return sorted(plans.values(), key=lambda plan: position[plan.name])
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 style), whose weight is stored (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def fan_in_fan_out_for(model: nn.Module, names: list[str]) -> bool:
+    """PEFT's fan_in_fan_out for these wrapped modules, decided by the layer type as PEFT's
+    own dispatch does (peft/tuners/lora/layer.py, dispatch_default: Conv1D -> True, Linear ->
+    False, whatever the config says, with a warning): True when the modules are Conv1D.
+
+    A skill's saved flag does not change its factors (lora_A is (r, d_in) and lora_B
+    (d_out, r) either way; the flag only says how ΔW is laid onto the weight), so skills whose
+    flags disagree compose exactly, and the export carries the flag its layers need.
+    """
+    return any(_is_conv1d(model.get_submodule(name)) for name in names)
+
+
+def _note_fan_in_fan_out(skill: Skill, base_modules: dict[str, nn.Module]) -> None:
+    """Log when a skill's saved fan_in_fan_out is wrong for its layers (older tools wrote the
+    wrong flag); PEFT corrects it at load, and so does CAT (fan_in_fan_out_for)."""
+    kinds = {_is_conv1d(base_modules[m]) for m in skill.modules if m in base_modules}
+    if len(kinds) == 1 and kinds.pop() != skill.fan_in_fan_out:
+        LOG.info(
+            "skill %r: its adapter_config.json says fan_in_fan_out=%s, which is wrong for its "
+            "layers; PEFT corrects it on load, and CAT decides it from the layer type too",
+            skill.name,
+            skill.fan_in_fan_out,
+        )
 
 
 def _warn_on_factors_outside_the_config(skill: Skill) -> None:

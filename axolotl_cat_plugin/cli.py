@@ -48,18 +48,24 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="where to write (may be RUN_DIR)")
     export.add_argument("--base", help="the base model (default: the one the record names)")
 
+    from .core.merge_methods import METHODS  # torch-free: the registry's own words
+
     merge = commands.add_parser(
         "merge",
         help="merge skill LoRAs with fixed weights through PEFT (baselines for CAT)",
         description="Static merges through PEFT's add_weighted_adapter. Give the skills "
-        "last, after --out (or after --), as PATH or NAME=PATH.",
+        "last, after --out (or after --), as PATH or NAME=PATH. The output folder holds the "
+        "adapter and merge_record.json (the method, what it computes, the weights, and how far "
+        "the result is from the weighted sum of the skills' updates).",
+        epilog="what each --method computes (v_i = w_i s_i, s_i the skill's scaling):\n"
+        + "\n".join(f"  {name}: {method.computes}" for name, method in METHODS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     merge.add_argument(
         "--method",
         required=True,
-        help="a combination of PEFT's add_weighted_adapter (concat, linear, ties, ...; "
-        "core.merge_methods.METHODS lists them, and so does the error for an unknown one); "
-        "`concat` was called `cat` before 0.2",
+        help=f"one of {', '.join(METHODS)} (see below); only concat is exactly the weighted "
+        "sum of the skills' updates; `concat` was called `cat` before 0.2",
     )
     merge.add_argument(
         "--weights", required=True, type=float, nargs="+", help="one weight per skill"

@@ -22,6 +22,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 BIN_WEIGHTS_FILE = "adapter_model.bin"  # older PEFT skills; read, never written
 COEFFICIENTS_FILE = "cat_coefficients.json"
+# beside a static merge (`axolotl-cat merge`): the method, what it computes, the weights, the
+# skills, and how far the result is from the weighted sum of the skills' updates
+MERGE_RECORD_FILE = "merge_record.json"
 CARD_FILE = "README.md"
 PLOT_FILE = "cat_coefficients.png"
 STAGING_PREFIX = ".cat-export-"

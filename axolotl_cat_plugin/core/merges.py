@@ -24,6 +24,7 @@ refused.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -37,10 +38,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import CatConfig
+from .embedding import factor_weights
 from .errors import CatError
 from .expert_skills import expert_form
-from .format import CONFIG_FILE, WEIGHTS_FILE
+from .format import CONFIG_FILE, MERGE_RECORD_FILE, WEIGHTS_FILE
 from .merge_methods import (
+    SUM_OF_UPDATES,
+    MergeMethod,
     check_arguments,
     check_equal_ranks,
     check_first_skill_flags,
@@ -87,7 +91,7 @@ def merge_skills(
     experts = {skill.name: form for skill in skills if (form := expert_form(skill, base_model))}
     if experts:
         return _merge_experts_with_cat(
-            chosen, base_model, skill_entries, weights, output_dir, experts
+            chosen, base_model, skills, skill_entries, weights, output_dir, experts
         )
     check_first_skill_flags(chosen, skills, base_model)
     if chosen.equal_ranks:
@@ -117,6 +121,18 @@ def merge_skills(
             )
     except ValueError as error:  # PEFT's own refusals (mixed target_modules types, ...)
         raise CatError(f"PEFT refused the {chosen.name} merge: {error}") from error
+    difference, module = _difference_from_sum(model, names, weights, merged)
+    if chosen.name == "linear" and difference > SUM_TOLERANCE:
+        LOG.warning(
+            "merge --method linear: the result is not the weighted sum of the skills' updates "
+            "%s (largest relative difference %.3g, on %s): PEFT's linear combines lora_A and "
+            "lora_B separately, which adds cross terms B_i A_j between skills whose factors "
+            "differ. Use --method concat for the sum of the updates",
+            SUM_OF_UPDATES,
+            difference,
+            module,
+        )
+    record = merge_record(chosen, skills, weights, density, seed, difference, module)
     model.set_adapter(merged)
     for name in names:
         model.delete_adapter(name)
@@ -124,6 +140,7 @@ def merge_skills(
         Path(output_dir),
         lambda staging: model.save_pretrained(str(staging), selected_adapters=[merged]),
         merged,
+        record,
     )
     LOG.info(
         "merged %d skills (%s) with %s, weights %s, into a rank-%d adapter in %s",
@@ -137,7 +154,70 @@ def merge_skills(
     return written
 
 
-def _merge_experts_with_cat(method, base_model, entries, weights, output_dir, experts) -> Path:
+# above this relative Frobenius difference from Σ w_i ΔW_i, a linear merge is said not to be
+# the sum (float32 rounding of the combined factors stays orders of magnitude below)
+SUM_TOLERANCE = 1e-4
+
+
+def merge_record(method: MergeMethod, skills, weights, density, seed, difference, module) -> dict:
+    """What merge_record.json says: the method, what it computes, its arguments, the skills,
+    and the largest relative Frobenius difference of the merged update from the weighted sum
+    Σ w_i s_i B_i A_i over the modules (None where not measured)."""
+    return {
+        "method": method.name,
+        "peft_combination_type": method.combination_type,
+        "paper": method.paper,
+        "computes": method.computes,
+        "weights": [float(w) for w in weights],
+        "density": density,
+        "seed": seed,
+        "skills": [
+            {"name": s.name, "source": s.spec.path, "weights_sha256": s.sha256} for s in skills
+        ],
+        "sum_of_updates": None if difference is None else difference <= SUM_TOLERANCE,
+        "relative_difference_from_sum": difference,
+        "largest_difference_on": module,
+    }
+
+
+def _difference_from_sum(model, names, weights, merged) -> tuple[float, str | None]:
+    """max over modules of ‖ΔW_merged - Σ w_i ΔW_i‖_F / ‖Σ w_i ΔW_i‖_F, with every ΔW as PEFT
+    computes it (its factors and scaling), and the module where it is largest.
+
+    Never forms a d_out x d_in matrix: ΔW_merged - Σ w_i ΔW_i = X Y with X = [s_m B_m,
+    -w_1 s_1 B_1, ...], Y = [A_m; A_1; ...], and ‖X Y‖² = Σ (XᵀX) ∘ (Y Yᵀ); float64.
+    """
+    largest, where = 0.0, None
+    for module_name, layer in model.base_model.model.named_modules():
+        if not hasattr(layer, "lora_A") or merged not in layer.scaling:
+            continue
+        present = [(n, w) for n, w in zip(names, weights, strict=True) if n in layer.scaling]
+        if not present:
+            continue
+        blocks = [(factor_weights(layer, n), w * layer.scaling[n]) for n, w in present]
+        merged_A, merged_B = factor_weights(layer, merged)
+        total_B = [B.double() * v for (_, B), v in blocks]
+        total_A = [A.double() for (A, _), _ in blocks]
+        target = _product_norm(total_B, total_A)
+        difference = _product_norm(
+            [merged_B.double() * layer.scaling[merged], *(-B for B in total_B)],
+            [merged_A.double(), *total_A],
+        )
+        relative = difference / target if target > 0 else difference
+        if relative > largest:
+            largest, where = relative, module_name
+    return largest, where
+
+
+def _product_norm(columns: list[torch.Tensor], rows: list[torch.Tensor]) -> float:
+    """‖[B_1 ... B_n] [A_1; ...; A_n]‖_F, from the small Gram matrices."""
+    X, Y = torch.cat(columns, 1), torch.cat(rows, 0)
+    return float(((X.t() @ X) * (Y @ Y.t())).sum().clamp(min=0).sqrt())
+
+
+def _merge_experts_with_cat(
+    method, base_model, skills, entries, weights, output_dir, experts
+) -> Path:
     """`concat` for skills with LoRA on MoE expert parameters, which PEFT's add_weighted_adapter
     refuses: the CAT model with every coefficient fixed to the skill's weight (baselines'
     static_coefficients), folded into the standard adapter (target_parameters included)."""
@@ -161,7 +241,9 @@ def _merge_experts_with_cat(method, base_model, entries, weights, output_dir, ex
         save_file(folded.tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         folded.config.save_pretrained(str(staging))
 
-    written = _save_flat(Path(output_dir), save)
+    record = merge_record(method, skills, weights, None, None, None, None)
+    record["computes"] += " (folded by CAT: PEFT's add_weighted_adapter refuses expert LoRA)"
+    written = _save_flat(Path(output_dir), save, record=record)
     LOG.info(
         "merged %d skills with concat (folded by CAT: PEFT's merge refuses expert parameters), "
         "weights %s, into a rank-%d adapter in %s",
@@ -248,9 +330,9 @@ def _peft_scales_svd_merges_twice() -> bool:
     return twice
 
 
-def _save_flat(output_dir: Path, save, adapter: str = "default") -> Path:
+def _save_flat(output_dir: Path, save, adapter: str = "default", record=None) -> Path:
     """Write a standard adapter directly in output_dir: `save(staging)` writes it into a
-    staging folder.
+    staging folder; `record` (a dict), when given, becomes merge_record.json beside it.
 
     PEFT saves an adapter that is not `default` into staging/<adapter>/; we keep only its
     adapter_config.json and weights, moved up, the config last so that the folder is
@@ -261,9 +343,13 @@ def _save_flat(output_dir: Path, save, adapter: str = "default") -> Path:
     try:
         save(staging)
         saved = staging / adapter if (staging / adapter / CONFIG_FILE).exists() else staging
+        if record is not None:
+            (saved / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (output_dir / CONFIG_FILE).unlink(missing_ok=True)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            os.replace(saved / name, output_dir / name)
+        (output_dir / MERGE_RECORD_FILE).unlink(missing_ok=True)
+        for name in (WEIGHTS_FILE, MERGE_RECORD_FILE, CONFIG_FILE):
+            if (saved / name).exists():
+                os.replace(saved / name, output_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir

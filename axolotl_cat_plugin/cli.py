@@ -122,6 +122,7 @@ def _export(args) -> int:
         rank=args.rank,
         prune_threshold=args.prune_threshold,
         base_model=args.base,
+        option_names=("--rank", "--prune-threshold"),
     )
     print(f"wrote {written}")
     return 0

@@ -203,6 +203,24 @@ def check_base_copies(skill: Skill, model) -> None:
         )
 
 
+def warn_on_zero_update(spec: SkillSpec, modules, parameters, saved_modules) -> None:
+    """Warn, naming the skill, when its LoRA update is exactly zero on every module: lora_A or
+    lora_B all zero everywhere (an untrained adapter: PEFT initialises lora_B to zero, and
+    saving before any step keeps it so, huggingface/peft#1402) and nothing saved in full."""
+    pairs = [(f.lora_A, f.lora_B) for f in modules.values()]
+    pairs += [(pair.get("A"), pair.get("B")) for pair in parameters.values()]
+    if saved_modules or not pairs:
+        return
+    if all(A is None or B is None or not A.any() or not B.any() for A, B in pairs):
+        LOG.warning(
+            "skill %r: its LoRA factors are zero (lora_A or lora_B all zero on every one of its "
+            "%d modules), so it changes nothing: an untrained adapter? (huggingface/peft#1402). "
+            "Its coefficients cannot learn anything; check that this is the adapter you meant",
+            spec.name,
+            len(pairs),
+        )
+
+
 def warn_on_foreign_base(skills: list[Skill], base_name: str | None) -> None:
     """Log a warning for each skill whose base_model_name_or_path is not `base_name`.
 

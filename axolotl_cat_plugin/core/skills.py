@@ -22,7 +22,7 @@ from .errors import CatError
 from .expert_skills import take_parameter_factors
 from .format import CONFIG_FILE, base_copy_module, factor_of_key
 from .locate import is_hub_id, locate
-from .skill_checks import check_config
+from .skill_checks import check_config, warn_on_zero_update
 
 LOG = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def load_skill(spec: SkillSpec) -> Skill:
         ", rsLoRA" if config.get("use_rslora") else "",
         folder,
     )
-    _warn_on_zero_update(spec, modules, parameters, saved_modules)
+    warn_on_zero_update(spec, modules, parameters, saved_modules)
     digest = _sha256(weights_file)
     return Skill(
         spec, folder, config, weights_file, digest, modules, base_copies, saved_modules, parameters
@@ -302,24 +302,6 @@ def _factors_by_module(
             )
         modules[module_name] = SkillModule(lora_A, lora_B, scaling, module_name in embeddings)
     return modules
-
-
-def _warn_on_zero_update(spec: SkillSpec, modules, parameters, saved_modules) -> None:
-    """Warn, naming the skill, when its LoRA update is exactly zero on every module: lora_A or
-    lora_B all zero everywhere (an untrained adapter: PEFT initialises lora_B to zero, and
-    saving before any step keeps it so, huggingface/peft#1402) and nothing saved in full."""
-    pairs = [(f.lora_A, f.lora_B) for f in modules.values()]
-    pairs += [(pair.get("A"), pair.get("B")) for pair in parameters.values()]
-    if saved_modules or not pairs:
-        return
-    if all(A is None or B is None or not A.any() or not B.any() for A, B in pairs):
-        LOG.warning(
-            "skill %r: its LoRA factors are zero (lora_A or lora_B all zero on every one of its "
-            "%d modules), so it changes nothing: an untrained adapter? (huggingface/peft#1402). "
-            "Its coefficients cannot learn anything; check that this is the adapter you meant",
-            spec.name,
-            len(pairs),
-        )
 
 
 def _sha256(path: Path) -> str:

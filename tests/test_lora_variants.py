@@ -32,6 +32,7 @@ ON = {
     "velora_config": {"rank": 4},
     "monteclora_config": {"num_samples": 2},
     "megatron_config": {"tensor_model_parallel_size": 2},
+    "kasa_config": {"beta": 0.0001},
 }
 
 

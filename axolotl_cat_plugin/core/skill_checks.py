@@ -80,6 +80,8 @@ VARIANT_KEYS = {
     "velora_config": "VeLoRA replaces lora_A's backward pass (a LoRA variant in PEFT's terms)",
     "monteclora_config": "MonteCLoRA samples its factors (variational Monte Carlo)",
     "megatron_config": "its LoRA layers are Megatron's parallel layers",
+    "kasa_config": "KaSA (PEFT 0.21) truncates the base weight's r smallest singular "
+    "components and puts a learned diagonal between B and A",
 }
 
 

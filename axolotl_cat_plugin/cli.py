@@ -129,11 +129,13 @@ def _export(args) -> int:
 
 
 def _merge(args) -> int:
+    skills = [_skill(entry) for entry in args.skills]
+    _refuse_duplicate_names(skills)  # before the base loads; in the CLI's words, not the YAML's
     from .core.merges import merge_skills
 
     written = merge_skills(
         _load_base(args.base),
-        [_skill(entry) for entry in args.skills],
+        skills,
         args.weights,
         args.out,
         method=args.method,
@@ -150,6 +152,18 @@ def _load_base(base: str):
 
     # fp32 on the CPU: merges are exact there, whatever dtype the base was saved in
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+
+
+def _refuse_duplicate_names(skills: list) -> None:
+    from .core.config import default_skill_name
+
+    names = [s["name"] if isinstance(s, dict) else default_skill_name(s) for s in skills]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise CatError(
+            f"SKILL arguments: two skills are named {duplicates[0]!r} (a folder's name is the "
+            "skill's name); give each a distinct name as NAME=PATH"
+        )
 
 
 def _skill(entry: str) -> str | dict:

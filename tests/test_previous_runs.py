@@ -116,3 +116,12 @@ def test_cli_export_errors_name_the_cli_flags(world, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "--prune-threshold: granularity core" in error and "use --rank" in error
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_merge_names_its_own_arguments_for_duplicate_skills(world, tmp_path, capsys):
+    math = world["skills"]["math"]
+    argv = ["merge", "--method", "concat", "--weights", "1", "1", "--base", str(world["base"])]
+    assert main([*argv, "--out", str(tmp_path / "m"), f"a={math}", f"a={math}"]) == 2
+    error = capsys.readouterr().err
+    assert "NAME=PATH" in error and "cat_merge" not in error
+    assert not (tmp_path / "m").exists()

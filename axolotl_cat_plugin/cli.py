@@ -49,18 +49,24 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="where to write (may be RUN_DIR)")
     export.add_argument("--base", help="the base model (default: the one the record names)")
 
+    from .core.merge_methods import METHODS  # torch-free: the registry's own words
+
     merge = commands.add_parser(
         "merge",
         help="merge skill LoRAs with fixed weights through PEFT (baselines for CAT)",
         description="Static merges through PEFT's add_weighted_adapter. Give the skills "
-        "last, after --out (or after --), as PATH or NAME=PATH.",
+        "last, after --out (or after --), as PATH or NAME=PATH. The output folder holds the "
+        "adapter and merge_record.json (the method, what it computes, the weights, and how far "
+        "the result is from the weighted sum of the skills' updates).",
+        epilog="what each --method computes (v_i = w_i s_i, s_i the skill's scaling):\n"
+        + "\n".join(f"  {name}: {method.computes}" for name, method in METHODS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     merge.add_argument(
         "--method",
         required=True,
-        help="a combination of PEFT's add_weighted_adapter (concat, linear, ties, ...; "
-        "core.merge_methods.METHODS lists them, and so does the error for an unknown one); "
-        "`concat` was called `cat` before 0.2",
+        help=f"one of {', '.join(METHODS)} (see below); only concat is exactly the weighted "
+        "sum of the skills' updates; `concat` was called `cat` before 0.2",
     )
     merge.add_argument(
         "--weights", required=True, type=float, nargs="+", help="one weight per skill"
@@ -129,6 +135,7 @@ def _export(args) -> int:
         rank=args.rank,
         prune_threshold=args.prune_threshold,
         base_model=args.base,
+        option_names=("--rank", "--prune-threshold"),
     )
     print(f"wrote {written}")
     return 0
@@ -142,11 +149,13 @@ def _base_from_gguf(args) -> int:
 
 
 def _merge(args) -> int:
+    skills = [_skill(entry) for entry in args.skills]
+    _refuse_duplicate_names(skills)  # before the base loads; in the CLI's words, not the YAML's
     from .core.merges import merge_skills
 
     written = merge_skills(
         _load_base(args.base),
-        [_skill(entry) for entry in args.skills],
+        skills,
         args.weights,
         args.out,
         method=args.method,
@@ -163,6 +172,18 @@ def _load_base(base: str):
 
     # fp32 on the CPU: merges are exact there, whatever dtype the base was saved in
     return AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+
+
+def _refuse_duplicate_names(skills: list) -> None:
+    from .core.config import default_skill_name
+
+    names = [s["name"] if isinstance(s, dict) else default_skill_name(s) for s in skills]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise CatError(
+            f"SKILL arguments: two skills are named {duplicates[0]!r} (a folder's name is the "
+            "skill's name); give each a distinct name as NAME=PATH"
+        )
 
 
 def _skill(entry: str) -> str | dict:

@@ -12,9 +12,16 @@ from rich.console import Console
 from rich.table import Table
 
 from .core.card import saved_modules_note, vllm_max_lora_rank
-from .core.format import CONFIG_FILE, read_record
+from .core.format import CONFIG_FILE, fit_finished, read_record
 from .core.granularity import Granularity
-from .core.summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
+from .core.summary import (
+    core_residuals,
+    layer_table,
+    max_svd_error,
+    pruned,
+    skill_names,
+    skill_stats,
+)
 
 
 def show_export(folder: str | Path, console: Console) -> None:
@@ -59,11 +66,29 @@ def _overview(folder: Path, record: dict, config: dict) -> Table:
         table.add_row(
             "SVD", f"rank {record.get('export_rank')}, largest relative error {error:.2e}"
         )
+    residuals = core_residuals(record)
+    if residuals is not None:
+        stats, largest = residuals
+        table.add_row(
+            "core residual",
+            f"mean {stats.mean:.3g}, largest {stats.max:.3g} ({largest}): the share of the "
+            "learned core no per-skill weighting explains",
+        )
     training = record.get("training") or {}
     if training:
         table.add_row(
             "fitted", f"{training.get('steps')} steps, lr {training.get('learning_rate')}"
         )
+    finished = fit_finished(record)
+    table.add_row(
+        "fit",
+        {
+            True: "finished",
+            False: "[yellow]not finished: written during the fit (a checkpoint, or the run "
+            "was interrupted)",
+            None: "not recorded (an export_cat call)",
+        }[finished],
+    )
     return table
 
 

@@ -145,7 +145,11 @@ def test_merge_cat_equals_peft_add_weighted_adapter_and_the_weighted_sum(world, 
     skills = [f"{n}={world['skills'][n]}" for n in ("math", "code")]  # code: rsLoRA, not first
     argv = ["merge", "--method", "concat", "--weights", "0.5", "1.5", "--base", str(world["base"])]
     assert main([*argv, "--out", str(out), *skills]) == 0
-    assert sorted(os.listdir(out)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(out)) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "merge_record.json",
+    ]
     merged = logits(PeftModel.from_pretrained(load_base(world["base"]), out))
 
     peft = PeftModel.from_pretrained(

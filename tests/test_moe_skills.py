@@ -383,6 +383,7 @@ def test_merge_concat_folds_expert_skills_and_other_methods_are_refused(
     assert sorted(p.name for p in (tmp_path / "m").iterdir()) == [
         "adapter_config.json",
         WEIGHTS,
+        "merge_record.json",
     ]
     merged = logits(PeftModel.from_pretrained(load(base), tmp_path / "m"))
     chosen = {"both": skills["both"], "legacy": legacy, "attn": skills["attn"]}

@@ -45,16 +45,26 @@ def test_a_diverging_run_stops_with_a_clear_message_and_exports_nothing(e2e_worl
 
 
 def test_rerunning_into_an_export_moves_it_aside_and_never_mixes(e2e_world, tmp_path):
-    first = write_config(e2e_world, tmp_path, max_steps=2)
+    def config(name, **overrides):  # write_config writes tmp_path/config.yml: keep each one
+        return write_config(e2e_world, tmp_path, **overrides).rename(tmp_path / f"{name}.yml")
+
+    steps = dict(max_steps=2, save_strategy="steps", save_steps=1)
+    first = config("first", **steps)
     text = first.read_text().replace("learning_rate: 0.05", "learning_rate: 0.05\n  export_rank: 2")
     first.write_text(text)
+    second = config("second", max_steps=2)
+    third = config("third", **steps)
+    resume = config("resume", auto_resume_from_checkpoints=True, **steps)
+
     assert axolotl("train", str(first), cwd=tmp_path).returncode == 0
     out = tmp_path / "out"
     assert json.loads((out / "adapter_config.json").read_text())["r"] == 2
+    # the record says whether the fit finished: checkpoints were written during it
+    assert json.loads((out / "cat_coefficients.json").read_text())["fit_finished"] is True
+    during = json.loads((out / "checkpoint-1" / "cat_coefficients.json").read_text())
+    assert during["fit_finished"] is False
 
-    second = write_config(e2e_world, tmp_path, max_steps=2)
     assert axolotl("train", str(second), cwd=tmp_path).returncode == 0
-
     rank = json.loads((out / "adapter_config.json").read_text())["r"]
     assert rank == 7 == json.loads((out / "cat_coefficients.json").read_text())["exported_rank"]
     tensors = load_file(out / "adapter_model.safetensors")
@@ -62,6 +72,21 @@ def test_rerunning_into_an_export_moves_it_aside_and_never_mixes(e2e_world, tmp_
     previous = out / "previous_export"
     assert json.loads((previous / "adapter_config.json").read_text())["r"] == 2
     assert json.loads((previous / "cat_coefficients.json").read_text())["exported_rank"] == 2
+    # the first run's checkpoints went with its export, not beside the second run's
+    assert (previous / "checkpoint-2").is_dir() and not (out / "checkpoint-2").exists()
+
+    # a third run keeps both earlier exports
+    assert axolotl("train", str(third), cwd=tmp_path).returncode == 0
+    assert json.loads((previous / "adapter_config.json").read_text())["r"] == 2
+    assert json.loads((out / "previous_export.2" / "adapter_config.json").read_text())["r"] == 7
+
+    # resuming the finished third run is refused, naming the option, with nothing moved
+    before = sorted(p.name for p in out.iterdir())
+    assert "checkpoint-2" in before
+    result = axolotl("train", str(resume), cwd=tmp_path)
+    assert result.returncode != 0
+    assert "auto_resume_from_checkpoints" in result.stdout + result.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_sigkill_mid_training_then_resume_ends_with_the_uninterrupted_coefficients(

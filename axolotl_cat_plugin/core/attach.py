@@ -27,6 +27,7 @@ from .granularity import Granularity
 from .layer import CatLinearVariant
 from .plan import (
     ModulePlan,
+    fan_in_fan_out_for,
     plan_modules,
     plan_parameters,
     refuse_core,
@@ -79,7 +80,7 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     keep_gradients_through_4bit_layers(model)  # a QLoRA base on the CPU (see quantized.py)
     rank = max(plan.rank for plan in [*plans, *parameters])
     target_modules = target_modules_for([plan.name for plan in plans])
-    fan_in_fan_out = skills[0].fan_in_fan_out
+    fan_in_fan_out = fan_in_fan_out_for(model, [plan.name for plan in plans])
     lora_config = LoraConfig(
         r=rank,
         lora_alpha=rank,
@@ -218,6 +219,13 @@ def _install_core(layer, plan: ModulePlan, skills, config: CatConfig, previous, 
             raise CatError(
                 f"coefficients_from: module {plan.name} records a core of shape "
                 f"{tuple(recorded.shape)}; these skills give an R x R core with R <= {rank}"
+            )
+        if size > basis.kept:  # written with a basis wider than the skills' span (core_space)
+            raise CatError(
+                f"coefficients_from: module {plan.name} records a {size} x {size} core, but "
+                f"these skills' factors span only {basis.kept} directions there (rank-deficient: "
+                "an untrained or repeated skill); the record was written by an earlier release "
+                "whose basis left the skills' span. Fit the core again"
             )
         core = torch.zeros_like(core)
         core[:size, :size] = recorded

@@ -1,8 +1,10 @@
 """Granularity `core`: learn the full R x R core of a module in the skills' joint subspace.
 
 For one module with skills i = 1..K (factors A_i (r_i x d_in), B_i (d_out x r_i), scaling
-s_i), stack B = [s_1 B_1 ... s_K B_K] (d_out x R_m) and A = [A_1; ...; A_K] (R_m x d_in) and
-take the reduced QR decompositions B = Q_B R_B and Aᵀ = Q_A R_A. Then
+s_i), stack B = [s_1 B_1 ... s_K B_K] (d_out x R_m) and A = [A_1; ...; A_K] (R_m x d_in),
+and take orthonormal bases of their column spaces *at their numerical rank* (`span_basis`):
+Q_B (d_out x k_B) and Q_A (d_in x k_A), with R_B = Q_Bᵀ B (k_B x R_m) and
+R_A = Q_Aᵀ Aᵀ (k_A x R_m), so that B = Q_B R_B and Aᵀ = Q_A R_A. Then
 
     Σ_i s_i B_i A_i = B A = Q_B (R_B R_Aᵀ) Q_Aᵀ,
 
@@ -15,6 +17,13 @@ R x R, started at init · C0):
 The update never leaves the span of the skills' own factors; per-module, per-rank and
 per-skill weighting are the special cases M = R_B diag(w) R_Aᵀ. The export is the exact
 rank-R adapter lora_B = Q_B M, lora_A = Q_Aᵀ (scaling 1).
+
+Why the numerical rank and not a reduced QR: when the skills' factors are rank-deficient (an
+untrained skill, lora_B = 0; a skill listed twice; skills fine-tuned from one another), a
+reduced QR still returns R_m orthonormal columns, the extra ones pointing anywhere, and a
+learned M then moves the update out of the skills' span. With k_B, k_A the numerical ranks,
+M acts on the true span only; rows and columns of M beyond them meet zero factors (no effect,
+no gradient), and the export keeps max(k_B, k_A) directions (`kept_directions` in the record).
 
 The core of skill i alone is C_i = R_B[:, i] R_A[:, i]ᵀ (its columns only). What a fitted
 core says per skill is the least-squares answer to "which weights c make Σ_i c_i C_i closest
@@ -47,9 +56,43 @@ class CoreFactors:
     skill_cores: torch.Tensor
 
     @property
+    def kept(self) -> int:
+        """max(k_A, k_B): the directions of the joint span the module keeps (its export rank)."""
+        rows = (self.lora_A.abs().sum(1) != 0).sum()
+        columns = (self.lora_B.abs().sum(0) != 0).sum()
+        return int(max(rows, columns))
+
+    @property
     def initial_core(self) -> torch.Tensor:
         """C0 = Σ_i C_i, the plain sum of the skills, (R, R) float32."""
         return self.skill_cores.sum(0)
+
+
+# A direction is kept when its singular value, in the stacked factor with unit columns, is
+# above this times the number of columns: the factors are float32 at best (eps 1.19e-7), so
+# anything below is rounding, not a direction a skill learned
+RANK_TOLERANCE = torch.finfo(torch.float32).eps
+
+
+def span_basis(matrix: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the column space of `matrix` at its numerical rank.
+
+    matrix: (d, n) float64. The numerical rank k: each column scaled to unit norm (zero
+    columns dropped), so a skill's overall scale does not decide whether its directions count,
+    then the singular values above n · RANK_TOLERANCE counted. At full rank (k = min(d, n))
+    the basis is the reduced QR's Q, as in earlier releases, so a recorded core still means what it
+    meant; below it, the k leading left singular vectors of the unit-column matrix. Returns Q
+    (d, k) float64 with QᵀQ = I (k = 0 for a zero matrix).
+    """
+    norms = matrix.norm(dim=0)
+    unit = matrix[:, norms > 0] / norms[norms > 0]
+    if unit.shape[1] == 0:
+        return matrix.new_zeros(matrix.shape[0], 0)
+    u, s, _ = torch.linalg.svd(unit, full_matrices=False)
+    keep = int((s > matrix.shape[1] * RANK_TOLERANCE).sum())
+    if keep == min(matrix.shape):
+        return torch.linalg.qr(matrix)[0]
+    return u[:, :keep]
 
 
 def core_factors(blocks, num_skills: int, rank: int) -> CoreFactors:
@@ -57,12 +100,14 @@ def core_factors(blocks, num_skills: int, rank: int) -> CoreFactors:
 
     blocks: [(skill index, SkillModule)] in skill order (factors lora_A (r_i, d_in),
     lora_B (d_out, r_i), scaling s_i). rank: the adapter's rank R >= Σ r_i.
-    Computed in float64; the bases come out float32.
+    Computed in float64; the bases come out float32. The bases have the factors' numerical
+    rank (span_basis), so lora_A has k_A non-zero rows and lora_B k_B non-zero columns.
     """
     lora_A = torch.cat([factors.lora_A.double() for _, factors in blocks])
     lora_B = torch.cat([factors.lora_B.double() * factors.scaling for _, factors in blocks], 1)
-    q_B, r_B = torch.linalg.qr(lora_B)  # (d_out, k_B), (k_B, R_m)
-    q_A, r_A = torch.linalg.qr(lora_A.t())  # (d_in, k_A), (k_A, R_m)
+    q_B = span_basis(lora_B)  # (d_out, k_B)
+    q_A = span_basis(lora_A.t())  # (d_in, k_A)
+    r_B, r_A = q_B.t() @ lora_B, q_A.t() @ lora_A.t()  # (k_B, R_m), (k_A, R_m)
     d_out, d_in = lora_B.shape[0], lora_A.shape[1]
     padded_A = torch.zeros(rank, d_in, dtype=torch.float64)
     padded_B = torch.zeros(d_out, rank, dtype=torch.float64)

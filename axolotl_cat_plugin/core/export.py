@@ -36,6 +36,7 @@ from .format import (
     CONFIG_FILE,
     EXPORT_FILES,
     PLOT_FILE,
+    PREVIOUS_EXPORT,
     STAGING_PREFIX,
     WEIGHTS_FILE,
     peft_key,
@@ -153,22 +154,61 @@ def write_export(
     return output_dir
 
 
-def retire_previous_export(output_dir: str | os.PathLike) -> Path | None:
-    """Move an export already in output_dir to output_dir/previous_export/, before a new run.
+def previous_generation(output_dir: str | os.PathLike) -> Path:
+    """The folder the next earlier export of output_dir goes to: previous_export/ when free,
+    else previous_export.N/ with N one above the highest used (N >= 2). Nothing is created."""
+    output_dir = Path(output_dir)
+    first = output_dir / PREVIOUS_EXPORT
+    if not first.exists():
+        return first
+    used = [
+        int(path.name.rsplit(".", 1)[1])
+        for path in output_dir.glob(f"{PREVIOUS_EXPORT}.*")
+        if path.name.rsplit(".", 1)[1].isdigit()
+    ]
+    return output_dir / f"{PREVIOUS_EXPORT}.{max([1, *used]) + 1}"
+
+
+def run_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """The Trainer's checkpoint-N folders in output_dir, by step."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.name[11:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[11:]))
+
+
+def retire_previous_export(output_dir: str | os.PathLike, *, checkpoints: bool = False):
+    """Move an export already in output_dir (and, with checkpoints=True, the checkpoint-N
+    folders of the run that wrote it) to a new generation folder, previous_export/ or
+    previous_export.N/ (previous_generation), before a new run writes anything.
 
     Trainers write into output_dir while they run (Axolotl pre-saves its adapter config),
-    which would otherwise sit beside the old export's weights: a mix of old and new.
+    which would otherwise sit beside the old export's weights: a mix of old and new; and an
+    old run's checkpoints would be rotated or resumed from as if they were the new run's.
+    Earlier generations are kept. Returns the folder, or None when there was nothing to move.
     """
     output_dir = Path(output_dir)
-    if not (output_dir / COEFFICIENTS_FILE).exists():
+    old_checkpoints = run_checkpoints(output_dir) if checkpoints else []
+    if not (output_dir / COEFFICIENTS_FILE).exists() and not old_checkpoints:
         return None
-    previous = output_dir / "previous_export"
-    shutil.rmtree(previous, ignore_errors=True)
+    previous = previous_generation(output_dir)
     previous.mkdir()
     for name in (CONFIG_FILE, *EXPORT_FILES):  # the config first: what is left never loads
         if (output_dir / name).exists():
             os.replace(output_dir / name, previous / name)
-    LOG.warning("CAT: %s held an export; moved it to %s", output_dir, previous)
+    for folder in old_checkpoints:
+        os.replace(folder, previous / folder.name)
+    LOG.warning(
+        "CAT: %s held %s; moved to %s (earlier ones are kept)",
+        output_dir,
+        " and ".join(
+            part
+            for part, there in (
+                ("an export", (previous / COEFFICIENTS_FILE).exists()),
+                (f"{len(old_checkpoints)} checkpoint folder(s) of an earlier run", old_checkpoints),
+            )
+            if there
+        ),
+        previous,
+    )
     return previous
 
 

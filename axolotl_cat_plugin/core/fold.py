@@ -22,6 +22,7 @@ from .core_space import skill_weights
 from .embedding import factor_weights, is_embedding
 from .errors import CatError
 from .experts import factor_keys, peft_layout, stacked_factors
+from .factors import compress, init_idle_slots, pad_rows
 from .format import FORMAT_VERSION, peft_key
 from .granularity import Granularity
 from .saved_modules import fold_saved_modules
@@ -54,11 +55,20 @@ def fold(model, rank: int | None = None, prune_threshold: float | None = None) -
         return _fold(model, rank, prune_threshold)
 
 
-def check_export_options(granularity, concatenated_rank, rank=None, prune_threshold=None):
+def check_export_options(
+    granularity,
+    concatenated_rank,
+    rank=None,
+    prune_threshold=None,
+    names: tuple[str, str] = ("export_rank", "prune_threshold"),
+):
     """The export options' one rule, used by fold and, before any training, by the Axolotl
-    integration: rank a whole number in [1, concatenated_rank] (no upper bound when
-    concatenated_rank is None, i.e. not known yet), prune_threshold finite >= 0 and not with
-    granularity core. Returns rank as an int (or None); raises CatError naming the option."""
+    integration and re-export: rank a whole number in [1, concatenated_rank] (no upper bound
+    when concatenated_rank is None, i.e. not known yet), prune_threshold finite >= 0 and not
+    with granularity core. names: what the caller calls the two options (the YAML's keys by
+    default; the CLI's flags for `axolotl-cat export`). Returns rank as an int (or None);
+    raises CatError naming the option."""
+    rank_name, threshold_name = names
     if rank is not None:
         if (
             not isinstance(rank, numbers.Integral)
@@ -67,7 +77,7 @@ def check_export_options(granularity, concatenated_rank, rank=None, prune_thresh
             or (concatenated_rank is not None and rank > concatenated_rank)
         ):
             raise CatError(
-                f"export_rank: must be a whole number between 1 and the concatenated rank "
+                f"{rank_name}: must be a whole number between 1 and the concatenated rank "
                 f"{concatenated_rank or 'of the skills'}, got {rank!r}"
             )
         rank = int(rank)
@@ -76,11 +86,11 @@ def check_export_options(granularity, concatenated_rank, rank=None, prune_thresh
         or isinstance(prune_threshold, bool)
         or not 0 <= prune_threshold < math.inf
     ):
-        raise CatError(f"prune_threshold: must be a finite number >= 0, got {prune_threshold!r}")
+        raise CatError(f"{threshold_name}: must be a finite number >= 0, got {prune_threshold!r}")
     if prune_threshold is not None and granularity == Granularity.CORE:
         raise CatError(
-            "prune_threshold: granularity core mixes every skill's directions in one core, so "
-            "no skill can be dropped from a module; use export_rank to shrink the export"
+            f"{threshold_name}: granularity core mixes every skill's directions in one core, so "
+            f"no skill can be dropped from a module; use {rank_name} to shrink the export"
         )
     return rank
 
@@ -97,7 +107,10 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         lora_A, lora_B, modules[name] = _fold_layer(layer, prune_threshold)
         factors[name] = (lora_A, lora_B)
     if not any(lora_A.shape[-2] for lora_A, _ in factors.values()):
-        raise CatError(f"prune_threshold {prune_threshold} removes every skill from every module")
+        raise CatError(
+            f"the prune threshold (prune_threshold, --prune-threshold) {prune_threshold} "
+            "removes every skill from every module"
+        )
     if rank is not None:
         for name, (lora_A, lora_B) in factors.items():
             lora_A, lora_B, modules[name]["svd_relative_error"] = compress(lora_A, lora_B, rank)
@@ -108,7 +121,8 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
     keys = factor_keys(model)  # the ParamWrappers' keys; the others' follow from their names
     for name, (lora_A, lora_B) in factors.items():
         missing = exported_rank - lora_A.shape[-2]
-        lora_A, lora_B = _pad_rows(lora_A, missing), _pad_rows(lora_B.mT, missing).mT
+        lora_A, lora_B = pad_rows(lora_A, missing), pad_rows(lora_B.mT, missing).mT
+        lora_A, lora_B = init_idle_slots(name, lora_A, lora_B, embedding=name in embeddings)
         if name in keys:  # experts stacked (E, r, in), (E, out, r) -> PEFT's (r·E, in), (out, r·E)
             (key_A, key_B), (lora_A, lora_B) = keys[name], peft_layout(lora_A, lora_B)
         else:
@@ -232,7 +246,10 @@ def _fold_core_layer(layer, state):
             )
         lora_A = full_tensor(layer.lora_A[ADAPTER].weight).float()
         lora_B = full_tensor(layer.lora_B[ADAPTER].weight).float()
-        used = (lora_A.abs().sum(1) != 0) | (lora_B.abs().sum(0) != 0)
+        # the basis has the skills' numerical rank (core_space.span_basis): k_A orthonormal
+        # rows of lora_A and k_B columns of lora_B, zeros after them
+        rows_A, columns_B = lora_A.abs().sum(1) != 0, lora_B.abs().sum(0) != 0
+        used = rows_A | columns_B
         rank = int(used.nonzero().max()) + 1 if used.any() else 0
         present = state.present[0]
         weights, residual = skill_weights(core, full_tensor(state.skill_cores), present)
@@ -247,37 +264,10 @@ def _fold_core_layer(layer, state):
         "core_residual": residual,
         "core": core[:rank, :rank].tolist(),
         "rank": rank,
+        # directions of the skills' joint span this module kept, per side (k_A, k_B)
+        "kept_directions": {"lora_A": int(rows_A.sum()), "lora_B": int(columns_B.sum())},
     }
     return lora_A[:rank], lora_B[:, :rank], entry
-
-
-def compress(lora_A: torch.Tensor, lora_B: torch.Tensor, rank: int):
-    """Best rank-`rank` factors of ΔW = B A, and the relative Frobenius error.
-
-    QR of both factors and an SVD of the small r x r core: the d_out x d_in matrix is never
-    formed, so an 8B model's modules compress in seconds. Stacked experts, lora_A (E, r, in)
-    and lora_B (E, out, r), compress each expert to `rank`; the error is the whole stack's.
-    """
-    if lora_A.shape[-2] == 0:
-        return lora_A, lora_B, 0.0
-    q_B, r_B = torch.linalg.qr(lora_B.double())
-    q_A, r_A = torch.linalg.qr(lora_A.double().mT)
-    u, s, vh = torch.linalg.svd(r_B @ r_A.mT)
-    k = min(rank, s.shape[-1])
-    root = s[..., :k].sqrt()
-    new_B = (q_B @ u[..., :k]) * root[..., None, :]
-    new_A = root[..., None] * (vh[..., :k, :] @ q_A.mT)
-    total = float(s.square().sum())
-    error = math.sqrt(float(s[..., k:].square().sum()) / total) if total > 0 else 0.0
-    return new_A.float(), new_B.float(), error
-
-
-def _pad_rows(matrix: torch.Tensor, missing: int) -> torch.Tensor:
-    """`missing` zero rows after the last (of every expert, for stacked (E, r, in) factors)."""
-    if missing <= 0:
-        return matrix
-    zeros = matrix.new_zeros(*matrix.shape[:-2], missing, matrix.shape[-1])
-    return torch.cat([matrix, zeros], dim=-2)
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

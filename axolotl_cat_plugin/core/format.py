@@ -22,6 +22,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 BIN_WEIGHTS_FILE = "adapter_model.bin"  # older PEFT skills; read, never written
 COEFFICIENTS_FILE = "cat_coefficients.json"
+# beside a static merge (`axolotl-cat merge`): the method, what it computes, the weights, the
+# skills, and how far the result is from the weighted sum of the skills' updates
+MERGE_RECORD_FILE = "merge_record.json"
 CARD_FILE = "README.md"
 PLOT_FILE = "cat_coefficients.png"
 STAGING_PREFIX = ".cat-export-"
@@ -30,6 +33,10 @@ STAGING_PREFIX = ".cat-export-"
 CHECKPOINT_COEFFICIENTS_FILE = "cat_coefficients.safetensors"
 LEGACY_CHECKPOINT_COEFFICIENTS_FILE = "cat_alpha.safetensors"
 LEGACY_COEFFICIENT_SUFFIX = ".cat_alpha"
+# where an earlier export (and its run's checkpoints) is moved before a new run writes: the
+# first generation in previous_export/, later ones in previous_export.2/, .3/, ... (never
+# overwritten; the highest number is the most recent)
+PREVIOUS_EXPORT = "previous_export"
 # the order an export is moved in: adapter_config.json last, since it makes a folder loadable
 EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FILE)
 # cat_coefficients.json's schema version: readers refuse records from a newer writer.
@@ -127,3 +134,13 @@ def read_record_file(path: str | os.PathLike) -> dict:
             if isinstance(skill, dict) and "alpha" in skill:
                 skill.setdefault("lora_alpha", skill.pop("alpha"))
     return record
+
+
+def fit_finished(record: dict) -> bool | None:
+    """Whether the fit that wrote this record finished: the record's `fit_finished` (True from
+    an Axolotl run's end, False from a save during the fit: a checkpoint, an interrupted run's
+    save); a record without it that holds `training` was written at a run's end (before the
+    mark existed); None when the record does not say (an export_cat call of the Python API)."""
+    if "fit_finished" in record:
+        return bool(record["fit_finished"])
+    return True if "training" in record else None

@@ -26,6 +26,7 @@ class MergeMethod:
     name: str
     combination_type: str  # PEFT's name for it
     paper: str  # where the method comes from
+    computes: str  # what the merged adapter's update is, in terms of the skills' factors
     equal_ranks: bool = False  # combines the factors themselves: one rank for every skill
     density: bool = False  # prunes (ties) or drops (dare) a fraction of the entries
     rebuilds_delta: bool = False  # SVD of the combined ΔW: the rank can change
@@ -35,17 +36,66 @@ _TASK_ARITHMETIC = "Task arithmetic, Ilharco et al., arXiv 2212.04089"
 _TIES = "TIES-Merging, Yadav et al., arXiv 2306.01708"
 _DARE = "DARE, Yu et al., arXiv 2311.03099"
 
+# what PEFT's add_weighted_adapter computes (peft/tuners/lora/model.py, 0.20), with
+# v_i = w_i s_i (weight times the skill's scaling) and ΔW_i = s_i B_i A_i
+_ON_FACTORS = (
+    "applied to lora_A and lora_B separately (each skill's A weighted by ±sqrt|v_i|, its B by "
+    "sqrt|v_i|), so the update carries cross terms B_i A_j and is not Σ w_i ΔW_i"
+)
+SUM_OF_UPDATES = "Σ_i w_i s_i B_i A_i"
 METHODS = {
     method.name: method
     for method in (
-        MergeMethod("linear", "linear", _TASK_ARITHMETIC, equal_ranks=True),
+        MergeMethod(
+            "linear",
+            "linear",
+            _TASK_ARITHMETIC,
+            "the factors combined: lora_A = Σ_i ±sqrt|v_i| A_i, lora_B = Σ_i sqrt|v_i| B_i, so "
+            "ΔW = Σ_i Σ_j sqrt|v_i v_j| B_i A_j (sign on A): the weighted sum of the updates "
+            f"{SUM_OF_UPDATES} only where the cross terms B_i A_j (i ≠ j) vanish, e.g. one skill "
+            "per module; use concat for the sum",
+            equal_ranks=True,
+        ),
         # the skills' factors side by side with fixed weights: the static sum Σ w_i s_i B_i A_i
         # (CAT learns these weights, per module)
-        MergeMethod("concat", "cat", _TASK_ARITHMETIC),
-        MergeMethod("ties", "ties", _TIES, equal_ranks=True, density=True),
-        MergeMethod("dare_linear", "dare_linear", _DARE, equal_ranks=True, density=True),
-        MergeMethod("dare_ties", "dare_ties", f"{_DARE}; {_TIES}", equal_ranks=True, density=True),
-        MergeMethod("svd", "svd", _TASK_ARITHMETIC, rebuilds_delta=True),
+        MergeMethod(
+            "concat",
+            "cat",
+            _TASK_ARITHMETIC,
+            f"the skills' factors side by side: ΔW = {SUM_OF_UPDATES} exactly (rank Σ r_i)",
+        ),
+        MergeMethod(
+            "ties",
+            "ties",
+            _TIES,
+            f"TIES (trim to density, elect signs, disjoint mean) {_ON_FACTORS}",
+            equal_ranks=True,
+            density=True,
+        ),
+        MergeMethod(
+            "dare_linear",
+            "dare_linear",
+            _DARE,
+            f"DARE (drop entries at 1 - density, rescale), then linear, {_ON_FACTORS}",
+            equal_ranks=True,
+            density=True,
+        ),
+        MergeMethod(
+            "dare_ties",
+            "dare_ties",
+            f"{_DARE}; {_TIES}",
+            f"DARE, then TIES, {_ON_FACTORS}",
+            equal_ranks=True,
+            density=True,
+        ),
+        MergeMethod(
+            "svd",
+            "svd",
+            _TASK_ARITHMETIC,
+            f"ΔW = {SUM_OF_UPDATES} formed in full, then its truncated SVD at the largest skill "
+            "rank: the best approximation of the sum at that rank",
+            rebuilds_delta=True,
+        ),
     )
 }
 # names that still work, with a deprecation warning: `cat` (PEFT's combination_type) read as

@@ -24,6 +24,7 @@ refused.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
@@ -39,13 +40,15 @@ from torch import nn
 from .config import CatConfig
 from .errors import CatError
 from .expert_skills import expert_form
-from .format import CONFIG_FILE, WEIGHTS_FILE
+from .format import CONFIG_FILE, MERGE_RECORD_FILE, WEIGHTS_FILE
 from .merge_methods import (
+    SUM_OF_UPDATES,
     check_arguments,
     check_equal_ranks,
     check_first_skill_flags,
     method_named,
 )
+from .merge_record import SUM_TOLERANCE, difference_from_sum, merge_record
 from .skill_checks import check_base_copies, refuse_skill_folder, warn_on_foreign_base
 from .skills import Skill, load_skills
 
@@ -87,7 +90,7 @@ def merge_skills(
     experts = {skill.name: form for skill in skills if (form := expert_form(skill, base_model))}
     if experts:
         return _merge_experts_with_cat(
-            chosen, base_model, skill_entries, weights, output_dir, experts
+            chosen, base_model, skills, skill_entries, weights, output_dir, experts
         )
     check_first_skill_flags(chosen, skills, base_model)
     if chosen.equal_ranks:
@@ -117,6 +120,18 @@ def merge_skills(
             )
     except ValueError as error:  # PEFT's own refusals (mixed target_modules types, ...)
         raise CatError(f"PEFT refused the {chosen.name} merge: {error}") from error
+    difference, module = difference_from_sum(model, names, weights, merged)
+    if chosen.name == "linear" and difference > SUM_TOLERANCE:
+        LOG.warning(
+            "merge --method linear: the result is not the weighted sum of the skills' updates "
+            "%s (largest relative difference %.3g, on %s): PEFT's linear combines lora_A and "
+            "lora_B separately, which adds cross terms B_i A_j between skills whose factors "
+            "differ. Use --method concat for the sum of the updates",
+            SUM_OF_UPDATES,
+            difference,
+            module,
+        )
+    record = merge_record(chosen, skills, weights, density, seed, difference, module)
     model.set_adapter(merged)
     for name in names:
         model.delete_adapter(name)
@@ -124,6 +139,7 @@ def merge_skills(
         Path(output_dir),
         lambda staging: model.save_pretrained(str(staging), selected_adapters=[merged]),
         merged,
+        record,
     )
     LOG.info(
         "merged %d skills (%s) with %s, weights %s, into a rank-%d adapter in %s",
@@ -137,7 +153,9 @@ def merge_skills(
     return written
 
 
-def _merge_experts_with_cat(method, base_model, entries, weights, output_dir, experts) -> Path:
+def _merge_experts_with_cat(
+    method, base_model, skills, entries, weights, output_dir, experts
+) -> Path:
     """`concat` for skills with LoRA on MoE expert parameters, which PEFT's add_weighted_adapter
     refuses: the CAT model with every coefficient fixed to the skill's weight (baselines'
     static_coefficients), folded into the standard adapter (target_parameters included)."""
@@ -161,7 +179,9 @@ def _merge_experts_with_cat(method, base_model, entries, weights, output_dir, ex
         save_file(folded.tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         folded.config.save_pretrained(str(staging))
 
-    written = _save_flat(Path(output_dir), save)
+    record = merge_record(method, skills, weights, None, None, None, None)
+    record["computes"] += " (folded by CAT: PEFT's add_weighted_adapter refuses expert LoRA)"
+    written = _save_flat(Path(output_dir), save, record=record)
     LOG.info(
         "merged %d skills with concat (folded by CAT: PEFT's merge refuses expert parameters), "
         "weights %s, into a rank-%d adapter in %s",
@@ -248,9 +268,9 @@ def _peft_scales_svd_merges_twice() -> bool:
     return twice
 
 
-def _save_flat(output_dir: Path, save, adapter: str = "default") -> Path:
+def _save_flat(output_dir: Path, save, adapter: str = "default", record=None) -> Path:
     """Write a standard adapter directly in output_dir: `save(staging)` writes it into a
-    staging folder.
+    staging folder; `record` (a dict), when given, becomes merge_record.json beside it.
 
     PEFT saves an adapter that is not `default` into staging/<adapter>/; we keep only its
     adapter_config.json and weights, moved up, the config last so that the folder is
@@ -261,9 +281,13 @@ def _save_flat(output_dir: Path, save, adapter: str = "default") -> Path:
     try:
         save(staging)
         saved = staging / adapter if (staging / adapter / CONFIG_FILE).exists() else staging
+        if record is not None:
+            (saved / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
         (output_dir / CONFIG_FILE).unlink(missing_ok=True)
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            os.replace(saved / name, output_dir / name)
+        (output_dir / MERGE_RECORD_FILE).unlink(missing_ok=True)
+        for name in (WEIGHTS_FILE, MERGE_RECORD_FILE, CONFIG_FILE):
+            if (saved / name).exists():
+                os.replace(saved / name, output_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output_dir

@@ -75,11 +75,7 @@ def plan_modules(model: nn.Module, skills: list[Skill]) -> list[ModulePlan]:
         _check_target_modules(skill, base_modules)
         _warn_on_factors_outside_the_config(skill)
         check_base_copies(skill, model)
-        if skill.fan_in_fan_out != skills[0].fan_in_fan_out:
-            raise CatError(
-                f"skill {skill.name!r}: fan_in_fan_out={skill.fan_in_fan_out} differs from skill "
-                f"{skills[0].name!r}; all skills must be trained on the same base"
-            )
+        _note_fan_in_fan_out(skill, base_modules)
         for module_name, factors in skill.modules.items():
             module = base_modules.get(module_name)
             if module is None:
@@ -91,15 +87,56 @@ def plan_modules(model: nn.Module, skills: list[Skill]) -> list[ModulePlan]:
             if factors.lora_A.shape[1] != d_in or factors.lora_B.shape[0] != d_out:
                 raise CatError(
                     f"skill {skill.name!r}: module {module_name} has lora_A "
-                    f"{tuple(factors.lora_A.shape)} and lora_B {tuple(factors.lora_B.shape)}, but "
-                    f"the base module maps {d_in} -> {d_out} features; was the skill trained on "
-                    "another base model?"
+                    f"{tuple(factors.lora_A.shape)} and lora_B {tuple(factors.lora_B.shape)}, "
+                    f"which do not fit the base module: it maps {d_in} -> {d_out} features, so a "
+                    f"LoRA on it has lora_A (r, {d_in}) and lora_B ({d_out}, r)"
+                    f"{other_base(skill, model)}"
                 )
             plans.setdefault(module_name, ModulePlan(module_name, [])).blocks.append(
                 (index, factors)
             )
     position = {name: i for i, name in enumerate(base_modules)}
     return sorted(plans.values(), key=lambda plan: position[plan.name])
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 style), whose weight is stored (d_in, d_out)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def fan_in_fan_out_for(model: nn.Module, names: list[str]) -> bool:
+    """PEFT's fan_in_fan_out for these wrapped modules, decided by the layer type as PEFT's
+    own dispatch does (peft/tuners/lora/layer.py, dispatch_default: Conv1D -> True, Linear ->
+    False, whatever the config says, with a warning): True when the modules are Conv1D.
+
+    A skill's saved flag does not change its factors (lora_A is (r, d_in) and lora_B
+    (d_out, r) either way; the flag only says how ΔW is laid onto the weight), so skills whose
+    flags disagree compose exactly, and the export carries the flag its layers need.
+    """
+    return any(_is_conv1d(model.get_submodule(name)) for name in names)
+
+
+def _note_fan_in_fan_out(skill: Skill, base_modules: dict[str, nn.Module]) -> None:
+    """Log when a skill's saved fan_in_fan_out is wrong for its layers (older tools wrote the
+    wrong flag); PEFT corrects it at load, and so does CAT (fan_in_fan_out_for)."""
+    kinds = {_is_conv1d(base_modules[m]) for m in skill.modules if m in base_modules}
+    if len(kinds) == 1 and kinds.pop() != skill.fan_in_fan_out:
+        LOG.info(
+            "skill %r: its adapter_config.json says fan_in_fan_out=%s, which is wrong for its "
+            "layers; PEFT corrects it on load, and CAT decides it from the layer type too",
+            skill.name,
+            skill.fan_in_fan_out,
+        )
+
+
+def other_base(skill: Skill, model: nn.Module) -> str:
+    """'; ... another base model?' when the skill's adapter_config.json names a base other than
+    the model's own name, else '' (a shape that does not fit is then said to be just that)."""
+    trained_on = skill.config.get("base_model_name_or_path")
+    base = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if trained_on and base and trained_on != base:
+        return f"; the skill names base model {trained_on!r}, not {base!r}: was it trained on it?"
+    return ""
 
 
 def _warn_on_factors_outside_the_config(skill: Skill) -> None:
@@ -213,14 +250,14 @@ def plan_parameters(model: nn.Module, skills) -> list[ParameterPlan]:
                     "either. Use a skill saved by PEFT on this base"
                 )
             name = f"{module_name}.{parameter}"
-            factors = _expert_factors(skill, module, name, parameter, pair)
+            factors = _expert_factors(skill, module, name, parameter, pair, model)
             plans.setdefault(name, ParameterPlan(name, [])).blocks.append((index, factors))
             own = [param_name for param_name, _ in module.named_parameters(recurse=False)]
             order[name] = (positions[module_name], own.index(parameter))
     return sorted(plans.values(), key=lambda plan: order[plan.name])
 
 
-def _expert_factors(skill, module, name: str, parameter: str, pair):
+def _expert_factors(skill, module, name: str, parameter: str, pair, model):
     """One skill's factors on `name` per expert, checked against the parameter's shape."""
     if set(pair) != {"A", "B"}:
         missing = ({"A", "B"} - set(pair)).pop()
@@ -240,7 +277,7 @@ def _expert_factors(skill, module, name: str, parameter: str, pair):
             f"skill {skill.name!r}: parameter {name} {shape} takes lora_A "
             f"{(rank * experts, d_in)} and lora_B {(d_out, rank * experts)} at r={rank} for "
             f"{experts} expert(s), but the skill has {tuple(lora_A.shape)} and "
-            f"{tuple(lora_B.shape)}; was the skill trained on another base model?"
+            f"{tuple(lora_B.shape)}, which do not fit{other_base(skill, model)}"
         )
     if not (torch.isfinite(lora_A).all() and torch.isfinite(lora_B).all()):
         raise CatError(f"skill {skill.name!r}: the factors on parameter {name} hold NaN or Inf")

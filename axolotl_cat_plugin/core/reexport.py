@@ -16,7 +16,8 @@ from .attach import attach_cat
 from .config import CatConfig
 from .errors import CatError
 from .export import export_cat
-from .format import COEFFICIENTS_FILE, read_record
+from .fold import check_export_options
+from .format import COEFFICIENTS_FILE, fit_finished, read_record
 from .state import cat_metadata
 
 LOG = logging.getLogger(__name__)
@@ -29,11 +30,14 @@ def reexport(
     rank: int | None = None,
     prune_threshold: float | None = None,
     base_model: str | None = None,
+    option_names: tuple[str, str] = ("rank", "prune_threshold"),
 ) -> Path:
     """Rebuild the CAT model of run_dir's fit on the base (fp32, CPU) and export it again.
 
     output_dir may be run_dir itself: the record is read before anything is written, and the
-    write replaces the export atomically.
+    write replaces the export atomically. option_names: what errors call `rank` and
+    `prune_threshold` (the CLI passes its flags, --rank and --prune-threshold). Raises
+    CatError for a bad option (naming it), a record without a base, changed skill weights.
     """
     from transformers import AutoModelForCausalLM
 
@@ -55,6 +59,12 @@ def reexport(
     _check_same_skill_weights(record, metadata.skills)
     if "training" in record:  # how the coefficients were fitted is still true of the new export
         metadata.extra["training"] = record["training"]
+    if fit_finished(record) is not None:  # and so is whether that fit finished
+        metadata.extra["fit_finished"] = fit_finished(record)
+    concatenated_rank = model.peft_config["default"].r
+    check_export_options(
+        metadata.granularity, concatenated_rank, rank, prune_threshold, names=option_names
+    )
     return export_cat(model, output_dir, rank=rank, prune_threshold=prune_threshold)
 
 

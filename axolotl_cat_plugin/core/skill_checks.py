@@ -26,20 +26,82 @@ LOG = logging.getLogger(__name__)
 # init_lora_weights values that move the principal part of W into the factors (PEFT warns
 # that such adapters must not be combined with others until converted to plain LoRA)
 _BASE_REWRITING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
-# LoraConfig options whose adapter is not ΔW = scaling * B A on the targeted Linear layers
-_OTHER_COMPUTATIONS = (
-    "use_qalora",  # pools the input before lora_A
-    "alora_invocation_tokens",  # activated LoRA: only applies after the invocation tokens
-    "layer_replication",  # duplicates decoder layers
-    "trainable_token_indices",  # trains embedding rows next to the LoRA
-    "arrow_config",  # routes between several LoRAs per token
+
+# Every adapter_config.json key, classified by what it does to the update W + scaling * B A.
+# The allow-list: keys that never change that update on the targeted layers, whatever their
+# value (metadata, where the LoRA applies, its scaling, training-only settings, inits that
+# leave the base alone: those that do not are refused through init_lora_weights).
+ANY_VALUE_KEYS = frozenset(
+    {
+        "task_type",
+        "peft_type",  # checked: LORA
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "r",  # checked: a positive number
+        "lora_alpha",  # checked: a positive number
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",  # read by skills.skill_scaling
+        "lora_dropout",  # training only
+        "fan_in_fan_out",  # decided by the layer type, as PEFT does (plan.fan_in_fan_out_for)
+        "modules_to_save",  # composed (saved_modules.py)
+        "target_parameters",  # composed (experts.py)
+        "init_lora_weights",  # checked: no base-rewriting init
+        "loftq_config",  # used only with init_lora_weights "loftq" (refused)
+        "eva_config",  # EVA only chooses lora_A's start; the base stays as it is
+        "corda_config",  # used only with init_lora_weights "corda" (refused)
+        "lora_ga_config",  # used only with init_lora_weights "lora_ga" (refused)
+        "qalora_group_size",  # used only with use_qalora (refused)
+        "runtime_config",  # runtime only (ephemeral GPU offload)
+        "megatron_core",  # the module path Megatron layers come from; see megatron_config
+        "ensure_weight_tying",  # whether PEFT ties adapted copies of tied layers
+        "bias",  # checked: "none" (trained biases are refused)
+    }
 )
+# Keys that make the adapter compute something other than W + scaling * B A, or store other
+# tensors: refused unless off (None, false, empty), with what each does instead.
+VARIANT_KEYS = {
+    "use_dora": "DoRA's magnitude vector does not compose linearly",
+    "lora_bias": "a trained lora_B bias is not part of B A",
+    "use_qalora": "QA-LoRA pools the input before lora_A",
+    "alora_invocation_tokens": "activated LoRA applies only after the invocation tokens",
+    "layer_replication": "it duplicates decoder layers",
+    "trainable_token_indices": "it trains embedding rows next to the LoRA",
+    "arrow_config": "Arrow routes between several LoRAs per token",
+    "use_bdlora": "BD-LoRA stores block-diagonal lora_A or lora_B as stacked blocks, not the "
+    "(r, d_in) and (d_out, r) factors",
+    "velora_config": "VeLoRA replaces lora_A's backward pass (a LoRA variant in PEFT's terms)",
+    "monteclora_config": "MonteCLoRA samples its factors (variational Monte Carlo)",
+    "megatron_config": "its LoRA layers are Megatron's parallel layers",
+    "kasa_config": "KaSA (PEFT 0.21) truncates the base weight's r smallest singular "
+    "components and puts a learned diagonal between B and A",
+}
+
+
+def _is_off(value) -> bool:
+    """None, false and empty containers/strings: a setting that is not in use."""
+    return value is None or value is False or (isinstance(value, (dict, list, str)) and not value)
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def check_config(spec: SkillSpec, config: dict) -> None:
     """Refuse an adapter_config.json whose adapter is not a plain LoRA CAT can compose.
 
-    Raises CatError naming the skill, its path, the offending key and what to use instead.
+    An allow-list: every key must be known to leave the update W + scaling * B A unchanged
+    (ANY_VALUE_KEYS), or be off (VARIANT_KEYS, and any key this release does not know).
+    Reads nothing but the config. Raises CatError naming the skill, its path, the offending key
+    with its value and what to use instead.
     """
     where = f"skill {spec.name!r} ({spec.path})"
     peft_type = config.get("peft_type")
@@ -69,12 +131,21 @@ def check_config(spec: SkillSpec, config: dict) -> None:
             "skill's factors only hold on that modified base. Convert it to a plain LoRA first "
             "(PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...))."
         )
-    for key in _OTHER_COMPUTATIONS:
-        if config.get(key):
+    for key, value in config.items():
+        if key in ANY_VALUE_KEYS or _is_off(value):
+            continue
+        if key in VARIANT_KEYS:
             raise CatError(
-                f"{where}: {key} is set ({config[key]!r}); that LoRA variant computes something "
-                "other than W + scaling * B A, which CAT cannot combine. Use plain LoRA skills."
+                f"{where}: {key} is set ({_shown(value)}); {VARIANT_KEYS[key]}: that LoRA "
+                "variant computes something other than W + scaling * B A, which CAT cannot "
+                "combine. Use plain LoRA skills."
             )
+        raise CatError(
+            f"{where}: adapter_config.json sets {key} = {_shown(value)}, an option this release "
+            "does not know to leave the LoRA update W + scaling * B A unchanged; CAT refuses it "
+            "rather than compose the skill wrong. Use a plain LoRA skill (or remove the key if "
+            "you know it changes nothing)"
+        )
     for key in ("r", "lora_alpha"):
         value = config.get(key)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -131,6 +202,24 @@ def check_base_copies(skill: Skill, model) -> None:
             "on another base, or with that matrix trained too, and PEFT would load the copy over "
             "the base. CAT composes LoRA factors on one base; use the base the skill was trained "
             "on, or a skill saved from this base"
+        )
+
+
+def warn_on_zero_update(spec: SkillSpec, modules, parameters, saved_modules) -> None:
+    """Warn, naming the skill, when its LoRA update is exactly zero on every module: lora_A or
+    lora_B all zero everywhere (an untrained adapter: PEFT initialises lora_B to zero, and
+    saving before any step keeps it so, huggingface/peft#1402) and nothing saved in full."""
+    pairs = [(f.lora_A, f.lora_B) for f in modules.values()]
+    pairs += [(pair.get("A"), pair.get("B")) for pair in parameters.values()]
+    if saved_modules or not pairs:
+        return
+    if all(A is None or B is None or not A.any() or not B.any() for A, B in pairs):
+        LOG.warning(
+            "skill %r: its LoRA factors are zero (lora_A or lora_B all zero on every one of its "
+            "%d modules), so it changes nothing: an untrained adapter? (huggingface/peft#1402). "
+            "Its coefficients cannot learn anything; check that this is the adapter you meant",
+            spec.name,
+            len(pairs),
         )
 
 

@@ -22,7 +22,7 @@ from .errors import CatError
 from .expert_skills import take_parameter_factors
 from .format import CONFIG_FILE, base_copy_module, factor_of_key
 from .locate import is_hub_id, locate
-from .skill_checks import check_config
+from .skill_checks import check_config, warn_on_zero_update
 
 LOG = logging.getLogger(__name__)
 
@@ -144,6 +144,7 @@ def load_skill(spec: SkillSpec) -> Skill:
         ", rsLoRA" if config.get("use_rslora") else "",
         folder,
     )
+    warn_on_zero_update(spec, modules, parameters, saved_modules)
     digest = _sha256(weights_file)
     return Skill(
         spec, folder, config, weights_file, digest, modules, base_copies, saved_modules, parameters

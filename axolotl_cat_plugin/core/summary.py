@@ -115,3 +115,17 @@ def max_svd_error(record: dict) -> float | None:
         if "svd_relative_error" in entry
     ]
     return max(errors) if errors else None
+
+
+def core_residuals(record: dict) -> tuple[Stats, str] | None:
+    """Granularity core: the stats of the modules' core_residual (the share of a learned core
+    no per-skill weighting explains, core_space.skill_weights) and the module where it is
+    largest; None for a record without residuals."""
+    residuals = {
+        name: float(entry["core_residual"])
+        for name, entry in record.get("modules", {}).items()
+        if entry.get("core_residual") is not None and entry.get("coefficients")
+    }
+    if not residuals:
+        return None
+    return Stats.of(list(residuals.values())), max(residuals, key=residuals.get)

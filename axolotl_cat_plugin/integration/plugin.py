@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import torch
 from axolotl.integrations.base import AdapterCapabilities, BasePlugin
@@ -21,8 +22,9 @@ from ..core import (
     has_coefficients,
     retire_previous_export,
 )
-from ..core.export import compose, write
+from ..core.export import compose, run_checkpoints, write
 from ..core.fold import check_export_options
+from ..core.format import COEFFICIENTS_FILE, PREVIOUS_EXPORT, fit_finished, read_record
 from .args import CatMergeConfig
 
 LOG = logging.getLogger(__name__)
@@ -34,6 +36,39 @@ def _is_cat(cfg) -> bool:
 
 def _is_main_process() -> bool:
     return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def _inside(path, folder) -> bool:
+    if not path or not folder:
+        return False
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
+def _refuse_resuming_a_finished_fit(cfg, resuming: bool) -> None:
+    """Resuming from checkpoints beside an export whose fit finished would continue that
+    finished fit, not start this one: refuse, saying how to move on."""
+    output_dir = Path(cfg.output_dir)
+    checkpoints = run_checkpoints(output_dir)
+    if not resuming or not checkpoints or not (output_dir / COEFFICIENTS_FILE).is_file():
+        return
+    try:
+        finished = fit_finished(read_record(output_dir))
+    except CatError:
+        return  # not a record we read: nothing says the fit finished
+    if finished:
+        option = (
+            f"resume_from_checkpoint: {cfg.resume_from_checkpoint}"
+            if cfg.resume_from_checkpoint
+            else "auto_resume_from_checkpoints: true"
+        )
+        raise CatError(
+            f"{option}: {output_dir} holds a CAT fit that finished (its cat_coefficients.json "
+            f"says so) and its checkpoints ({checkpoints[-1].name} the last), so resuming would "
+            "continue that finished fit instead of running this one. To fit again, remove the "
+            "option (the old export and checkpoints are then kept in "
+            f"{output_dir / PREVIOUS_EXPORT}*); or choose another output_dir"
+        )
 
 
 class CatMergePlugin(BasePlugin):
@@ -62,10 +97,22 @@ class CatMergePlugin(BasePlugin):
         return [AdapterCapabilities(name="cat_merge", lora_like=False)]
 
     def pre_model_load(self, cfg):
-        """Before Axolotl writes anything: an export already in output_dir goes to
-        output_dir/previous_export/ (retire_previous_export)."""
-        if _is_cat(cfg) and not cfg.lora_model_dir and _is_main_process():
-            retire_previous_export(cfg.output_dir)
+        """Before Axolotl writes anything: an export already in output_dir goes to a new
+        generation folder, previous_export/ or previous_export.N/ (retire_previous_export),
+        and so do an earlier run's checkpoint-N folders unless this run resumes.
+
+        Resuming (auto_resume_from_checkpoints, or resume_from_checkpoint inside output_dir)
+        continues an interrupted run: its checkpoints stay. A run whose export says the fit
+        finished is not resumed: raises CatError naming the options.
+        """
+        if not _is_cat(cfg) or cfg.lora_model_dir:
+            return
+        resuming = bool(cfg.auto_resume_from_checkpoints) or _inside(
+            cfg.resume_from_checkpoint, cfg.output_dir
+        )
+        _refuse_resuming_a_finished_fit(cfg, resuming)
+        if _is_main_process():
+            retire_previous_export(cfg.output_dir, checkpoints=not resuming)
 
     def load_adapter(self, model, cfg, inference=False, config_only=False):
         """(PeftModel, LoraConfig): the CAT model for training, or the export for inference.
@@ -131,7 +178,7 @@ class CatMergePlugin(BasePlugin):
             return
         check_ranks_agree(model)
         block = self._config(cfg)
-        extra = {"training": self._training_record(cfg, block)}
+        extra = {"fit_finished": True, "training": self._training_record(cfg, block)}
         movement = self._trainer.cat_movement() if self._trainer is not None else None
         if movement is not None:
             extra["training"]["coefficient_movement"] = movement

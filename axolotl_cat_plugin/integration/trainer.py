@@ -62,6 +62,12 @@ class CatTrainer(CatModelCardMixin, AxolotlTrainer):
         block = getattr(self, "axolotl_cfg", None) and self.axolotl_cfg.get("cat_merge")
         return (block or {}).get("learning_rate") or self.args.learning_rate
 
+    def train(self, *args, **kwargs):
+        """The Trainer's train; every save until the run's end (checkpoints, the save of an
+        interrupted run) records `fit_finished: false` (post_train writes true)."""
+        cat_metadata(self.model).extra["fit_finished"] = False
+        return super().train(*args, **kwargs)
+
     def create_optimizer(self, model=None):
         """The configured optimizer over the coefficients alone, at cat_learning_rate, with
         no weight decay."""

@@ -249,6 +249,9 @@ class CatTrainerStandIn(CatModelCardMixin, Trainer):
     def cat_baselines(self):
         return None
 
+    def cat_movement(self):
+        return None
+
 
 def test_hub_push_uploads_card_and_adapter_offline_at_the_api_boundary(
     world, tmp_path, monkeypatch

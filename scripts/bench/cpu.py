@@ -2,27 +2,35 @@
 
 Usage:
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/cpu.py [--quick] [--out bench.json]
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/cpu.py --quick --shape smollm2 --no-export
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/cpu.py --profile cat2   # where does a step go?
     HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/cpu.py --paired --threads 1 --out paired.json
+    HF_HUB_OFFLINE=1 .venv/bin/python scripts/bench/cpu.py --rank-ops      # the arithmetic limit
 
-Every training configuration runs on the same randomly initialised Llama (hidden 512,
-intermediate 1408, 4 layers, 8 heads / 2 KV heads as in Llama-3's 4:1 GQA, vocabulary 1024,
-fp32), batch 4 x sequence 256, with the same `inputs_embeds` (requires_grad=True) and
-random labels. The adapters wrap q, k, v, o, gate, up and down projections of every layer.
+Every training configuration runs on the same randomly initialised Llama, fp32, with the
+same `inputs_embeds` (requires_grad=True) and random labels; the adapters wrap q, k, v, o,
+gate, up and down projections of every layer. `--shape` picks the model (SHAPES):
+toy      hidden 512, intermediate 1408, 4 layers, 8 heads / 2 KV heads (Llama-3's 4:1 GQA),
+         vocabulary 1024; batch 4 x sequence 256 (the default; the figures before issue 22);
+smollm2  SmolLM2-135M's architecture: hidden 576, intermediate 1536, 30 layers, 9 heads /
+         3 KV heads, vocabulary 49152, tied embeddings (random weights, nothing downloaded);
+         batch 1 x sequence 256, so that a quick run fits in minutes on 2 cores.
 
-Configurations (each one its own persistent subprocess, see "Method"):
+Configurations (each one its own persistent subprocess, see "Method"; r = 8 throughout):
 
 floor   forward + backward of the frozen base with no adapter; only the input gradient is
         asked for. Any method that trains something inside the model must backpropagate
         through the whole base, so this is the price of the cheapest possible adapter.
         Every configuration below does exactly this work plus its own.
-lora    one standard PEFT LoRA of rank R = K*r = 16 (K=2, r=8) being trained (AdamW):
-        the usual alternative to CAT with the same adapter shape at K=2.
+loraR   one standard PEFT LoRA of rank R being trained (AdamW), R = 16, 64, 256 = K x r for
+        K = 2, 8, 32: the yardstick. It computes the same rank-R products as CAT over K
+        skills, plus the weight gradients of A and B and their optimizer step.
 catK    our implementation: `attach_cat` over K skill LoRAs of rank 8 (K = 1, 2, 8, 32;
         random non-zero factors saved to disk with PEFT first), one training step =
         forward + backward + AdamW step on the coefficients. CAT's forward is one A and
         one B matmul of rank K*r per module whatever K, so cost should grow slowly with K.
         Each module runs the fused Function of core/fused.py (one input gradient).
+catK-core  the same with `granularity: core` (an fp32 R x R core per module), K = 2, 8, 32.
 catK-unfused  the same with `CatLinearVariant.fused = False`: the previous path (the
         adapter added after PEFT's base layer, autograd summing two input gradients), for
         K = 2 and 32, side by side with the fused one in the same run.
@@ -32,17 +40,28 @@ naive8  the same math done the way PEFT's multi-adapter forward and the LoRA Sou
         with a learnable fp32 scalar per adapter per module:
             result = base(x);  for i: result = result + B_i(A_i(x)) * (alpha_i * s_i)
         i.e. 2K small matmuls and K full-width adds per module instead of CAT's 2 matmuls.
+A quick run leaves out cat1 and the unfused path.
+
+rank-ops  not a training step: one more worker times, in the same rounds, the matmuls of a
+        step alone (RankOps): the base's forward and input-gradient matmuls, CAT's four
+        rank-R ones and a LoRA's two more (its weight gradients), at K = 2, 8, 32. Divided by
+        the floor's step of the same round they give `rank_ops_share` (K -> share) and the
+        arithmetic limits of the ratios: CAT K / floor >= 1 + share, and CAT K / LoRA of the
+        same rank >= (1 + CAT's share) / (1 + LoRA's share) if nothing else differed.
 
 Method: the parent process imports no torch. It starts one worker per configuration (the
 script re-invoked with `--worker NAME`; 2 torch threads unless --threads), which builds its
-model and then waits for orders on stdin, answering JSON lines. After every worker has warmed
+model and then waits for orders on stdin, answering JSON lines. The base's weights are
+written once and memory-mapped by every worker (shared pages). After every worker has warmed
 up, the parent runs rounds: in each round every worker times a few steps in turn (the order
 rotates from round to round), so slow drifts of the machine's load hit every configuration
-alike. With 2 threads on 2 cores, any other busy process stalls every OpenMP barrier: steps
-then take several times longer and the ratios mean little; `--threads 1` degrades gracefully.
-Reported times are medians over all timed steps. Peak memory is the worker's max RSS
-(resource.getrusage), which includes the ~0.7 GB every torch + transformers + peft process
-pays; the table also gives it above the floor's.
+alike. The ratios are paired: taken within each round, then the median over rounds; the
+JSON also gives them on medians and on each configuration's fastest step. With 2 threads
+on 2 cores, any other busy process stalls every OpenMP barrier: steps then take several
+times longer and the ratios mean little; `--threads 1` degrades gracefully. Peak memory is
+the worker's max RSS (resource.getrusage), which includes the ~0.7 GB every torch +
+transformers + peft process pays and the mapped base weights; the table also gives it above
+the floor's.
 
 export  fold + write of a CAT adapter shaped like two rank-32 skills on Llama-3-8B (32
         layers x q 4096->4096, k/v 4096->1024, o 4096->4096, gate/up 4096->14336, down
@@ -54,12 +73,13 @@ export  fold + write of a CAT adapter shaped like two rank-32 skills on Llama-3-
         are real CPU tensors and the unmodified attach_cat -> fold -> write_export path
         runs; nothing reads the base weights. `export_seconds` times fold + write (with
         fsync) at full rank 64; `svd_export_seconds` the same with export rank 32 (QR + SVD
-        compression).
+        compression). Independent of --shape; `--no-export` skips it.
 
-The JSON (`--out`) holds the goal ratios (on medians, and again on each configuration's
-fastest step), the medians, every timed step, peak RSS, the machine, the library versions,
-the load average before and after, and how many cores other processes kept busy while the
-steps were timed (from /proc/stat): on a shared machine, read the ratios in that light.
+The JSON (`--out`) holds the goal ratios and whether each goal (GOALS, issue 22) is met, the
+rank-R shares and limits, the medians, every timed step and each round's means, peak RSS,
+the machine, the library versions, the load average before and after, and how many cores
+other processes kept busy while the steps were timed (from /proc/stat): on a shared
+machine, read the ratios in that light.
 """
 
 from __future__ import annotations
@@ -829,7 +849,7 @@ def run_parent(args: argparse.Namespace) -> None:
     plan = dict(PLANS["quick" if args.quick else "full"])
     if args.rounds is not None:
         plan["rounds"] = args.rounds
-    configs = QUICK_CONFIGS if args.quick else CONFIGS
+    configs = [name for name in (QUICK_CONFIGS if args.quick else CONFIGS) if name not in args.skip]
     wall = time.perf_counter()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="cat-bench-") as tmp:
@@ -904,6 +924,7 @@ def run_parent(args: argparse.Namespace) -> None:
             for key, (limit, op) in GOALS.items()
         },
         "mode": "quick" if args.quick else "full",
+        "date": time.strftime("%Y-%m-%d"),
         "ratios": "median over rounds of the ratio of the two configurations' steps in that "
         "round (every configuration timed once per round, order rotating)",
         "plan": plan,
@@ -1042,6 +1063,15 @@ def main() -> None:
         help="toy: hidden 512, 4 layers (default); smollm2: SmolLM2-135M's shape, random weights",
     )
     parser.add_argument("--no-export", action="store_true", help="skip the export timing")
+    parser.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        choices=CONFIGS[1:],
+        metavar="CONFIG",
+        help="leave these configurations out (e.g. cat32-core on SmolLM2's shape: its K x R x R "
+        "skill cores hold 1.8 GB)",
+    )
     parser.add_argument("--out", default="bench.json", help="where to write the JSON results")
     parser.add_argument(
         "--threads",

@@ -580,7 +580,7 @@ def run_rank_ops(args: argparse.Namespace) -> None:
         )
 
 
-PAIRED = ["floor", "cat1", "cat2", "cat2-unfused", "cat32", "cat32-unfused"]
+PAIRED = ["floor", "lora16", "cat1", "cat2", "cat2-unfused", "cat32", "cat32-unfused"]
 
 
 def run_paired(args: argparse.Namespace) -> None:
@@ -590,6 +590,7 @@ def run_paired(args: argparse.Namespace) -> None:
     one step of each configuration back to back (rotating order), the ratios are taken
     within each round, and their medians reported. The unfused configurations are the same
     models as the fused ones with `CatLinearVariant.fused` switched off for their step.
+    `--skip` leaves configurations out (their ratios are then None).
     """
     import torch
 
@@ -597,15 +598,14 @@ def run_paired(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     args.rounds = args.rounds or 20
+    names = [name for name in PAIRED if name not in args.skip]
     wall = time.perf_counter()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="cat-bench-") as tmp:
         skills = build_small_skills(Path(tmp))
         steps = {}
-        for name in PAIRED:
-            if name.endswith("-unfused"):
-                continue
-            steps[name] = make_step(name, skills)[0]
+        for name in dict.fromkeys(name.removesuffix("-unfused") for name in names):
+            steps[name] = make_step(name, skills)[0]  # an unfused one runs its fused model
     CatLinearVariant.fused = True
 
     def run(name: str) -> float:
@@ -615,23 +615,27 @@ def run_paired(args: argparse.Namespace) -> None:
         step()
         return time.perf_counter() - begin
 
-    for name in PAIRED:  # warm-up
+    for name in names:  # warm-up
         run(name)
         run(name)
-    times = {name: [] for name in PAIRED}
+    times = {name: [] for name in names}
     foreign = ForeignLoad([os.getpid()])
     for round_index in range(args.rounds):
-        shift = round_index % len(PAIRED)
-        for name in PAIRED[shift:] + PAIRED[:shift]:
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             times[name].append(run(name))
     foreign_cores = foreign.cores()
     CatLinearVariant.fused = True
 
-    def paired(a: str, b: str) -> float:
+    def paired(a: str, b: str) -> float | None:
+        if a not in times or b not in times:
+            return None
         return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
     ratios = {
         "cat_over_floor": paired("cat2", "floor"),
+        "cat_k2_over_lora_same_rank": paired("cat2", "lora16"),
+        "lora_r16_over_floor": paired("lora16", "floor"),
         "unfused_cat_over_floor": paired("cat2-unfused", "floor"),
         "cat_k32_over_k1": paired("cat32", "cat1"),
         "unfused_cat_k32_over_k1": paired("cat32-unfused", "cat1"),
@@ -657,19 +661,21 @@ def run_paired(args: argparse.Namespace) -> None:
     }
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"{'config':<14} {'median s':>9}")
-    for name in PAIRED:
+    for name in names:
         print(f"{name:<14} {report['medians_s'][name]:>9.4f}")
     print(f"\n{'ratio (median of per-round ratios)':<36} {'fused':>8} {'unfused':>8}")
     print(
-        f"{'CAT K=2 / floor':<36} {ratios['cat_over_floor']:>8.3f} "
-        f"{ratios['unfused_cat_over_floor']:>8.3f}"
+        f"{'CAT K=2 / floor':<36} {_fmt(ratios['cat_over_floor'])} "
+        f"{_fmt(ratios['unfused_cat_over_floor'])}"
     )
     print(
-        f"{'CAT K=32 / CAT K=1 (fused)':<36} {ratios['cat_k32_over_k1']:>8.3f} "
-        f"{ratios['unfused_cat_k32_over_k1']:>8.3f}"
+        f"{'CAT K=32 / CAT K=1 (fused)':<36} {_fmt(ratios['cat_k32_over_k1'])} "
+        f"{_fmt(ratios['unfused_cat_k32_over_k1'])}"
     )
-    print(f"{'fused / unfused, K=2':<36} {ratios['fused_over_unfused_k2']:>8.3f}")
-    print(f"{'fused / unfused, K=32':<36} {ratios['fused_over_unfused_k32']:>8.3f}")
+    print(f"{'CAT K=2 / LoRA r 16':<36} {_fmt(ratios['cat_k2_over_lora_same_rank'])}")
+    print(f"{'LoRA r 16 / floor':<36} {_fmt(ratios['lora_r16_over_floor'])}")
+    print(f"{'fused / unfused, K=2':<36} {_fmt(ratios['fused_over_unfused_k2'])}")
+    print(f"{'fused / unfused, K=32':<36} {_fmt(ratios['fused_over_unfused_k32'])}")
     print(
         f"\n{args.threads} torch threads; load {load_before[0]:.2f} -> {os.getloadavg()[0]:.2f}; "
         f"other processes kept {foreign_cores or 0:.2f} cores busy while timing"

@@ -20,6 +20,9 @@ them on a lent GPU machine, then the GPU benchmark.
   CAT logits (<= 1e-4) and equals the full-precision base's export for the same coefficients.
   Skipped without bitsandbytes.
 
+fsdp2, zero3, bf16 and qlora each run granularity `core` (an fp32 R x R core per module, the
+other code path of the fused Function) besides the per-skill granularities.
+
 CAT_GPU_DEVICE=cpu runs them as a dry run on the CPU (gloo, tiny sizes, a few steps; the
 axolotl check stays on the GPU): it shows the checks run and their assertions hold, and
 proves nothing about a GPU.
@@ -68,7 +71,7 @@ def worker_runs(worker: str, world, root: Path, configs: list[str], env=None) ->
 
 # ---------------------------------------------------------------- fsdp2
 
-FSDP2_CONFIGS = ["module:free", "layer:softmax", "rank:free"]
+FSDP2_CONFIGS = ["module:free", "layer:softmax", "rank:free", "core:free"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +98,7 @@ def test_fsdp2_on_the_device_fits_what_the_unsharded_run_fits(fsdp2, config):
 
 # ---------------------------------------------------------------- zero3
 
-ZERO3_CONFIGS = ["module:free", "layer:softmax", "model:free"]
+ZERO3_CONFIGS = ["module:free", "layer:softmax", "model:free", "core:free"]
 
 
 @pytest.fixture(scope="module")
@@ -164,9 +167,11 @@ def load_bf16(folder):
     return LlamaForCausalLM.from_pretrained(folder, **kwargs).to(DEVICE)
 
 
-@pytest.fixture(scope="module")
-def bf16(tmp_path_factory):
-    """Fit on a bf16 base under autocast, export, reload with plain PEFT: what each step saw."""
+@pytest.fixture(scope="module", params=["module", "core"])
+def bf16(request, tmp_path_factory):
+    """Fit on a bf16 base under autocast, export, reload with plain PEFT: what each step saw.
+    Once per granularity: `module` (the paper's) and `core` (an fp32 R x R core per module)."""
+    granularity = request.param
     from peft import LoraConfig, PeftModel
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -201,7 +206,8 @@ def bf16(tmp_path_factory):
         skills.append(str(folder))
     del base
 
-    model = attach_cat(load_bf16(out / "base"), CatConfig(skills, dropout=0.0)).to(DEVICE)
+    config_cat = CatConfig(skills, dropout=0.0, granularity=granularity)
+    model = attach_cat(load_bf16(out / "base"), config_cat).to(DEVICE)
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     facts = {
         "attention": model.config._attn_implementation,
@@ -212,7 +218,7 @@ def bf16(tmp_path_factory):
     start = {n: p.detach().clone() for n, p in trainable.items()}
     print(
         f"base: {params / 1e6:.1f}M parameters, bf16, attention {facts['attention']}, "
-        f"{len(skills)} skills, device {DEVICE}"
+        f"{len(skills)} skills, granularity {granularity}, device {DEVICE}"
     )
 
     generator = torch.Generator().manual_seed(0)
@@ -359,8 +365,9 @@ def qlora_world(tmp_path_factory):
     return {"root": out, "skills": skills, "ids": ids.to(DEVICE)}
 
 
+@pytest.mark.parametrize("granularity", ["module", "core"])
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
-def test_qlora_fits_exports_and_reloads_on_a_quantized_base(qlora_world, mode):
+def test_qlora_fits_exports_and_reloads_on_a_quantized_base(qlora_world, mode, granularity):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -384,7 +391,7 @@ def test_qlora_fits_exports_and_reloads_on_a_quantized_base(qlora_world, mode):
             device_map={"": 0} if ON_GPU else "cpu",
         )
 
-    model = attach_cat(load(), CatConfig(skills=skills))
+    model = attach_cat(load(), CatConfig(skills=skills, granularity=granularity))
     alphas = [p for n, p in model.named_parameters() if is_coefficient(n)]
     start = [a.detach().clone() for a in alphas]
     optimizer = torch.optim.AdamW(alphas, lr=0.05, weight_decay=0.0)
@@ -404,23 +411,24 @@ def test_qlora_fits_exports_and_reloads_on_a_quantized_base(qlora_world, mode):
     model.eval()
     with torch.no_grad():
         cat_logits = model(input_ids=ids).logits.float()
-    export_cat(model, out / f"export-{mode}")
-    reloaded = PeftModel.from_pretrained(load(), out / f"export-{mode}").eval()
+    export = out / f"export-{mode}-{granularity}"
+    export_cat(model, export)
+    reloaded = PeftModel.from_pretrained(load(), export).eval()
     keep_gradients_through_4bit_layers(reloaded)  # the same bitsandbytes kernel as CAT's
     with torch.no_grad():
         error = float((reloaded(input_ids=ids).logits.float() - cat_logits).abs().max())
-    print(f"{mode}: plain PEFT on a fresh {mode} base, max |diff| {error:.2e}")
+    print(f"{mode}, {granularity}: plain PEFT on a fresh {mode} base, max |diff| {error:.2e}")
     assert error <= 1e-4
 
     full = attach_cat(
         AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32),
-        CatConfig(skills=skills),
+        CatConfig(skills=skills, granularity=granularity),
     )
     full_alphas = [p for n, p in full.named_parameters() if is_coefficient(n)]
     with torch.no_grad():
         for mine, theirs in zip(full_alphas, alphas, strict=True):
             mine.copy_(theirs.cpu())
-    export_cat(full, out / f"full-{mode}")
-    ours = load_file(str(out / f"export-{mode}" / "adapter_model.safetensors"))
-    theirs = load_file(str(out / f"full-{mode}" / "adapter_model.safetensors"))
+    export_cat(full, out / f"full-{mode}-{granularity}")
+    ours = load_file(str(export / "adapter_model.safetensors"))
+    theirs = load_file(str(out / f"full-{mode}-{granularity}" / "adapter_model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)

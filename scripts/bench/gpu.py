@@ -10,16 +10,20 @@ attention, sequence 2048, batch 4. Needs only torch, transformers, peft and this
 
 Configurations, each a separate model on the device, timed in interleaved rounds (medians):
 - floor:        forward + backward of the frozen base with input-embedding gradients only;
-- lora:         one standard PEFT LoRA of rank 2r (= CAT K=2's concatenated rank), trained;
+- lora_kK:      one standard PEFT LoRA of rank K x r (= CAT over K skills' concatenated
+                rank R), trained: the yardstick at K = 2, 8, 32;
 - cat_kK:       CAT over K skills of rank r (K = 2, 8, 32; r = 16), training the
                 coefficients through the fused Function (core/fused.py);
+- cat_kK_core:  the same with `granularity: core` (an R x R core per module);
 - cat_k2_unfused: CAT K=2 through the previous path (`CatLinearVariant.fused = False`).
 One step = forward + backward + AdamW (floor: no optimizer).
 
-The JSON holds the ratios (cat_over_floor, cat_k32_over_k2, cat_over_lora,
-peak_cat_over_floor, and the fused/unfused comparison), the medians and every step time,
-the peaks, and a torch.profiler table (top kernels by device time; CPU time with --smoke)
-of one step of floor, lora, cat_k2 and cat_k2_unfused.
+The JSON holds the ratios (cat_over_floor, cat_kK_over_lora_same_rank and
+core_kK_over_lora_same_rank for K = 2, 8, 32, cat_k32_over_k2, peak_cat_over_floor,
+peak_cat_over_lora and the fused/unfused comparison) with the goals of issue 22 and whether
+each is met, the medians and every step time, the peaks, and a torch.profiler table (top
+kernels by device time; CPU time with --smoke) of one step of floor, lora_k2, cat_k2,
+cat_k2_core and cat_k2_unfused.
 
 Peak memory of a configuration: what that model owns when its step starts (parameters,
 buffers, gradients, optimizer state) plus the largest growth during the step, so the other
@@ -45,8 +49,20 @@ from axolotl_cat_plugin import CatConfig, attach_cat
 from axolotl_cat_plugin.core.layer import CatLinearVariant
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-NAMES = ["floor", "lora", "cat_k2", "cat_k8", "cat_k32", "cat_k2_unfused"]
-PROFILED = ["floor", "lora", "cat_k2", "cat_k2_unfused"]
+COUNTS = (2, 8, 32)  # K, skills composed
+NAMES = [
+    "floor",
+    *(f"lora_k{k}" for k in COUNTS),
+    *(f"cat_k{k}" for k in COUNTS),
+    *(f"cat_k{k}_core" for k in COUNTS),
+    "cat_k2_unfused",
+]
+PROFILED = ["floor", "lora_k2", "cat_k2", "cat_k2_core", "cat_k2_unfused"]
+GOALS = {  # issue 22, on a GPU: name -> (limit, "<=" or ">=")
+    "cat_over_floor": (1.15, "<="),
+    **{f"cat_k{k}_over_lora_same_rank": (0.85, "<=") for k in COUNTS},
+    "peak_cat_over_floor": (1.05, "<="),
+}
 SMOKE = dict(hidden=64, intermediate=160, layers=2, head_dim=16, seq=32, batch=2, rounds=1, steps=1)
 REPO = Path(__file__).resolve().parents[2]
 
@@ -112,13 +128,14 @@ def build(name: str, args, device, skills: list[str]):
     model = base_model(args, device)
     if name == "floor":
         return model, []
-    if name == "lora":
-        rank = 2 * args.rank
+    count = int(re.match(r"(?:lora|cat)_k(\d+)", name).group(1))
+    if name.startswith("lora"):
+        rank = count * args.rank  # the concatenated rank of CAT over `count` skills
         config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS)
         model = get_peft_model(model, config)
     else:
-        count = int(re.match(r"cat_k(\d+)", name).group(1))
-        model = attach_cat(model, CatConfig(skills=skills[:count]))
+        granularity = "core" if name.endswith("_core") else "module"
+        model = attach_cat(model, CatConfig(skills=skills[:count], granularity=granularity))
     trainable = [p for p in model.parameters() if p.requires_grad]
     return model, trainable
 
@@ -183,6 +200,10 @@ def default_out(device_name: str, smoke: bool) -> Path:
         re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_"),
     )
     return REPO / "docs" / "measurements" / f"bench_gpu_{slug}.json"
+
+
+def _verdict(met: bool | None) -> str:
+    return "not measured" if met is None else ("met" if met else "MISSED")
 
 
 def main() -> None:
@@ -257,22 +278,41 @@ def main() -> None:
         "cat_over_floor": medians["cat_k2"] / medians["floor"],
         "cat_k32_over_k2": medians["cat_k32"] / medians["cat_k2"],
         "cat_k8_over_k2": medians["cat_k8"] / medians["cat_k2"],
-        "cat_over_lora": medians["cat_k2"] / medians["lora"],
+        **{
+            f"{kind}_k{k}_over_lora_same_rank": medians[f"cat_k{k}{suffix}"] / medians[f"lora_k{k}"]
+            for k in COUNTS
+            for kind, suffix in (("cat", ""), ("core", "_core"))
+        },
+        **{f"core_k{k}_over_floor": medians[f"cat_k{k}_core"] / medians["floor"] for k in COUNTS},
         "peak_cat_over_floor": peak_ratio("cat_k2", "floor"),
-        "peak_cat_over_lora": peak_ratio("cat_k2", "lora"),
+        "peak_cat_over_lora": peak_ratio("cat_k2", "lora_k2"),
+        **{
+            f"peak_cat_k{k}_over_lora_same_rank": peak_ratio(f"cat_k{k}", f"lora_k{k}")
+            for k in COUNTS
+        },
+        "peak_core_over_floor": peak_ratio("cat_k2_core", "floor"),
         "unfused_cat_over_floor": medians["cat_k2_unfused"] / medians["floor"],
         "fused_over_unfused_k2": medians["cat_k2"] / medians["cat_k2_unfused"],
     }
+    goals = {}
+    for key, (limit, op) in GOALS.items():
+        value = ratios[key]
+        met = None if value is None else (value <= limit if op == "<=" else value >= limit)
+        goals[key] = {"goal": f"{op} {limit}", "met": met}
     result = {
         **ratios,
-        "goals": {"cat_over_floor": "<= 1.15", "cat_k32_over_k2": "flat (close to 1)"},
+        "goals": goals,
         "date": time.strftime("%Y-%m-%d"),
         "device": device_name,
         "smoke": args.smoke,
         "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
         "model_parameters": params,
         "shape": {k: v for k, v in vars(args).items() if k not in ("out",)},
-        "skills": {"rank": args.rank, "counts": [2, 8, 32], "lora_rank": 2 * args.rank},
+        "skills": {
+            "rank": args.rank,
+            "counts": list(COUNTS),
+            "lora_ranks": {f"lora_k{k}": k * args.rank for k in COUNTS},
+        },
         "median_step_seconds": medians,
         "step_seconds": times,
         "tokens_per_second": {name: tokens / m for name, m in medians.items()},
@@ -286,7 +326,9 @@ def main() -> None:
         peak = f"{peaks[name]:>9.2f}" if peaks[name] is not None else f"{'-':>9}"
         print(f"{name:<15} {medians[name]:>8.4f} {tokens / medians[name]:>10.0f} {peak}")
     for key, value in ratios.items():
-        print(f"{key}: {value:.3f}" if value is not None else f"{key}: -")
+        goal = goals.get(key)
+        verdict = "" if goal is None else f"  (goal {goal['goal']}: {_verdict(goal['met'])})"
+        print((f"{key}: {value:.3f}" if value is not None else f"{key}: -") + verdict)
     for name, table in profiles.items():
         print(f"\n--- profile of one {name} step ---\n{table}")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,138 @@
+"""Score the base and any LoRA adapters on one real-model task's three tests.
+
+    python scripts/real_model/evaluate.py --base BASE --task-dir OUT/world/manual_json \
+        --task manual_json --method base= --method manual=OUT/manual_json/skill-manual \
+        --out scores.json
+
+Greedy replies (the model's own chat template, its default system prompt) to every test
+prompt, graded by ``grade.py``. Each adapter is loaded with plain PEFT (no code of this
+project) and merged into a fresh copy of the base, as a user would serve it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from grade import GRADERS
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+MAX_NEW_TOKENS = 16
+BATCH = 16
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSON-lines file."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load(base: str, adapter: str | None):
+    """The base in fp32, with ``adapter`` (a PEFT folder) merged in when given."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    return model.eval()
+
+
+@torch.no_grad()
+def replies(model, tokenizer, prompts: list[str]) -> list[str]:
+    """Greedy replies to single-turn chat prompts, batched with left padding."""
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts
+    ]
+    out = []
+    for start in range(0, len(texts), BATCH):
+        encoded = tokenizer(
+            texts[start : start + BATCH],
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=False,
+        )
+        ids = model.generate(
+            **encoded,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        new = ids[:, encoded["input_ids"].shape[1] :]
+        out += [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+    return out
+
+
+def update_ratio(base_state: dict, model) -> float | None:
+    """Mean over changed weight matrices of ||W' - W||_F / ||W||_F (the update's size)."""
+    ratios = []
+    for name, weight in model.state_dict().items():
+        original = base_state.get(name)
+        if original is None or weight.dim() != 2 or torch.equal(original, weight):
+            continue
+        ratios.append(((weight - original).norm() / original.norm()).item())
+    return round(sum(ratios) / len(ratios), 5) if ratios else None
+
+
+def score(model, tokenizer, task_dir: Path, task: str) -> dict:
+    """Accuracy (%) on each test of ``task``, with three sample replies per test."""
+    result = {}
+    for test, grader in GRADERS[task].items():
+        rows = read_jsonl(task_dir / f"test_{test}.jsonl")
+        answers = replies(model, tokenizer, [row["prompt"] for row in rows])
+        correct = [grader(reply, row) for reply, row in zip(answers, rows, strict=True)]
+        result[test] = round(100.0 * sum(correct) / len(rows), 1)
+        result[f"{test}_samples"] = [
+            {"prompt": row["prompt"], "reply": reply, "correct": ok}
+            for row, reply, ok in list(zip(rows, answers, correct, strict=True))[:3]
+        ]
+    return result
+
+
+def stage_hash(folder: str) -> str | None:
+    """The stage stamp of a folder built by scripts/real_model.sh, if any."""
+    stamp = Path(folder) / ".stage-hash"
+    return stamp.read_text().strip() if stamp.is_file() else None
+
+
+def main() -> None:
+    """Command line: score each --method NAME=ADAPTER (empty: the base) into --out."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--task-dir", required=True, type=Path)
+    parser.add_argument("--task", required=True, choices=sorted(GRADERS))
+    parser.add_argument("--method", action="append", default=[], help="NAME=ADAPTER_DIR")
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument(
+        "--skip-scored",
+        action="store_true",
+        help="keep a method's scores when its folder's .stage-hash is the one they were made of",
+    )
+    args = parser.parse_args()
+    tokenizer = AutoTokenizer.from_pretrained(args.base)
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    base_state = load(args.base, None).state_dict()
+    for spec in args.method:
+        name, _, adapter = spec.partition("=")
+        stamp = stage_hash(adapter or args.base)
+        if args.skip_scored and results.get(name, {}).get("stage_hash") == stamp:
+            continue
+        started = time.time()
+        model = load(args.base, adapter or None)
+        scores = score(model, tokenizer, args.task_dir, args.task)
+        scores["update_ratio"] = update_ratio(base_state, model)
+        scores["eval_seconds"] = round(time.time() - started, 1)
+        scores["stage_hash"] = stamp
+        results[name] = scores
+        print(f"{name}: " + ", ".join(f"{t} {scores[t]}%" for t in GRADERS[args.task]), flush=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

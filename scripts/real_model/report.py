@@ -1,0 +1,103 @@
+"""Gather one real-model task's scores into docs/measurements/real_model_<task>.json and a table.
+
+    python scripts/real_model/report.py --task math_words --run real_model_out/math_words \
+        --out docs/measurements/real_model_math_words.json
+
+Per method: each seed's accuracies (both skills' tests and the composite), the update size,
+the training seconds (the stage's wall time), and for fits the held-out losses and how far
+the coefficients moved (fit.json). Methods trained once (skills, merges, data mixing) have
+one entry under seed "-". The printed table gives the composite's mean and range over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from grade import GRADERS
+
+ORDER = [
+    "base",
+    "uniform",
+    "average",
+    "ties",
+    "dare",
+    "data-mix",
+    "mix_lora",
+    "cat_core_random",
+    "cat_module",
+    "cat_layer",
+    "cat_rank",
+    "cat_core",
+]
+
+
+def gather(run: Path, task: str) -> dict:
+    """{method: {seed: entry}} from scores.json, fit.json and the stage timings."""
+    scores = json.loads((run / "scores.json").read_text())
+    tests = list(GRADERS[task])
+    methods: dict[str, dict] = {}
+    for name, result in scores.items():
+        seed, method = "-", name
+        if name.startswith("seed-"):
+            seed, method = name.split("/", 1)
+            seed = seed.removeprefix("seed-")
+        method = method.removeprefix("merges/")
+        folder = run / name if name != "base" else None
+        entry = {test: result[test] for test in tests}
+        entry["update_ratio"] = result.get("update_ratio")
+        entry["samples"] = {t: result[f"{t}_samples"] for t in tests}
+        if folder is not None and (folder / ".stage-seconds").is_file():
+            entry["train_seconds"] = int((folder / ".stage-seconds").read_text())
+        if folder is not None and (folder / "fit.json").is_file():
+            fit = json.loads((folder / "fit.json").read_text())
+            entry["fit"] = {k: fit[k] for k in fit if k != "skills"}
+        methods.setdefault(method, {})[seed] = entry
+    return methods
+
+
+def table(methods: dict, task: str) -> str:
+    """A markdown table: each test's mean, the composite's range and each seed's composite."""
+    tests = list(GRADERS[task])
+    known = [m for m in ORDER if m in methods]
+    names = [m for m in methods if m not in ORDER] + known  # the skills first
+    names = [n for n in names if n == "base"] + [n for n in names if n != "base"]
+    lines = [
+        "| method | " + " | ".join(tests) + " | composite (each seed) | ‖ΔW‖/‖W‖ | train s |",
+        "|---|" + "---|" * (len(tests) + 3),
+    ]
+    for name in names:
+        seeds = methods[name]
+        cells = []
+        for test in tests:
+            values = [entry[test] for entry in seeds.values()]
+            mean = statistics.mean(values)
+            spread = f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
+            cells.append(f"{mean:.1f}%{spread}")
+        each = " / ".join(f"{entry['composite']:.1f}" for _, entry in sorted(seeds.items()))
+        ratios = [e["update_ratio"] for e in seeds.values() if e.get("update_ratio") is not None]
+        ratio = f"{statistics.mean(ratios):.3f}" if ratios else "-"
+        times = [e["train_seconds"] for e in seeds.values() if "train_seconds" in e]
+        seconds = f"{statistics.mean(times):.0f}" if times else "-"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {each} | {ratio} | {seconds} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Command line: write --out and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", required=True, choices=sorted(GRADERS))
+    parser.add_argument("--run", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    args = parser.parse_args()
+    methods = gather(args.run, args.task)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"task": args.task, "methods": methods}, indent=1) + "\n")
+    print(f"{args.task} (accuracy %, mean over seeds (min-max); composite per seed):")
+    print(table(methods, args.task))
+
+
+if __name__ == "__main__":
+    main()

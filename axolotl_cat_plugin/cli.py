@@ -3,6 +3,7 @@
     axolotl-cat inspect OUT_DIR
     axolotl-cat export RUN_DIR [--rank K] [--prune-threshold T] --out DIR [--base BASE]
     axolotl-cat merge --method concat --weights 0.6 0.4 --base BASE --out DIR math=./a code=./b
+    axolotl-cat self-mix --base BASE --out DIR [--pool N --keep K ...] math=./a code=./b
 
 Only argument parsing and terminal output live here; the work is done by the core.
 Errors a user can fix print one line and exit with status 2.
@@ -65,11 +66,42 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
         "--weights", required=True, type=float, nargs="+", help="one weight per skill"
     )
     merge.add_argument("--density", type=float, help="fraction of entries kept (ties, dare)")
-    merge.add_argument("--seed", type=int, default=0, help="dare's random drop (default 0)")
+    merge.add_argument("--seed", type=int, default=0, help="dare's random drop")
     merge.add_argument("--base", required=True, help="the base model the skills were trained on")
     merge.add_argument("--out", required=True, help="where to write the merged adapter")
     merge.add_argument("skills", nargs="+", metavar="SKILL", help="PATH or NAME=PATH")
+    _add_self_mix(commands)
     return parser
+
+
+def _add_self_mix(commands) -> None:
+    # no defaults here: what is not given takes core.self_mix.SelfMixOptions' (imports torch)
+    mix = commands.add_parser(
+        "self-mix",
+        help="write a fitting mix from the skills themselves (no skill data), as JSONL",
+        description="Sample a pool per skill from base + that skill alone, keep the samples "
+        "where the skill departs most from the base (mean KL(skill || base) per token), and "
+        "write them as a JSONL dataset with a `skill` column (cat_merge.self_mix does the same "
+        "inside `axolotl train`). Give the skills last, as PATH or NAME=PATH.",
+    )
+    mix.add_argument("--base", required=True, help="the base model the skills were trained on")
+    mix.add_argument("--out", required=True, help="the folder the JSONL goes to")
+    mix.add_argument("--prompt", action="append", help="a prompt (repeat; default: shipped)")
+    mix.add_argument("--prompts-file", help="a text file, one prompt per line")
+    mix.add_argument("--pool", type=int, help="samples drawn per skill")
+    mix.add_argument("--keep", type=int, help="samples kept per skill")
+    mix.add_argument("--max-new-tokens", type=int, help="length of a sample")
+    mix.add_argument("--temperature", type=float, help="sampling temperature")
+    mix.add_argument("--top-p", type=float, help="nucleus sampling")
+    mix.add_argument("--seed", type=int, help="the sampling's seed")
+    mix.add_argument("--batch-size", type=int, help="prompts per generate call")
+    mix.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the chat template (default: when the tokenizer has one)",
+    )
+    mix.add_argument("skills", nargs="+", metavar="SKILL", help="PATH or NAME=PATH")
 
 
 def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
@@ -91,6 +123,8 @@ def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
             return _inspect(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "self-mix":
+            return _self_mix(args)
         return _merge(args)
     except (CatError, OSError) as error:
         message = " ".join(str(error).split())  # one line, whatever the message holds
@@ -133,6 +167,34 @@ def _merge(args) -> int:
         density=args.density,
         seed=args.seed,
     )
+    print(f"wrote {written}")
+    return 0
+
+
+def _self_mix(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .core import CatConfig, attach_cat
+    from .core.self_mix import SelfMixOptions, build_self_mix
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as lines:
+            prompts += [line.rstrip("\n") for line in lines if line.strip()]
+    given = {
+        key: getattr(args, key)
+        for key in ("pool", "keep", "max_new_tokens", "temperature", "top_p", "seed", "batch_size")
+        if getattr(args, key) is not None
+    }
+    options = SelfMixOptions(prompts=prompts or None, chat=args.chat, **given)
+    options.check()  # before loading anything
+    model = _load_base(args.base)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    skills = [_skill(entry) for entry in args.skills]
+    cat = attach_cat(model, CatConfig(skills=skills))
+    written = build_self_mix(cat, AutoTokenizer.from_pretrained(args.base), args.out, options)
     print(f"wrote {written}")
     return 0
 

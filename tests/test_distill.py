@@ -21,7 +21,11 @@ from axolotl_cat_plugin.core.state import cat_layers, coefficient_parameters, st
 
 SKILLS = ("math", "code", "prose")
 TOKENS = torch.tensor(
-    [[1, 10, 20, 30, 40, 50, 60, 70], [1, 15, 25, 35, 45, 55, 65, 75], [1, 12, 22, 32, 42, 52, 62, 72]]
+    [
+        [1, 10, 20, 30, 40, 50, 60, 70],
+        [1, 15, 25, 35, 45, 55, 65, 75],
+        [1, 12, 22, 32, 42, 52, 62, 72],
+    ]
 )
 LABELS = TOKENS.clone()
 LABELS[0, :3] = -100  # a prompt the LM loss would not count

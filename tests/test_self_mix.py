@@ -1,17 +1,19 @@
 """The self-written mix: each skill's samples, scored by KL(skill ‖ base) against PEFT's models."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from fixtures import load_base
 from peft import PeftModel
-from tokenizers import decoders
 from test_exactness import cat_model, randomize
+from tokenizers import decoders
 from transformers import AutoTokenizer
 
-from axolotl_cat_plugin import CatError
+from axolotl_cat_plugin import CatConfig, CatError, attach_cat
+from axolotl_cat_plugin.cli import main
 from axolotl_cat_plugin.core import self_mix
 from axolotl_cat_plugin.core.self_mix import SelfMixOptions, build_self_mix
 from axolotl_cat_plugin.core.state import coefficient_parameters
@@ -122,3 +124,23 @@ def test_chat_template_gives_chat_rows_and_shipped_questions(world, tmp_path):
 def test_unusable_options_are_refused(world, tmp_path, options, message):
     with pytest.raises(CatError, match=message):
         build_self_mix(cat_model(world), tokenizer_of(world), tmp_path, SelfMixOptions(**options))
+
+
+def test_cli_self_mix_writes_what_the_api_writes(world, tmp_path, capsys):
+    skills = [f"{name}={world['skills'][name]}" for name in SKILLS[:2]]
+    small = ["--pool", "3", "--keep", "2", "--max-new-tokens", "4", "--seed", "5"]
+    status = main(["self-mix", "--base", str(world["base"]), "--out", str(tmp_path / "cli"),
+                   "--prompt", "Q: ", "--prompt", "def ", *small, *skills])  # fmt: skip
+    assert status == 0
+    written = capsys.readouterr().out.split("wrote ")[-1].strip()
+    model = attach_cat(
+        load_base(world["base"]),
+        CatConfig(skills=[{"path": str(world["skills"][n]), "name": n} for n in SKILLS[:2]]),
+    )
+    options = SelfMixOptions(prompts=["Q: ", "def "], pool=3, keep=2, max_new_tokens=4, seed=5)
+    path = build_self_mix(model, AutoTokenizer.from_pretrained(world["base"]), tmp_path, options)
+    assert Path(written).name == path.name
+    assert Path(written).read_text() == path.read_text()
+    assert main(["self-mix", "--base", str(world["base"]), "--out", str(tmp_path),
+                 "--pool", "1", "--keep", "2", *skills]) == 2  # fmt: skip
+    assert "keep (2) is larger than pool (1)" in capsys.readouterr().err

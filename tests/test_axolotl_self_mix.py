@@ -79,6 +79,8 @@ def test_axolotl_train_writes_the_mix_and_distills_from_it(e2e_world, tmp_path):
     assert training["objective"] == "distill" and training["self_mix"]["keep"] == 3
     assert training["datasets"] == [{"path": str(mix), "type": "completion"}]
     assert training["steps"] == 3
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- objective: distill" in card and "written by the skills themselves" in card
     # the logged loss is the KL to the teachers (about 0.01 here), not the LM loss (about 4.6)
     losses = [
         float(x) for x in re.findall(r"'loss': '?([0-9.e+-]+)", result.stdout + result.stderr)

@@ -165,3 +165,46 @@ def test_trainer_mixin_distills_only_with_objective_distill(world):
     assert torch.allclose(summed / count, mean)  # the Trainer's divisor replaces the count
     with pytest.raises(CatError, match="needs each row's teacher"):
         trainer.compute_loss(cat, {"input_ids": TOKENS, "labels": LABELS})
+
+
+def test_trl_sft_trainer_distills_with_the_mixin_and_the_collator(world, tmp_path):
+    """From TRL: the mixin on SFTTrainer, TeacherCollator around TRL's collator."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from axolotl_cat_plugin.core.distill import TEACHER_KEY, TeacherCollator
+
+    class DistillSFTTrainer(DistillLossMixin, SFTTrainer):
+        cat_objective = "distill"
+
+    cat = cat_model(world)
+    tokenizer = AutoTokenizer.from_pretrained(world["base"])
+    rows = [
+        {"input_ids": row.tolist(), TEACHER_KEY: int(t)}
+        for row, t in zip(TOKENS, TEACHERS, strict=True)
+    ]
+    before = {n: p.detach().clone() for n, p in coefficient_parameters(cat).items()}
+    trainer = DistillSFTTrainer(
+        model=cat,
+        args=SFTConfig(
+            output_dir=str(tmp_path),
+            max_steps=2,
+            per_device_train_batch_size=3,
+            learning_rate=0.1,
+            remove_unused_columns=False,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            dataset_kwargs={"skip_prepare_dataset": True},
+        ),  # fmt: skip
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        data_collator=TeacherCollator(DataCollatorForLanguageModeling(tokenizer.pad_token_id)),
+    )
+    first = trainer.compute_loss(cat, trainer.data_collator(rows))
+    assert torch.allclose(first, distill_loss(cat, TOKENS, TOKENS, TEACHERS))
+    trainer.train()
+    after = coefficient_parameters(cat)
+    assert any(not torch.equal(after[n].detach(), before[n]) for n in before)  # it fitted

@@ -167,3 +167,24 @@ class DistillLossMixin:
             num_items_in_batch=divisor,
         )
         return (loss, None) if return_outputs else loss
+
+
+class TeacherCollator:
+    """Wraps a data collator that knows nothing of teachers (TRL's, transformers'): each
+    feature's TEACHER_KEY is taken out, the rest collated by `collator`, and the teachers
+    added back as long (batch,). Use with remove_unused_columns=False."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        """The wrapped collator's batch plus TEACHER_KEY. Raises CatError for a feature
+        without one."""
+        missing = [i for i, feature in enumerate(features) if TEACHER_KEY not in feature]
+        if missing:
+            raise CatError(f"rows {missing} of the batch have no {TEACHER_KEY!r} (the teacher)")
+        teachers = [int(feature[TEACHER_KEY]) for feature in features]
+        rest = [{k: v for k, v in feature.items() if k != TEACHER_KEY} for feature in features]
+        batch = self.collator(rest)
+        batch[TEACHER_KEY] = torch.tensor(teachers, dtype=torch.long)
+        return batch

@@ -7,7 +7,7 @@ import pytest
 from axolotl.integrations.base import PluginManager
 from axolotl_runner import axolotl, write_config
 from pydantic import ValidationError
-from test_plugin_config import validate, with_block
+from test_plugin_config import REPO, validate, with_block
 
 from axolotl_cat_plugin.core.distill import SKILL_COLUMN
 from axolotl_cat_plugin.core.format import COEFFICIENTS_FILE
@@ -46,16 +46,20 @@ def test_self_mix_takes_the_place_of_datasets(world):
         (dict(objective="kl"), "objective"),
         (dict(self_mix={}, _datasets=True), "self_mix writes the fitting mix itself"),
         (dict(objective="distill", _packing=True), "sample_packing: false"),
+        (dict(objective="distill", _zero3=True), "FSDP and DeepSpeed ZeRO-3 shard them"),
     ],
 )
 def test_mistakes_are_refused_at_validation(world, change, named):
     keep_datasets = change.pop("_datasets", False)
     packing = change.pop("_packing", False)
+    zero3 = change.pop("_zero3", False)
     config = block_with_skills(world, **change)
     if not keep_datasets and "self_mix" in change:
         config.pop("datasets")
     if packing:
         config["sample_packing"] = True
+    if zero3:
+        config["deepspeed"] = str(REPO / "example_yamls" / "paper-gpu" / "zero3.json")
     with pytest.raises((ValidationError, ValueError), match=named):
         validate(config)
 

@@ -78,23 +78,35 @@ def teacher_log_probs(
     """log p_teacher at the counted positions, fp32 (tokens, vocab), rows in mask order.
 
     One forward per distinct teacher in the batch, over that teacher's rows, under no_grad
-    with the coefficients set in place (skill_alone).
+    in eval mode (no dropout) with the coefficients set in place (skill_alone); the model's
+    mode is restored. Raises CatError when the coefficients are sharded (FSDP2, ZeRO-3).
     """
+    was_training = model.training
+    model.eval()  # the teacher is deterministic (no dropout)
+    try:
+        pieces = _teacher_pieces(model, input_ids, attention_mask, teachers)
+    finally:
+        model.train(was_training)
     with torch.no_grad():
-        pieces = {}
-        for teacher in teachers.unique().tolist():
-            rows = (teachers == teacher).nonzero().flatten()
-            with skill_alone(model, int(teacher)):
-                logits = model(
-                    input_ids=input_ids[rows],
-                    attention_mask=None if attention_mask is None else attention_mask[rows],
-                ).logits
-            pieces[teacher] = (rows, F.log_softmax(logits[:, :-1].float(), dim=-1))
         vocab = next(iter(pieces.values()))[1].shape[-1]
         every_row = torch.empty(*mask.shape, vocab, device=mask.device)
         for rows, log_probs in pieces.values():
             every_row[rows] = log_probs.to(every_row.device)
     return every_row[mask]
+
+
+@torch.no_grad()
+def _teacher_pieces(model, input_ids, attention_mask, teachers) -> dict:
+    pieces = {}
+    for teacher in teachers.unique().tolist():
+        rows = (teachers == teacher).nonzero().flatten()
+        with skill_alone(model, int(teacher)):
+            logits = model(
+                input_ids=input_ids[rows],
+                attention_mask=None if attention_mask is None else attention_mask[rows],
+            ).logits
+        pieces[teacher] = (rows, F.log_softmax(logits[:, :-1].float(), dim=-1))
+    return pieces
 
 
 def distill_loss(

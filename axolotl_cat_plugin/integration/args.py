@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Literal
@@ -234,5 +235,24 @@ def _self_mix_usage(data: dict, block: dict) -> dict:
                 "cat_merge.objective: distill needs each row's own teacher; set "
                 "sample_packing: false"
             )
+        if data.get("fsdp_config") or _zero3(data.get("deepspeed")):
+            raise ValueError(
+                "cat_merge.objective: distill sets the coefficients in place for the teacher, "
+                "which needs them whole; FSDP and DeepSpeed ZeRO-3 shard them. Use DDP or "
+                "ZeRO-1/2, or objective: lm"
+            )
         data = {**data, "remove_unused_columns": False}  # keep the teacher column
     return data
+
+
+def _zero3(deepspeed) -> bool:
+    """Whether a `deepspeed:` value (a JSON path or a dict) sets ZeRO stage 3."""
+    if isinstance(deepspeed, str):
+        try:
+            with open(deepspeed, encoding="utf-8") as handle:
+                deepspeed = json.load(handle)
+        except (OSError, ValueError):
+            return "zero3" in deepspeed
+    return (
+        isinstance(deepspeed, dict) and (deepspeed.get("zero_optimization") or {}).get("stage") == 3
+    )

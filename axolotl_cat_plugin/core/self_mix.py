@@ -20,7 +20,7 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -65,7 +65,6 @@ class SelfMixOptions:
     seed: int = 0
     batch_size: int = 64
     chat: bool | None = None
-    extra: dict = field(default_factory=dict)  # recorded in the hash (e.g. the base's name)
 
     def check(self) -> None:
         """Raises CatError naming the option that cannot work."""

@@ -144,3 +144,12 @@ def test_cli_self_mix_writes_what_the_api_writes(world, tmp_path, capsys):
     assert main(["self-mix", "--base", str(world["base"]), "--out", str(tmp_path),
                  "--pool", "1", "--keep", "2", *skills]) == 2  # fmt: skip
     assert "keep (2) is larger than pool (1)" in capsys.readouterr().err
+
+
+def test_scores_do_not_depend_on_how_many_rows_are_scored_at_once(world):
+    model = cat_model(world)
+    ids = torch.tensor([[0, 0, 56, 81, 98, 43], [17, 18, 19, 98, 86, 56], [0, 56, 81, 98, 4, 5]])
+    mask = (ids != 0).long()
+    one = self_mix.token_kl(model, ids, mask, "code", rows=1)
+    together = self_mix.token_kl(model, ids, mask, "code", rows=8)
+    assert one.shape == (3, 5) and torch.allclose(one, together, atol=1e-6)

@@ -228,17 +228,25 @@ def _draw(model, tokenizer, fed, chunk, options, skill) -> list[dict]:
     ]
 
 
-def token_kl(model, input_ids, attention_mask, skill) -> torch.Tensor:
+def token_kl(model, input_ids, attention_mask, skill, rows: int = 8) -> torch.Tensor:
     """KL(p_skill ‖ p_base) of the next-token distributions at every position but the last,
-    fp32 (batch, T-1), in nats; the base is every coefficient set to 0 in place."""
+    fp32 (batch, T-1), in nats; the base is every coefficient set to 0 in place. Computed
+    `rows` rows at a time (two fp32 (rows, T, vocab) log-probability tensors at once)."""
     positions = (attention_mask.cumsum(-1) - 1).clamp_min(0)
-    log_probs = []
-    base = static_coefficients(model, [0.0] * len(skill_names(model)))
-    for context in (skill_alone(model, skill), base):
-        with context:
-            logits = model(
-                input_ids=input_ids, attention_mask=attention_mask, position_ids=positions
-            ).logits
-        log_probs.append(F.log_softmax(logits[:, :-1].float(), dim=-1))
-    skill_lp, base_lp = log_probs
-    return (skill_lp.exp() * (skill_lp - base_lp)).sum(-1)
+    zeros = [0.0] * len(skill_names(model))
+    pieces = []
+    for start in range(0, input_ids.shape[0], rows):
+        chunk = slice(start, start + rows)
+        log_probs = []
+        for context in (skill_alone(model, skill), static_coefficients(model, zeros)):
+            with context:
+                logits = model(
+                    input_ids=input_ids[chunk],
+                    attention_mask=attention_mask[chunk],
+                    position_ids=positions[chunk],
+                ).logits
+            log_probs.append(F.log_softmax(logits[:, :-1].float(), dim=-1))
+            del logits
+        skill_lp, base_lp = log_probs
+        pieces.append((skill_lp.exp() * (skill_lp - base_lp)).sum(-1))
+    return torch.cat(pieces)

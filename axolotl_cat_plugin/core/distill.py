@@ -84,20 +84,17 @@ def teacher_log_probs(
     was_training = model.training
     model.eval()  # the teacher is deterministic (no dropout)
     try:
-        pieces = _teacher_pieces(model, input_ids, attention_mask, teachers)
+        return _teacher_targets(model, input_ids, attention_mask, teachers, mask)
     finally:
         model.train(was_training)
-    with torch.no_grad():
-        vocab = next(iter(pieces.values()))[1].shape[-1]
-        every_row = torch.empty(*mask.shape, vocab, device=mask.device)
-        for rows, log_probs in pieces.values():
-            every_row[rows] = log_probs.to(every_row.device)
-    return every_row[mask]
 
 
 @torch.no_grad()
-def _teacher_pieces(model, input_ids, attention_mask, teachers) -> dict:
-    pieces = {}
+def _teacher_targets(model, input_ids, attention_mask, teachers, mask) -> torch.Tensor:
+    # each counted position's place in mask order; only counted positions are kept (fp32)
+    place = torch.full(mask.shape, -1, dtype=torch.long, device=mask.device)
+    place[mask] = torch.arange(int(mask.sum()), device=mask.device)
+    target = None
     for teacher in teachers.unique().tolist():
         rows = (teachers == teacher).nonzero().flatten()
         with skill_alone(model, int(teacher)):
@@ -105,8 +102,13 @@ def _teacher_pieces(model, input_ids, attention_mask, teachers) -> dict:
                 input_ids=input_ids[rows],
                 attention_mask=None if attention_mask is None else attention_mask[rows],
             ).logits
-        pieces[teacher] = (rows, F.log_softmax(logits[:, :-1].float(), dim=-1))
-    return pieces
+        kept = mask[rows]
+        log_probs = F.log_softmax(logits[:, :-1][kept].float(), dim=-1)
+        del logits
+        if target is None:
+            target = log_probs.new_empty(place.max() + 1, log_probs.shape[-1])
+        target[place[rows][kept]] = log_probs.to(target.device)
+    return target
 
 
 def distill_loss(

@@ -3,6 +3,7 @@
     axolotl-cat inspect OUT_DIR
     axolotl-cat export RUN_DIR [--rank K] [--prune-threshold T] --out DIR [--base BASE]
     axolotl-cat merge --method concat --weights 0.6 0.4 --base BASE --out DIR math=./a code=./b
+    axolotl-cat self-mix --base BASE --out DIR [--pool N --keep K ...] math=./a code=./b
     axolotl-cat base-from-gguf MODEL.gguf --out DIR
 
 Only argument parsing and terminal output live here; the work is done by the core.
@@ -21,7 +22,8 @@ LOGGER = "axolotl_cat_plugin"
 
 
 def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
-    """The argparse parser of `axolotl-cat` (inspect, export, merge, base-from-gguf)."""
+    """The argparse parser of `axolotl-cat` (inspect, export, merge, self-mix,
+    base-from-gguf)."""
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Inspect, re-export or statically merge CAT (LoRA Soups) adapters.",
@@ -72,11 +74,16 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
         "--weights", required=True, type=float, nargs="+", help="one weight per skill"
     )
     merge.add_argument("--density", type=float, help="fraction of entries kept (ties, dare)")
-    merge.add_argument("--seed", type=int, default=0, help="dare's random drop (default 0)")
+    merge.add_argument("--seed", type=int, default=0, help="dare's random drop")
     merge.add_argument("--base", required=True, help="the base model the skills were trained on")
     merge.add_argument("--out", required=True, help="where to write the merged adapter")
     merge.add_argument("skills", nargs="+", metavar="SKILL", help="PATH or NAME=PATH")
+    _add_self_mix(commands)
+    _add_base_from_gguf(commands)
+    return parser
 
+
+def _add_base_from_gguf(commands) -> None:
     gguf = commands.add_parser(
         "base-from-gguf",
         help="write a base model folder from a GGUF file (its weights de-quantized, fp32)",
@@ -86,7 +93,36 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
     )
     gguf.add_argument("gguf_file", metavar="GGUF", help="a .gguf file (Llama, Qwen2, ...)")
     gguf.add_argument("--out", required=True, help="the model folder to write")
-    return parser
+
+
+def _add_self_mix(commands) -> None:
+    # no defaults here: what is not given takes core.self_mix.SelfMixOptions' (imports torch)
+    mix = commands.add_parser(
+        "self-mix",
+        help="write a fitting mix from the skills themselves (no skill data), as JSONL",
+        description="Sample a pool per skill from base + that skill alone, keep the samples "
+        "where the skill departs most from the base (mean KL(skill || base) per token), and "
+        "write them as a JSONL dataset with a `skill` column (cat_merge.self_mix does the same "
+        "inside `axolotl train`). Give the skills last, as PATH or NAME=PATH.",
+    )
+    mix.add_argument("--base", required=True, help="the base model the skills were trained on")
+    mix.add_argument("--out", required=True, help="the folder the JSONL goes to")
+    mix.add_argument("--prompt", action="append", help="a prompt (repeat; default: shipped)")
+    mix.add_argument("--prompts-file", help="a text file, one prompt per line")
+    mix.add_argument("--pool", type=int, help="samples drawn per skill")
+    mix.add_argument("--keep", type=int, help="samples kept per skill")
+    mix.add_argument("--max-new-tokens", type=int, help="length of a sample")
+    mix.add_argument("--temperature", type=float, help="sampling temperature")
+    mix.add_argument("--top-p", type=float, help="nucleus sampling")
+    mix.add_argument("--seed", type=int, help="the sampling's seed")
+    mix.add_argument("--batch-size", type=int, help="prompts per generate call")
+    mix.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap prompts in the chat template (default: when the tokenizer has one)",
+    )
+    mix.add_argument("skills", nargs="+", metavar="SKILL", help="PATH or NAME=PATH")
 
 
 def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
@@ -108,6 +144,8 @@ def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
             return _inspect(args)
         if args.command == "export":
             return _export(args)
+        if args.command == "self-mix":
+            return _self_mix(args)
         if args.command == "base-from-gguf":
             return _base_from_gguf(args)
         return _merge(args)
@@ -162,6 +200,34 @@ def _merge(args) -> int:
         density=args.density,
         seed=args.seed,
     )
+    print(f"wrote {written}")
+    return 0
+
+
+def _self_mix(args) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from .core import CatConfig, attach_cat
+    from .core.self_mix import SelfMixOptions, build_self_mix
+
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as lines:
+            prompts += [line.rstrip("\n") for line in lines if line.strip()]
+    given = {
+        key: getattr(args, key)
+        for key in ("pool", "keep", "max_new_tokens", "temperature", "top_p", "seed", "batch_size")
+        if getattr(args, key) is not None
+    }
+    options = SelfMixOptions(prompts=prompts or None, chat=args.chat, **given)
+    options.check()  # before loading anything
+    model = _load_base(args.base)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    skills = [_skill(entry) for entry in args.skills]
+    cat = attach_cat(model, CatConfig(skills=skills))
+    written = build_self_mix(cat, AutoTokenizer.from_pretrained(args.base), args.out, options)
     print(f"wrote {written}")
     return 0
 

@@ -307,3 +307,16 @@ def test_hub_push_uploads_card_and_adapter_offline_at_the_api_boundary(
     reloaded = PeftModel.from_pretrained(load_base(world["base"]), uploaded)
     with torch.no_grad():
         assert (reloaded(input_ids=TOKENS).logits - expected).abs().max() <= 1e-5
+
+
+def test_card_says_the_objective_and_that_the_skills_wrote_the_mix():
+    training = {
+        "datasets": [{"path": "out/self_mix/self_mix-0123.jsonl"}],
+        "steps": 400,
+        "objective": "distill",
+        "self_mix": {"pool": 1000, "keep": 200},
+    }
+    card = model_card(record(training=training), config={"r": 12})
+    assert "- objective: distill" in card
+    assert "written by the skills themselves, no skill data (1000 samples per skill" in card
+    assert "self_mix: " not in card  # the mapping itself is not dumped as a line

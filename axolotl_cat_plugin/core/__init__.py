@@ -24,6 +24,11 @@ _HOMES = {
     "write_export": "export",
     "FoldedAdapter": "fold",
     "check_ranks_agree": "ranks",
+    "SelfMixOptions": "self_mix",
+    "build_self_mix": "self_mix",
+    "distill_loss": "distill",
+    "DistillLossMixin": "distill",
+    "TeacherCollator": "distill",
 }
 
 __all__ = sorted(_HOMES)

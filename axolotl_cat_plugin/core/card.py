@@ -184,6 +184,12 @@ def _training(record: dict) -> str:
     for key, value in training.items():
         if key not in ("datasets", "steps", "learning_rate") and _is_scalar(value):
             lines.append(f"- {key.replace('_', ' ')}: {value}")
+    mix = training.get("self_mix")
+    if isinstance(mix, dict):  # core/self_mix.py: no skill data was used
+        lines.append(
+            f"- mix: written by the skills themselves, no skill data ({mix.get('pool')} samples "
+            f"per skill, the {mix.get('keep')} with the highest KL(skill || base) kept)"
+        )
     return "\n".join(lines)
 
 

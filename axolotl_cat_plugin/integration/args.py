@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..core.config import ADAPTERS_RENAMED, CatConfig
 from ..core.fold import check_export_options
 from ..core.granularity import Granularity, Parametrization
+from ..core.self_mix import SelfMixOptions
 from ..core.skill_checks import refuse_skill_folder
 from ..core.skills import preflight
 
@@ -25,6 +28,48 @@ class CatSkill(BaseModel):
     path: str = Field(min_length=1, description="Local adapter folder or Hub repo id")
     name: str | None = Field(default=None, description="Default: the folder or repo name")
     revision: str | None = Field(default=None, description="Hub revision (branch, tag, commit)")
+
+
+_DEFAULT = SelfMixOptions()  # the core's defaults, the one home of them
+
+
+class SelfMixBlock(BaseModel):
+    """`cat_merge.self_mix`: write the fitting mix from the skills themselves (core/self_mix.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] | None = Field(
+        default=None, description="Default: the shipped generic prompts (chat or plain)"
+    )
+    pool: int = Field(default=_DEFAULT.pool, ge=1, description="Samples drawn per skill")
+    keep: int = Field(
+        default=_DEFAULT.keep, ge=1, description="Kept per skill: highest KL(skill || base)"
+    )
+    max_new_tokens: int = Field(default=_DEFAULT.max_new_tokens, ge=1)
+    temperature: float = Field(default=_DEFAULT.temperature, gt=0.0)
+    top_p: float = Field(default=_DEFAULT.top_p, gt=0.0, le=1.0)
+    seed: int = _DEFAULT.seed
+    batch_size: int = Field(
+        default=_DEFAULT.batch_size, ge=1, description="Prompts per generate call"
+    )
+    chat: bool | None = Field(default=None, description="Default: when the tokenizer has one")
+    dir: str | None = Field(
+        default=None, description="Where the JSONL goes; default output_dir/self_mix"
+    )
+
+    @model_validator(mode="after")
+    def _usable(self):
+        self.to_core().check()  # the core's rules (keep <= pool, ...)
+        return self
+
+    def to_core(self) -> SelfMixOptions:
+        """The core's SelfMixOptions (dir stays here: where to write is the caller's)."""
+        return SelfMixOptions(**self.model_dump(exclude={"dir"}))
+
+
+# datasets placeholder a config with cat_merge.self_mix gets (Axolotl requires `datasets`);
+# the plugin's load_datasets replaces it by the written mix
+SELF_MIX_PLACEHOLDER = "cat_merge.self_mix"
 
 
 class CatMergeConfig(BaseModel):
@@ -51,6 +96,14 @@ class CatMergeConfig(BaseModel):
     )
     prune_threshold: float | None = Field(
         default=None, ge=0.0, description="Drop a skill from a module where |coefficient| < this"
+    )
+    objective: Literal["lm", "distill"] = Field(
+        default="lm",
+        description="lm: the data's next-token loss; distill: per-token KL(teacher || CAT), "
+        "each row's teacher the skill its `skill` column names (core/distill.py)",
+    )
+    self_mix: SelfMixBlock | None = Field(
+        default=None, description="Write the mix from the skills themselves (no skill data)"
     )
 
     @model_validator(mode="before")
@@ -131,6 +184,7 @@ class CatMergeArgs(BaseModel):
             refuse_skill_folder(data["output_dir"], skills if isinstance(skills, list) else [])
         if adapter != "cat_merge":
             return data
+        data = _self_mix_usage(data, block if isinstance(block, dict) else {})
         if data.get("load_in_4bit") or data.get("load_in_8bit"):
             # axolotl/loaders/model.py (0.19 and 0.21) builds a BitsAndBytesConfig only for
             # adapter qlora (4-bit) or lora (8-bit): with cat_merge the flag would be ignored
@@ -161,3 +215,44 @@ class CatMergeArgs(BaseModel):
                 ", ".join(kernels_on),
             )
         return {**data, **{key: False for key in LORA_KERNELS}}
+
+
+def _self_mix_usage(data: dict, block: dict) -> dict:
+    """self_mix writes the datasets (a placeholder entry until then); distill needs each row
+    whole (no sample packing) and its teacher column kept by the Trainer."""
+    if block.get("self_mix") is not None:
+        datasets = data.get("datasets") or []
+        placeholder = [{"path": SELF_MIX_PLACEHOLDER, "type": "completion"}]
+        if any(not isinstance(d, dict) or d.get("path") != SELF_MIX_PLACEHOLDER for d in datasets):
+            raise ValueError(
+                "cat_merge.self_mix writes the fitting mix itself; remove `datasets` (or remove "
+                "self_mix to fit on your datasets)"
+            )
+        data = {**data, "datasets": placeholder}
+    if block.get("objective") == "distill":
+        if data.get("sample_packing"):
+            raise ValueError(
+                "cat_merge.objective: distill needs each row's own teacher; set "
+                "sample_packing: false"
+            )
+        if data.get("fsdp_config") or _zero3(data.get("deepspeed")):
+            raise ValueError(
+                "cat_merge.objective: distill sets the coefficients in place for the teacher, "
+                "which needs them whole; FSDP and DeepSpeed ZeRO-3 shard them. Use DDP or "
+                "ZeRO-1/2, or objective: lm"
+            )
+        data = {**data, "remove_unused_columns": False}  # keep the teacher column
+    return data
+
+
+def _zero3(deepspeed) -> bool:
+    """Whether a `deepspeed:` value (a JSON path or a dict) sets ZeRO stage 3."""
+    if isinstance(deepspeed, str):
+        try:
+            with open(deepspeed, encoding="utf-8") as handle:
+                deepspeed = json.load(handle)
+        except (OSError, ValueError):
+            return "zero3" in deepspeed
+    return (
+        isinstance(deepspeed, dict) and (deepspeed.get("zero_optimization") or {}).get("stage") == 3
+    )

@@ -96,6 +96,16 @@ class CatMergePlugin(BasePlugin):
         """Declares the adapter name `cat_merge` to Axolotl."""
         return [AdapterCapabilities(name="cat_merge", lora_like=False)]
 
+    def load_datasets(self, cfg, preprocess=False):
+        """With cat_merge.self_mix (the skills write the mix) or objective distill (each row
+        keeps its teacher): the run's datasets, built by integration/datasets.py; else None,
+        and Axolotl loads them itself."""
+        if not _is_cat(cfg) or cfg.lora_model_dir or cfg.rl:
+            return None
+        from .datasets import load_cat_datasets
+
+        return load_cat_datasets(cfg, self._config(cfg))
+
     def pre_model_load(self, cfg):
         """Before Axolotl writes anything: an export already in output_dir goes to a new
         generation folder, previous_export/ or previous_export.N/ (retire_previous_export),
@@ -206,6 +216,8 @@ class CatMergePlugin(BasePlugin):
             ],
             "steps": getattr(state, "global_step", None),
             "learning_rate": block.learning_rate or cfg.learning_rate,
+            "objective": block.objective,
+            "self_mix": block.self_mix.model_dump() if block.self_mix is not None else None,
             "sequence_len": cfg.sequence_len,
             "micro_batch_size": cfg.micro_batch_size,
             "gradient_accumulation_steps": cfg.gradient_accumulation_steps,

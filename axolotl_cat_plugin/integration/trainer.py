@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..core.baselines import is_sharded, static_coefficients, static_mixes
+from ..core.distill import DistillLossMixin
 from ..core.errors import CatError
 from ..core.export import compose, write
 from ..core.fold import full_tensor, gathered, skill_coefficients
@@ -53,8 +54,15 @@ class CatModelCardMixin:
         return super().create_model_card(*args, **kwargs)
 
 
-class CatTrainer(CatModelCardMixin, AxolotlTrainer):
-    """Reads its own settings from the run's config (`axolotl_cfg.cat_merge`)."""
+class CatTrainer(CatModelCardMixin, DistillLossMixin, AxolotlTrainer):
+    """Reads its own settings from the run's config (`axolotl_cfg.cat_merge`); its loss is
+    the LM loss, or with `objective: distill` core.distill's (DistillLossMixin)."""
+
+    @property
+    def cat_objective(self) -> str:
+        """cat_merge.objective: "lm" (default) or "distill"."""
+        block = getattr(self, "axolotl_cfg", None) and self.axolotl_cfg.get("cat_merge")
+        return (block or {}).get("objective") or "lm"
 
     @property
     def cat_learning_rate(self) -> float:

@@ -1,0 +1,264 @@
+"""Issue 23 in the miniature: CAT core fitted on a mix the skills write themselves, no skill data.
+
+    python scripts/demo/self_mix_bench.py --out docs/measurements/self_mix_miniature.json
+
+Needs the demo's world, base and two skills (scripts/demo.sh's first stages, demo_out/). Plain
+torch in one process, on the package's own API (attach_cat, build_self_mix, distill_loss,
+export_cat), graded by scripts/demo/eval_composition.py's own generate/accuracy on the adapter
+export_cat writes, loaded as the grader loads it. Variants:
+
+- self_distill: per seed, a self-written mix (build_self_mix: `--pool` samples per skill from
+  the `--prompts`, keep the `--keep` with the highest mean KL(skill ‖ base)), fitted with the
+  distillation objective (each row's teacher the skill that wrote it);
+- self_lm: the same mix, LM loss;
+- real_lm: the demo's real 400-row mix (5% of each skill's data), LM loss (the README's CAT
+  core, in this harness);
+- real_distill: the real mix, distilled (a row's teacher: the skill whose data it is);
+- uniform: no fit, the core at the plain sum of the skills.
+
+Every fit: granularity core, init 1.0 (the plain sum), AdamW without weight decay, cosine
+schedule, `--steps` x `--batch` rows, sequences as Axolotl's completion type tokenizes them (no
+BOS, EOS appended, 64 tokens). The learning rate of each variant is picked on seed 0 from
+`--grid` by the variant's own objective on 10% of its training rows held out (nothing reads a
+test); the seeds then fit on all rows. Results are written after every fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import eval_composition as grader  # noqa: E402
+
+from axolotl_cat_plugin import CatConfig, attach_cat, export_cat  # noqa: E402
+from axolotl_cat_plugin.core.distill import distill_loss, skill_names  # noqa: E402
+from axolotl_cat_plugin.core.self_mix import SelfMixOptions, build_self_mix  # noqa: E402
+from axolotl_cat_plugin.core.state import coefficient_parameters  # noqa: E402
+
+SKILLS = ("manual", "french")
+VARIANTS = ("self_distill", "self_lm", "real_lm", "real_distill", "uniform")
+# one-word openings of the world's generic (pretraining) text, as in the issue's prototype
+PROMPTS = ["the", "in", "by", "we", "nobody"]
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--demo", default="demo_out")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--grid", nargs="+", type=float, default=[0.002, 0.01, 0.05])
+    p.add_argument("--lr", action="append", default=[], help="VARIANT=LR: skip its tuning")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--pool", type=int, default=1000)
+    p.add_argument("--keep", type=int, default=200)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--prompts", nargs="+", default=PROMPTS)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--out", default="docs/measurements/self_mix_miniature.json")
+    return p.parse_args()
+
+
+def tokenize(tokenizer, rows, seq_len):
+    """(input_ids list, teacher index) per row, as Axolotl's completion type: EOS appended."""
+    out = []
+    for row in rows:
+        ids = tokenizer(row["text"], add_special_tokens=False)["input_ids"]
+        ids = (ids + [tokenizer.eos_token_id])[:seq_len]
+        out.append((ids, SKILLS.index(row["skill"])))
+    return out
+
+
+def collate(items, pad):
+    width = max(len(ids) for ids, _ in items)
+    input_ids = torch.full((len(items), width), pad)
+    labels = torch.full((len(items), width), -100)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for i, (ids, _) in enumerate(items):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(ids)] = torch.tensor(ids)
+        mask[i, : len(ids)] = 1
+    teachers = torch.tensor([t for _, t in items])
+    return input_ids, mask, labels, teachers
+
+
+def objective_sum(model, batch, objective):
+    """(summed loss over the counted tokens, their count) for one batch."""
+    input_ids, mask, labels, teachers = batch
+    count = int((labels[:, 1:] != -100).sum())
+    if objective == "distill":
+        return distill_loss(model, input_ids, labels, teachers, mask, num_items_in_batch=1), count
+    return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss * count, count
+
+
+def fit(model, initial, items, objective, lr, args, seed, pad):
+    with torch.no_grad():
+        for name, param in coefficient_parameters(model).items():
+            param.copy_(initial[name])
+    params = list(coefficient_parameters(model).values())
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 0, args.steps)
+    rng = random.Random(seed)
+    order: list[int] = []
+    model.train()
+    losses = []
+    for _ in range(args.steps):
+        if len(order) < args.batch:
+            fresh = list(range(len(items)))
+            rng.shuffle(fresh)
+            order += fresh
+        chosen, order = order[: args.batch], order[args.batch :]
+        loss, count = objective_sum(model, collate([items[i] for i in chosen], pad), objective)
+        (loss / count).backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss) / count)
+    model.eval()
+    return sum(losses[-50:]) / len(losses[-50:])
+
+
+@torch.no_grad()
+def held_out(model, items, objective, pad, batch=32):
+    total = count = 0.0
+    for start in range(0, len(items), batch):
+        loss, n = objective_sum(model, collate(items[start : start + batch], pad), objective)
+        total, count = total + float(loss), count + n
+    return total / count
+
+
+def grade(model, tokenizer, args, folder):
+    """The grader's accuracies of the adapter export_cat writes (loaded as the grader does)."""
+    export_cat(model, folder)
+    graded = grader.load(f"{args.demo}/base", str(folder))
+    left = AutoTokenizer.from_pretrained(f"{args.demo}/base", padding_side="left")
+    tests = Path(args.demo) / "world" / "data"
+    result = {}
+    for test in grader.TESTS:
+        rows = grader.read_jsonl(tests / f"test_{test}.jsonl")
+        answers = grader.generate(graded, left, [r["prompt"] for r in rows], 200, 6)
+        result[test] = round(100 * grader.accuracy(rows, answers), 1)
+    return result
+
+
+def main():
+    args = parse_args()
+    torch.manual_seed(0)
+    base = f"{args.demo}/base"
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    skills = [{"path": f"{args.demo}/skill-{s}", "name": s} for s in SKILLS]
+    model = attach_cat(
+        AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+        CatConfig(skills=skills, granularity="core", init=1.0),
+    )
+    assert tuple(skill_names(model)) == SKILLS
+    model.eval()
+    initial = {n: p.detach().clone() for n, p in coefficient_parameters(model).items()}
+    pad = tokenizer.pad_token_id
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "lr")}
+    results.setdefault("runs", {})
+    results.setdefault("lr", {})
+    fixed_lr = {v: float(lr) for v, lr in (e.split("=") for e in args.lr)}
+    real = [json.loads(line) for line in (Path(args.demo) / "world/data/mix.jsonl").open()]
+    half = len(real) // 2  # mix.jsonl: the manual's rows, then as many of french's
+    real = [{**row, "skill": SKILLS[0] if i < half else SKILLS[1]} for i, row in enumerate(real)]
+    mixes = {}
+
+    def mix(seed):
+        if seed not in mixes:
+            started = time.time()
+            options = SelfMixOptions(
+                prompts=args.prompts, pool=args.pool, keep=args.keep, seed=seed,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, batch_size=250, chat=False,
+            )  # fmt: skip
+            path = build_self_mix(model, tokenizer, Path(args.demo) / "self-mix", options)
+            rows = [json.loads(line) for line in path.open()]
+            mixes[seed] = rows
+            seconds = round(time.time() - started, 1)
+            results.setdefault("mixes", {})[str(seed)] = {"path": str(path), "seconds": seconds}
+            print(f"[bench] self-written mix seed {seed}: {path} ({seconds} s)", flush=True)
+        return mixes[seed]
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for variant in args.variants:
+            if variant == "uniform":
+                started = time.time()
+                results["runs"]["uniform"] = {"-": grade(model, tokenizer, args, Path(tmp) / "u")}
+                print(f"[bench] uniform: {results['runs']['uniform']}", flush=True)
+                save()
+                continue
+            objective = variant.split("_")[1]
+
+            def rows_for(seed, variant=variant):
+                return mix(seed) if variant.startswith("self") else real
+
+            if variant in fixed_lr:
+                results["lr"][variant] = {"chosen": fixed_lr[variant], "given": True}
+            elif variant not in results["lr"] or results["lr"][variant].get("grid") != args.grid:
+                rows = rows_for(0)
+                order = list(range(len(rows)))
+                random.Random(0).shuffle(order)
+                cut = len(rows) // 10
+                val = tokenize(tokenizer, [rows[i] for i in order[:cut]], args.seq_len)
+                train = tokenize(tokenizer, [rows[i] for i in order[cut:]], args.seq_len)
+                scores = {}
+                for lr in args.grid:
+                    started = time.time()
+                    fit(model, initial, train, objective, lr, args, 0, pad)
+                    scores[lr] = held_out(model, val, objective, pad)
+                    seconds = time.time() - started
+                    print(f"[bench] tune {variant} lr {lr}: held-out {objective} "
+                          f"{scores[lr]:.4f} ({seconds:.0f} s)", flush=True)  # fmt: skip
+                chosen = min(scores, key=scores.get)
+                results["lr"][variant] = {"grid": args.grid, "held_out": scores, "chosen": chosen}
+                save()
+            lr = results["lr"][variant]["chosen"]
+            for seed in args.seeds:
+                key = f"seed {seed}"
+                if key in results["runs"].get(variant, {}):
+                    continue
+                items = tokenize(tokenizer, rows_for(seed), args.seq_len)
+                started = time.time()
+                final = fit(model, initial, items, objective, lr, args, seed, pad)
+                seconds = round(time.time() - started, 1)
+                scores = grade(model, tokenizer, args, Path(tmp) / f"{variant}-{seed}")
+                run = {**scores, "lr": lr, "fit_seconds": seconds, "final_loss": round(final, 4)}
+                results["runs"].setdefault(variant, {})[key] = run
+                print(f"[bench] {variant} seed {seed}: {run}", flush=True)
+                save()
+    summary = {}
+    for variant, runs in results["runs"].items():
+        composite = [r["composite"] for r in runs.values()]
+        summary[variant] = {
+            "composite_mean": round(sum(composite) / len(composite), 1),
+            "composite": composite,
+            "runs": len(composite),
+        }
+    results["summary"] = summary
+    save()
+    print(json.dumps(summary, indent=2))
+    assert all(math.isfinite(v["composite_mean"]) for v in summary.values())
+
+
+if __name__ == "__main__":
+    main()

@@ -58,6 +58,19 @@ def gather(run: Path, task: str) -> dict:
     return methods
 
 
+def pick_by_held_out_loss(methods: dict, family: str) -> str | None:
+    """Of the runs of one method at several learning rates (``family``, ``family_lr...``),
+    the one with the lowest mean held-out loss after the fit (rows of the skills' data outside
+    the mix: no test is read)."""
+    runs = {
+        name: [e["fit"]["held_out_loss_after"] for e in seeds.values() if "fit" in e]
+        for name, seeds in methods.items()
+        if name == family or name.startswith(f"{family}_lr")
+    }
+    runs = {name: losses for name, losses in runs.items() if losses}
+    return min(runs, key=lambda n: statistics.mean(runs[n])) if runs else None
+
+
 def table(methods: dict, task: str) -> str:
     """A markdown table: each test's mean, the composite's range and each seed's composite."""
     tests = list(GRADERS[task])
@@ -93,10 +106,13 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     methods = gather(args.run, args.task)
+    picked = pick_by_held_out_loss(methods, "mix_lora")
+    record = {"task": args.task, "mix_lora_picked_by_held_out_loss": picked, "methods": methods}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"task": args.task, "methods": methods}, indent=1) + "\n")
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{args.task} (accuracy %, mean over seeds (min-max); composite per seed):")
     print(table(methods, args.task))
+    print(f"mix_lora's learning rate, picked by held-out loss: {picked}")
 
 
 if __name__ == "__main__":

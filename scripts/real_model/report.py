@@ -26,6 +26,7 @@ ORDER = [
     "dare",
     "data-mix",
     "mix_lora",
+    "mix_lora_lr0.002",
     "cat_core_random",
     "cat_module",
     "cat_layer",
@@ -71,7 +72,7 @@ def pick_by_held_out_loss(methods: dict, family: str) -> str | None:
     return min(runs, key=lambda n: statistics.mean(runs[n])) if runs else None
 
 
-def table(methods: dict, task: str) -> str:
+def table(methods: dict, task: str, picked: str | None = None) -> str:
     """A markdown table: each test's mean, the composite's range and each seed's composite."""
     tests = list(GRADERS[task])
     known = [m for m in ORDER if m in methods]
@@ -94,7 +95,10 @@ def table(methods: dict, task: str) -> str:
         ratio = f"{statistics.mean(ratios):.3f}" if ratios else "-"
         times = [e["train_seconds"] for e in seeds.values() if "train_seconds" in e]
         seconds = f"{statistics.mean(times):.0f}" if times else "-"
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {each} | {ratio} | {seconds} |")
+        label = name
+        if name.startswith("mix_lora"):
+            label += " (picked)" if name == picked else " (not picked: higher held-out loss)"
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {each} | {ratio} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -111,7 +115,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{args.task} (accuracy %, mean over seeds (min-max); composite per seed):")
-    print(table(methods, args.task))
+    print(table(methods, args.task, picked))
     print(f"mix_lora's learning rate, picked by held-out loss: {picked}")
 
 

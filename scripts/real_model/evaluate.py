@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from eval_composition import update_ratio  # scripts/demo, on the path as in real_model.sh
 from grade import GRADERS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -69,17 +70,6 @@ def replies(model, tokenizer, prompts: list[str]) -> list[str]:
     return out
 
 
-def update_ratio(base_state: dict, model) -> float | None:
-    """Mean over changed weight matrices of ||W' - W||_F / ||W||_F (the update's size)."""
-    ratios = []
-    for name, weight in model.state_dict().items():
-        original = base_state.get(name)
-        if original is None or weight.dim() != 2 or torch.equal(original, weight):
-            continue
-        ratios.append(((weight - original).norm() / original.norm()).item())
-    return round(sum(ratios) / len(ratios), 5) if ratios else None
-
-
 def score(model, tokenizer, task_dir: Path, task: str) -> dict:
     """Accuracy (%) on each test of ``task``, with three sample replies per test."""
     result = {}
@@ -126,7 +116,8 @@ def main() -> None:
         started = time.time()
         model = load(args.base, adapter or None)
         scores = score(model, tokenizer, args.task_dir, args.task)
-        scores["update_ratio"] = update_ratio(base_state, model)
+        ratio = update_ratio(base_state, model)
+        scores["update_ratio"] = round(ratio, 5) if ratio is not None else None
         scores["eval_seconds"] = round(time.time() - started, 1)
         scores["stage_hash"] = stamp
         results[name] = scores

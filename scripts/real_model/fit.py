@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from evaluate import read_jsonl
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 GRANULARITY = {"cat_module": "module", "cat_layer": "layer", "cat_rank": "rank", "cat_core": "core"}
 METHODS = [*GRANULARITY, "mix_lora"]
@@ -60,26 +60,19 @@ def encode(tokenizer, row: dict) -> tuple[list[int], list[int]]:
     return prompt_ids + answer_ids, [-100] * len(prompt_ids) + answer_ids
 
 
-def batches(encoded, batch: int, pad: int):
-    """Right-padded tensors for consecutive groups of ``batch`` encoded rows."""
+def batches(encoded, batch: int, collator):
+    """Consecutive groups of ``batch`` encoded rows, right-padded by ``collator``
+    (transformers' DataCollatorForSeq2Seq: pad id for inputs, -100 for labels)."""
     for start in range(0, len(encoded), batch):
         chunk = encoded[start : start + batch]
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), width), pad)
-        labels = torch.full((len(chunk), width), -100)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for i, (row_ids, row_labels) in enumerate(chunk):
-            ids[i, : len(row_ids)] = torch.tensor(row_ids)
-            labels[i, : len(row_labels)] = torch.tensor(row_labels)
-            mask[i, : len(row_ids)] = 1
-        yield {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        yield collator([{"input_ids": ids, "labels": labels} for ids, labels in chunk])
 
 
 @torch.no_grad()
-def mean_loss(model, encoded, batch: int, pad: int) -> float:
+def mean_loss(model, encoded, batch: int, collator) -> float:
     """Token-weighted mean loss over ``encoded``."""
     total, tokens = 0.0, 0
-    for inputs in batches(encoded, batch, pad):
+    for inputs in batches(encoded, batch, collator):
         count = int((inputs["labels"][:, 1:] != -100).sum())
         total += float(model(**inputs).loss) * count
         tokens += count
@@ -145,7 +138,7 @@ def main() -> None:
     mix, held_out = split_rows(args.task_dir, args.data_skills or list(skills), args.fraction, 32)
     mix_encoded = [encode(tokenizer, row) for row in mix]
     held_encoded = [encode(tokenizer, row) for row in held_out]
-    pad = tokenizer.pad_token_id
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")
     trainable = [p for p in model.parameters() if p.requires_grad]
     start = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
@@ -153,7 +146,7 @@ def main() -> None:
         optimizer,
         lambda step: 0.5 * (1 + torch.cos(torch.tensor(step / args.steps * torch.pi)).item()),
     )
-    held_before = mean_loss(model.eval(), held_encoded, 8, pad)
+    held_before = mean_loss(model.eval(), held_encoded, 8, collator)
     model.train()
     order, losses, rng = [], [], random.Random(args.seed)
     for step in range(args.steps):
@@ -162,7 +155,7 @@ def main() -> None:
             rng.shuffle(epoch)
             order += epoch
         picked, order = order[: args.batch], order[args.batch :]
-        inputs = next(batches([mix_encoded[i] for i in picked], args.batch, pad))
+        inputs = next(batches([mix_encoded[i] for i in picked], args.batch, collator))
         loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
@@ -175,7 +168,7 @@ def main() -> None:
                 flush=True,
             )
     train_seconds = time.time() - started
-    held_after = mean_loss(model.eval(), held_encoded, 8, pad)
+    held_after = mean_loss(model.eval(), held_encoded, 8, collator)
     record = {
         "method": args.method,
         "seed": args.seed,

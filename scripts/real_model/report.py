@@ -32,7 +32,12 @@ ORDER = [
     "cat_layer",
     "cat_rank",
     "cat_core",
+    "cat_module_distill",
+    "cat_module_selfmix",
+    "cat_core_selfmix",
 ]
+# the candidates a `granularity: auto` would fit on the user's mix (issue 19, item 5)
+AUTO_CANDIDATES = ["cat_module", "cat_layer", "cat_rank", "cat_core"]
 
 
 def gather(run: Path, task: str) -> dict:
@@ -70,6 +75,31 @@ def pick_by_held_out_loss(methods: dict, family: str) -> str | None:
     }
     runs = {name: losses for name, losses in runs.items() if losses}
     return min(runs, key=lambda n: statistics.mean(runs[n])) if runs else None
+
+
+def auto_pick(methods: dict) -> dict:
+    """What picking the CAT variant by held-out loss (the rows of the skills' data outside the
+    mix, as a ``granularity: auto`` on the user's own mix would) gives, seed by seed: the pick,
+    its composite, the best variant's composite by the test, and whether they match."""
+    seeds = sorted(
+        set.intersection(*(set(methods[m]) for m in AUTO_CANDIDATES if m in methods)) - {"-"}
+    )
+    by_seed = {}
+    for seed in seeds:
+        runs = {m: methods[m][seed] for m in AUTO_CANDIDATES if "fit" in methods[m][seed]}
+        if len(runs) < 2:
+            continue
+        pick = min(runs, key=lambda m: runs[m]["fit"]["held_out_loss_after"])
+        best = max(runs[m]["composite"] for m in runs)
+        by_seed[seed] = {
+            "held_out_loss": {m: runs[m]["fit"]["held_out_loss_after"] for m in runs},
+            "pick": pick,
+            "pick_composite": runs[pick]["composite"],
+            "best_composite": best,
+            "best": sorted(m for m in runs if runs[m]["composite"] == best),
+            "matches": runs[pick]["composite"] == best,
+        }
+    return by_seed
 
 
 def table(methods: dict, task: str, picked: str | None = None) -> str:
@@ -111,12 +141,24 @@ def main() -> None:
     args = parser.parse_args()
     methods = gather(args.run, args.task)
     picked = pick_by_held_out_loss(methods, "mix_lora")
-    record = {"task": args.task, "mix_lora_picked_by_held_out_loss": picked, "methods": methods}
+    auto = auto_pick(methods)
+    record = {
+        "task": args.task,
+        "mix_lora_picked_by_held_out_loss": picked,
+        "auto_pick_by_held_out_loss": auto,
+        "methods": methods,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"{args.task} (accuracy %, mean over seeds (min-max); composite per seed):")
     print(table(methods, args.task, picked))
     print(f"mix_lora's learning rate, picked by held-out loss: {picked}")
+    for seed, run in auto.items():
+        print(
+            f"seed {seed}: the lowest held-out loss picks {run['pick']} (composite "
+            f"{run['pick_composite']:.1f}); the test's best: {', '.join(run['best'])} "
+            f"({run['best_composite']:.1f})"
+        )
 
 
 if __name__ == "__main__":

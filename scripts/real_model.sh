@@ -5,12 +5,14 @@
 # four skill LoRAs trained with `axolotl train` in the model's chat template, then per task:
 # static merges (`axolotl-cat merge`), data mixing (`axolotl train`), and the fits on a 10%
 # mix of the skills' rows (scripts/real_model/fit.py: CAT per module / layer / rank / core,
-# the random-skill control, a fresh LoRA on the same rows), seeds from REAL_SEEDS.
+# the random-skill control, a fresh LoRA on the same rows), seeds from REAL_SEEDS, and the fits
+# without skill data: a mix the skills write themselves (`axolotl-cat self-mix`) fitted with the
+# distillation objective (methods *_selfmix; *_distill: the same objective on the real mix).
 # Everything lands in real_model_out/; every stage is cached by the hash of what it reads.
 #   scripts/real_model.sh                 all stages, seeds "0 1 2"
 #   REAL_SEEDS=0 scripts/real_model.sh    one seed
 #   REAL_TASKS=math_words REAL_STAGES=fits REAL_METHODS="cat_core mix_lora" scripts/real_model.sh
-#                                         a part (stages: skills merges fits data_mix)
+#                                         a part (stages: skills merges fits data_mix self_mix)
 # The tables go to docs/measurements/real_model_<task>.json (scripts/real_model/report.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -56,8 +58,23 @@ declare -A LR=([cat_module]=0.05 [cat_layer]=0.05 [cat_rank]=0.05 [cat_core]=0.0
   [cat_core_random]=0.01 [mix_lora]=0.01 [mix_lora_lr0.002]=0.002)
 declare -A INIT=([cat_module]=0.5 [cat_layer]=0.5 [cat_rank]=0.5 [cat_core]=1.0
   [cat_core_random]=1.0 [mix_lora]=1.0 [mix_lora_lr0.002]=1.0)
+# Without the skills' data (issue 23): GRANULARITY_selfmix fits on the mix the skills write
+# (self_mix below) with the distillation objective, GRANULARITY_distill on the real 10% mix with
+# it; each takes its granularity's rate and init (the miniature's grid picked core's 0.01 for
+# the distillation objective too, docs/measurements/self_mix_miniature.json).
+# cat_module_init1: the per-module fit from the product's default start, the plain sum (init 1.0)
+LR[cat_module_init1]=${LR[cat_module]} INIT[cat_module_init1]=1.0
+SELF_MIX_METHODS="cat_module_selfmix cat_core_selfmix cat_module_distill"
+for granularity in cat_module cat_core; do
+  for suffix in selfmix distill; do
+    LR[${granularity}_$suffix]=${LR[$granularity]} INIT[${granularity}_$suffix]=${INIT[$granularity]}
+  done
+done
+# The self-written mix: the shipped generic chat questions, a pool of 5 samples per kept one (the
+# prototype's 1000:200), 24 kept per skill (about the real mix's size: 38 and 48 rows in all).
+SELF_MIX_OPTIONS=(--pool 120 --keep 24 --seed 0)
 METHODS=${REAL_METHODS:-cat_module cat_core mix_lora cat_rank cat_layer cat_core_random mix_lora_lr0.002}
-STAGES=${REAL_STAGES:-skills merges fits data_mix} # a part of each task's chain
+STAGES=${REAL_STAGES:-skills merges fits data_mix self_mix} # a part of each task's chain
 
 skill_stamps() { echo "$OUT/$1/skill-${FIRST[$1]}/.stage-hash" "$OUT/$1/skill-${SECOND[$1]}/.stage-hash"; }
 
@@ -88,11 +105,27 @@ random_skills() { # TASK: random LoRAs shaped like the skills (the control)
     "$OUT/$task/skill-${SECOND[$task]}=$OUT/$task/random-skills/${SECOND[$task]}"
 }
 
+self_mix() { # TASK: the fitting mix the skills write themselves (no skill data)
+  local task=$1
+  # shellcheck disable=SC2046
+  stage "$task-self-mix" "$OUT/$task/self-mix" <(echo "${SELF_MIX_OPTIONS[*]}") \
+    $(skill_stamps "$task") -- axolotl-cat self-mix --base "$OUT/base" --out "$OUT/$task/self-mix" \
+    "${SELF_MIX_OPTIONS[@]}" \
+    "${FIRST[$task]}=$OUT/$task/skill-${FIRST[$task]}" "${SECOND[$task]}=$OUT/$task/skill-${SECOND[$task]}"
+}
+
 fit() { # TASK METHOD SEED
-  local task=$1 method=$2 seed=$3 from=$OUT/$1 kind=${2%_lr*} stamps
+  local task=$1 method=$2 seed=$3 from=$OUT/$1 kind=${2%_lr*} stamps extra=()
   if [ "$method" = cat_core_random ]; then from=$OUT/$task/random-skills kind=cat_core; fi
   stamps=$(skill_stamps "$task")
   [ "$method" = cat_core_random ] && stamps="$stamps $OUT/$task/random-skills/.stage-hash"
+  case $method in
+    *_distill) kind=${method%_distill} extra=(--objective distill) ;;
+    *_init1) kind=${method%_init1} ;;
+    *_selfmix)
+      kind=${method%_selfmix} stamps="$stamps $OUT/$task/self-mix/.stage-hash"
+      extra=(--objective distill --mix-file "$(ls "$OUT/$task"/self-mix/self_mix-*.jsonl)") ;;
+  esac
   # shellcheck disable=SC2086
   stage "$task-$method-$seed" "$OUT/$task/seed-$seed/$method" scripts/real_model/fit.py \
     <(echo "$method ${LR[$method]} ${INIT[$method]} $seed") $stamps -- \
@@ -100,16 +133,16 @@ fit() { # TASK METHOD SEED
     --skill "${FIRST[$task]}=$from/$( [ "$from" = "$OUT/$task" ] && echo skill-)${FIRST[$task]}" \
     --skill "${SECOND[$task]}=$from/$( [ "$from" = "$OUT/$task" ] && echo skill-)${SECOND[$task]}" \
     --method "$kind" --lr "${LR[$method]}" --init "${INIT[$method]}" --seed "$seed" \
-    --out "$OUT/$task/seed-$seed/$method"
+    "${extra[@]}" --out "$OUT/$task/seed-$seed/$method"
 }
 
-fits() { # TASK: every fit, seed by seed, each scored as soon as it exists
+fits() { # TASK: every fit, seed by seed
   local task=$1 seed method
   for seed in $SEEDS; do
     for method in $METHODS; do
       [ "$method" = cat_core_random ] && random_skills "$task"
       fit "$task" "$method" "$seed"
-      evaluate "$task"
+      if [ "$STAGE_RAN" = 1 ]; then evaluate "$task"; fi # scored as soon as it exists
     done
   done
 }
@@ -139,6 +172,11 @@ task_chain() { # TASK: everything of one task, one stage after the other (one th
   if [[ " $STAGES " == *" merges "* ]]; then merges "$task"; evaluate "$task"; fi
   if [[ " $STAGES " == *" fits "* ]]; then fits "$task"; fi
   if [[ " $STAGES " == *" data_mix "* ]]; then data_mix "$task"; evaluate "$task"; fi
+  if [[ " $STAGES " == *" self_mix "* ]]; then
+    self_mix "$task"
+    METHODS=${REAL_SELF_MIX_METHODS:-$SELF_MIX_METHODS} fits "$task"
+  fi
+  evaluate "$task" # everything scored (a method scored before is skipped), the report rebuilt
 }
 
 chains=()

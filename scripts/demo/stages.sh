@@ -8,6 +8,7 @@ say() { # a line with the time since the demo started
 }
 
 # stage NAME OUTPUT_DIR INPUT_FILE... -- COMMAND...
+# Sets STAGE_RAN to 1 when the command ran, 0 when the stage was cached.
 stage() {
   local name=$1 out=$2 hash
   shift 2
@@ -17,6 +18,7 @@ stage() {
   hash=$(cat "${inputs[@]}" | sha256sum | cut -c1-16)
   if [ "$(cat "$out/.stage-hash" 2>/dev/null)" = "$hash" ]; then
     say "$name: cached ($out)"
+    STAGE_RAN=0
     return 0
   fi
   say "$name -> $out (log: $RUN/logs/$name.log)"
@@ -33,6 +35,7 @@ stage() {
   echo $((SECONDS - t0)) > "$out/.stage-seconds"
   echo "$hash" > "$out/.stage-hash"
   say "$name done in $((SECONDS - t0)) s"
+  STAGE_RAN=1
 }
 
 # Keep the full log; on the terminal show the progress bars (tqdm) and our own lines. A stage

@@ -12,6 +12,13 @@ for every method and seed); the seed changes the order of the batches (and mix_l
 initialisation). The loss is on the assistant's tokens and its end-of-turn token, as
 Axolotl's ``chat_template`` datasets train by default.
 
+Objectives: ``lm`` (the loss on the mix's answers, as ``axolotl train`` fits CAT) or
+``distill`` (KL(skill ‖ composed) per answer token, each row's teacher the skill whose data it
+is: ``axolotl_cat_plugin.core.distill``, issue 23). ``--mix-file`` replaces the skills' rows
+by a JSONL mix with chat ``messages`` and a ``skill`` column, such as the one ``axolotl-cat
+self-mix`` writes from the skills alone (no skill data); the held-out loss stays on the
+skills' own rows.
+
 Writes the adapter (a standard PEFT folder) and ``fit.json``: the settings, the training
 loss every 4 steps, the loss on 32 rows of the skills' data outside the mix, before and after
 the fit, how far the coefficients moved, the number of trainable parameters and the seconds.
@@ -35,14 +42,15 @@ MIX_SEED = 1234  # the mix's rows do not depend on the fit's seed
 
 
 def split_rows(task_dir: Path, skills: list[str], fraction: float, held_out: int):
-    """(mix, held-out) rows: ``fraction`` of each skill's rows, and ``held_out`` others."""
+    """(mix, held-out) rows: ``fraction`` of each skill's rows, and ``held_out`` others; each
+    mix row gains the column ``skill`` (its teacher under the ``distill`` objective)."""
     rng = random.Random(MIX_SEED)
     mix, rest = [], []
     for skill in skills:
         rows = read_jsonl(task_dir / f"{skill}.jsonl")
         rng.shuffle(rows)
         count = max(1, round(fraction * len(rows)))
-        mix += rows[:count]
+        mix += [{**row, "skill": skill} for row in rows[:count]]
         rest += rows[count : count + held_out // len(skills)]
     return mix, rest
 
@@ -77,6 +85,16 @@ def mean_loss(model, encoded, batch: int, collator) -> float:
         total += float(model(**inputs).loss) * count
         tokens += count
     return total / max(tokens, 1)
+
+
+def read_mix_file(path: Path, skills: list[str]) -> list[dict]:
+    """The rows of a JSONL mix (chat ``messages`` and a ``skill`` column naming one of
+    ``skills``); raises SystemExit naming the file for a row without them."""
+    rows = read_jsonl(path)
+    for number, row in enumerate(rows, 1):
+        if "messages" not in row or row.get("skill") not in skills:
+            raise SystemExit(f"{path}:{number}: needs chat `messages` and a `skill` in {skills}")
+    return rows
 
 
 def build(method: str, base, skills: dict[str, str], init: float):
@@ -127,6 +145,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--fraction", type=float, default=0.1)
+    parser.add_argument("--objective", choices=["lm", "distill"], default="lm")
+    parser.add_argument(
+        "--mix-file", type=Path, help="a JSONL mix (chat messages + skill) for the skills' rows"
+    )
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     skills = dict(spec.split("=", 1) for spec in args.skill)
@@ -134,8 +156,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tokenizer = AutoTokenizer.from_pretrained(args.base)
     base = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32)
+    if args.objective == "distill" and args.method not in GRANULARITY:
+        parser.error("--objective distill needs a CAT method (the skills are the teachers)")
     model = build(args.method, base, skills, args.init)
     mix, held_out = split_rows(args.task_dir, args.data_skills or list(skills), args.fraction, 32)
+    if args.mix_file is not None:
+        mix = read_mix_file(args.mix_file, list(skills))
     mix_encoded = [encode(tokenizer, row) for row in mix]
     held_encoded = [encode(tokenizer, row) for row in held_out]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")
@@ -156,7 +182,12 @@ def main() -> None:
             order += epoch
         picked, order = order[: args.batch], order[args.batch :]
         inputs = next(batches([mix_encoded[i] for i in picked], args.batch, collator))
-        loss = model(**inputs).loss
+        if args.objective == "distill":
+            from axolotl_cat_plugin.core.distill import distill_loss
+
+            loss = distill_loss(model, teachers=[mix[i]["skill"] for i in picked], **inputs)
+        else:
+            loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -178,6 +209,8 @@ def main() -> None:
         "batch": args.batch,
         "mix_rows": len(mix),
         "fraction": args.fraction,
+        "objective": args.objective,
+        "mix_file": str(args.mix_file) if args.mix_file else None,
         "skills": skills,
         "trainable_parameters": sum(p.numel() for p in trainable),
         "train_loss": [
@@ -204,6 +237,7 @@ def main() -> None:
                 for k in (
                     "method",
                     "seed",
+                    "objective",
                     "held_out_loss_before",
                     "held_out_loss_after",
                     "train_seconds",

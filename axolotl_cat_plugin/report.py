@@ -11,9 +11,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .core.card import saved_modules_note, vllm_max_lora_rank
 from .core.format import CONFIG_FILE, fit_finished, read_record
 from .core.granularity import Granularity
+from .core.serving import saved_modules_note, vllm_max_lora_rank
 from .core.summary import (
     core_residuals,
     layer_table,

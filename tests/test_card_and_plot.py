@@ -21,13 +21,9 @@ from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
 from axolotl_cat_plugin import CatConfig, attach_cat, export_cat
-from axolotl_cat_plugin.core.card import (
-    TAGS,
-    VLLM_MAX_LORA_RANKS,
-    model_card,
-    vllm_max_lora_rank,
-)
+from axolotl_cat_plugin.core.card import TAGS, model_card
 from axolotl_cat_plugin.core.plot import coefficient_heatmap
+from axolotl_cat_plugin.core.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 from axolotl_cat_plugin.core.state import is_coefficient
 from axolotl_cat_plugin.integration.trainer import CatModelCardMixin
 
@@ -246,7 +242,7 @@ class CatTrainerStandIn(CatModelCardMixin, Trainer):
     """transformers' Trainer with CatTrainer's model-card behaviour and the attribute by which
     the plugin recognises CatTrainer (AxolotlTrainer itself needs a whole Axolotl config)."""
 
-    def cat_baselines(self):
+    def cat_baselines(self, grader=None):
         return None
 
     def cat_movement(self):
@@ -320,3 +316,33 @@ def test_card_says_the_objective_and_that_the_skills_wrote_the_mix():
     assert "- objective: distill" in card
     assert "written by the skills themselves, no skill data (1000 samples per skill" in card
     assert "self_mix: " not in card  # the mapping itself is not dumped as a line
+
+
+def test_baselines_with_a_grader_show_both_metrics_and_are_judged_by_the_grader():
+    methods = [
+        {"method": "math alone", "weights": [1, 0], "eval_loss": 1.2, "graded": 0.25},
+        {"method": "uniform sum", "weights": [1, 1], "eval_loss": 0.9, "graded": 0.5},
+        {"method": "CAT (fitted)", "weights": None, "eval_loss": 1.0, "graded": 0.75},
+    ]
+    baselines = {
+        "metric": "graded",
+        "methods": methods,
+        "best_static": "uniform sum",
+        "cat_beats_best_static": True,
+        "eval_rows_from": "training_mix",
+        "rows_evaluated": 8,
+        "grader": {"function": "g.py:score", "prompts": "p.jsonl"},
+        "prompts_graded": 4,
+    }
+    card = " ".join(model_card(record(baselines=baselines), config={"r": 12}).split())
+    assert "| method | eval loss | graded |" in card
+    assert "| CAT (fitted) | 1.0000 | 0.7500 |" in card
+    assert "By the graded score, the fitted CAT beats the best static mix (uniform sum)" in card
+    assert "`g.py:score` on greedy replies to the 4 prompts of `p.jsonl`" in card
+    # a grader alone (no eval split): one column
+    alone = {
+        **baselines,
+        "methods": [{k: v for k, v in m.items() if k != "eval_loss"} for m in methods],
+    }
+    card = " ".join(model_card(record(baselines=alone), config={"r": 12}).split())
+    assert "| method | graded |" in card and "| uniform sum | 0.5000 |" in card

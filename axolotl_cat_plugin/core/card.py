@@ -12,11 +12,10 @@ import re
 import yaml
 
 from .granularity import Granularity
+from .serving import VLLM_MAX_LORA_RANKS, saved_modules_note, vllm_max_lora_rank
 from .summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
 
 TAGS = ["axolotl", "lora", "cat-merge", "lora-soups", "peft"]
-# vLLM's --max-lora-rank accepts only these sizes (vllm/config/lora.py)
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _DATA_FILE = re.compile(r"\.(jsonl?|csv|tsv|parquet|arrow|txt)(\.(gz|bz2|xz|zst))?$", re.I)
 _PLACEHOLDER_ADAPTER = "path/to/this/adapter"
@@ -26,11 +25,6 @@ def looks_like_hub_id(value) -> bool:
     """`org/name` and not a data file: the Hub refuses a card whose base_model or datasets
     name a local path, so only ids that can be Hub repos go into the front-matter."""
     return isinstance(value, str) and bool(_HUB_ID.match(value)) and not _DATA_FILE.search(value)
-
-
-def vllm_max_lora_rank(rank: int) -> int | None:
-    """The smallest --max-lora-rank vLLM accepts that fits `rank`; None above vLLM's largest."""
-    return next((size for size in VLLM_MAX_LORA_RANKS if size >= rank), None)
 
 
 def model_card(
@@ -193,45 +187,39 @@ def _training(record: dict) -> str:
     return "\n".join(lines)
 
 
+TEST = "`test_datasets`"
+OWN = (
+    "rows split off the fit's own mix (`val_set_size`), i.e. from the skills' own training data: "
+    "a static mix that replays what the skills memorised scores well there, which need not hold "
+    "on the task you compose them for; give `test_datasets` the skills never saw, or a "
+    "`grader`, for a fairer comparison"
+)
+
+
 def _baselines(record: dict) -> str:
     baselines = record.get("baselines")
     if not isinstance(baselines, dict) or not baselines.get("methods"):
         return (
             "## Against static merges\n\nNot measured: the run had no eval split "
-            "(`val_set_size` or `test_datasets`)."
+            "(`val_set_size` or `test_datasets`) and no `grader`."
         )
-    rows = [[row["method"], f"{row['eval_loss']:.4f}"] for row in baselines["methods"]]
+    columns = [key for key in ("eval_loss", "graded") if key in baselines["methods"][0]]
+    rows = [[row["method"], *(f"{row[c]:.4f}" for c in columns)] for row in baselines["methods"]]
+    said = []
+    if "eval_loss" in columns:
+        own = baselines.get("eval_rows_from") != "test_datasets"
+        said.append(f"Eval loss on {baselines.get('rows_evaluated')} rows: {OWN if own else TEST}.")
+    if "graded" in columns:
+        grader, count = baselines.get("grader") or {}, baselines.get("prompts_graded")
+        said.append(f"Graded: the mean score (0 to 1) of `{grader.get('function')}` on greedy "
+                    f"replies to the {count} prompts of `{grader.get('prompts')}`.")  # fmt: skip
+    metric = "graded score" if baselines.get("metric") == "graded" else "eval loss"
     verdict = "beats" if baselines.get("cat_beats_best_static") else "does not beat"
-    source = (
-        "`test_datasets`"
-        if baselines.get("eval_rows_from") == "test_datasets"
-        else "rows split off the fit's own mix (`val_set_size`), i.e. from the skills' own "
-        "training data: a static mix that replays what the skills memorised scores well there, "
-        "which need not hold on the task you compose them for; give `test_datasets` the skills "
-        "never saw for a fairer comparison"
-    )
     return (
-        "## Against static merges\n\n"
-        f"Eval loss on {baselines.get('rows_evaluated')} rows: {source}. The same skills with "
-        "fixed weights are set in place of the fitted ones. On these rows the fitted CAT "
-        f"{verdict} the best static mix ({baselines.get('best_static')}).\n\n"
-        + _table(["method", "eval loss"], rows)
-    )
-
-
-def saved_modules_note(record: dict) -> str:
-    """What a server needs to know about an export that carries modules_to_save."""
-    names = ", ".join(
-        f"`{name}` ("
-        + ", ".join(f"{skill} {c:.3g}" for skill, c in entry.get("coefficients", {}).items())
-        + ")"
-        for name, entry in (record.get("saved_modules") or {}).items()
-    )
-    return (
-        f"This adapter also carries full modules ({names}) in `modules_to_save`, composed from "
-        "the skills' saved modules: PEFT (and so transformers and Axolotl) loads them, vLLM "
-        "does not load `modules_to_save` (it refuses such an adapter): serve it merged into "
-        "the base instead."
+        f"## Against static merges\n\n{' '.join(said)} The same skills with fixed weights are "
+        f"set in place of the fitted ones. By the {metric}, the fitted CAT {verdict} the best "
+        f"static mix ({baselines.get('best_static')}).\n\n"
+        + _table(["method", *(c.replace("_", " ") for c in columns)], rows)
     )
 
 

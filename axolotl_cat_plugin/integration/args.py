@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..core.config import ADAPTERS_RENAMED, CatConfig
 from ..core.fold import check_export_options
+from ..core.graded import load_grader, read_prompts
 from ..core.granularity import Granularity, Parametrization
 from ..core.self_mix import SelfMixOptions
 from ..core.skill_checks import refuse_skill_folder
@@ -67,6 +68,27 @@ class SelfMixBlock(BaseModel):
         return SelfMixOptions(**self.model_dump(exclude={"dir"}))
 
 
+class GraderBlock(BaseModel):
+    """`cat_merge.grader`: score every static mix and the fitted CAT on the task itself, by the
+    user's grader on greedy replies to the user's prompts (core/graded.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: str = Field(min_length=1, description='JSONL, one {"prompt": ...} per row')
+    function: str = Field(
+        min_length=1, description="module:function or file.py:function, f(reply, row) -> 0..1"
+    )
+    max_new_tokens: int = Field(default=32, ge=1, description="Length of each greedy reply")
+    batch_size: int = Field(default=8, ge=1, description="Prompts per generate call")
+
+    @model_validator(mode="after")
+    def _loads(self):
+        # now, not after the fit: the file reads and the function imports
+        read_prompts(self.prompts)
+        load_grader(self.function)
+        return self
+
+
 # datasets placeholder a config with cat_merge.self_mix gets (Axolotl requires `datasets`);
 # the plugin's load_datasets replaces it by the written mix
 SELF_MIX_PLACEHOLDER = "cat_merge.self_mix"
@@ -104,6 +126,11 @@ class CatMergeConfig(BaseModel):
     )
     self_mix: SelfMixBlock | None = Field(
         default=None, description="Write the mix from the skills themselves (no skill data)"
+    )
+    grader: GraderBlock | None = Field(
+        default=None,
+        description="Compare the fit with the static mixes on your task: your grader scores "
+        "greedy replies to your prompts (beside the eval loss)",
     )
 
     @model_validator(mode="before")

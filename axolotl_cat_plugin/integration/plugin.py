@@ -192,7 +192,7 @@ class CatMergePlugin(BasePlugin):
         movement = self._trainer.cat_movement() if self._trainer is not None else None
         if movement is not None:
             extra["training"]["coefficient_movement"] = movement
-        baselines = self._trainer.cat_baselines() if self._trainer is not None else None
+        baselines = self._trainer.cat_baselines(block.grader) if self._trainer is not None else None
         if baselines is not None:
             extra["baselines"] = baselines
         export = compose(

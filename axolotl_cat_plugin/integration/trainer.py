@@ -30,6 +30,7 @@ from ..core.format import (
     LEGACY_CHECKPOINT_COEFFICIENTS_FILE,
     LEGACY_COEFFICIENT_SUFFIX,
 )
+from ..core.graded import graded_score, load_grader, read_prompts
 from ..core.state import (
     ADAPTER,
     COEFFICIENTS,
@@ -157,21 +158,26 @@ class CatTrainer(CatModelCardMixin, DistillLossMixin, AxolotlTrainer):
             )
         return result
 
-    def cat_baselines(self) -> dict | None:
-        """Eval loss on the run's eval split of each skill alone, the uniform sum, the average
-        and the fitted CAT, with the coefficients set in place (core/baselines.py).
+    def cat_baselines(self, grader=None) -> dict | None:
+        """Each skill alone, the uniform sum, the average and the fitted CAT, compared with
+        the coefficients set in place (core/baselines.py): the eval loss on the run's eval
+        split and, with ``grader`` (the validated ``cat_merge.grader``), the mean score of the
+        user's grader on greedy replies to the user's prompts (core/graded.py), which then
+        decides the verdict (higher is better).
 
-        None without an eval split (val_set_size / test_datasets), and when the coefficients
-        are sharded (FSDP2, ZeRO-3). Collective under DDP: every rank must call it. The loss
-        is the Trainer's own eval loss (evaluation_loop, prediction_loss_only).
+        None without an eval split (val_set_size / test_datasets) and without a grader, and
+        when the coefficients are sharded (FSDP2, ZeRO-3). Collective under DDP: every rank
+        must call it. The loss is the Trainer's own eval loss (evaluation_loop,
+        prediction_loss_only). Raises CatError when the grader returns a score outside 0..1.
         """
-        if self.eval_dataset is None:
+        if self.eval_dataset is None and grader is None:
             return None
         if is_sharded(self.model):
             LOG.warning("CAT: no comparison with static merges under FSDP2/ZeRO-3 (sharded)")
             return None
         started = time.time()
-        dataloader = self.get_eval_dataloader()
+        if grader is not None:
+            prompts, function = read_prompts(grader.prompts), load_grader(grader.function)
         skills = [skill["name"] for skill in cat_metadata(self.model).skills]
         mixes = {**static_mixes(skills), "CAT (fitted)": None}
         rows = []
@@ -179,36 +185,61 @@ class CatTrainer(CatModelCardMixin, DistillLossMixin, AxolotlTrainer):
             context = (
                 static_coefficients(self.model, weights) if weights else contextlib.nullcontext()
             )
+            row = {"method": label, "weights": weights}
             with context:
-                output = self.evaluation_loop(
-                    dataloader, f"CAT baseline: {label}", prediction_loss_only=True
-                )
-            rows.append(
-                {"method": label, "weights": weights, "eval_loss": output.metrics["eval_loss"]}
-            )
-        best_static = min(rows[:-1], key=lambda row: row["eval_loss"])
+                if self.eval_dataset is not None:
+                    output = self.evaluation_loop(
+                        self.get_eval_dataloader(),
+                        f"CAT baseline: {label}",
+                        prediction_loss_only=True,
+                    )
+                    row["eval_loss"] = output.metrics["eval_loss"]
+                if grader is not None:
+                    row["graded"] = graded_score(
+                        self.model,
+                        self.processing_class,
+                        prompts,
+                        function,
+                        grader.max_new_tokens,
+                        grader.batch_size,
+                    )
+            rows.append(row)
+        metric = "graded" if grader is not None else "eval_loss"
+        sign = 1 if metric == "graded" else -1  # a higher score, a lower loss
+        best_static = max(rows[:-1], key=lambda row: sign * row[metric])
         cfg = getattr(self, "axolotl_cfg", None) or {}
         result = {
-            "metric": "eval_loss",
-            # test_datasets the skills never saw, or rows split off the fit's own mix (which
-            # come from the skills' training data: a low loss there can reward memorisation)
-            "eval_rows_from": "test_datasets" if cfg.get("test_datasets") else "training_mix",
-            "rows_evaluated": len(self.eval_dataset),
+            "metric": metric,
             "seconds": round(time.time() - started, 1),
             "methods": rows,
             "best_static": best_static["method"],
-            "cat_beats_best_static": rows[-1]["eval_loss"] < best_static["eval_loss"],
+            "cat_beats_best_static": sign * rows[-1][metric] > sign * best_static[metric],
         }
-        LOG.info(
-            "CAT: eval loss on %d held-out rows from %s (%.1f s):",
-            result["rows_evaluated"],
-            "test_datasets"
-            if result["eval_rows_from"] == "test_datasets"
-            else "the training mix (val_set_size): rows of the skills' own data",
-            result["seconds"],
-        )
+        if self.eval_dataset is not None:
+            # test_datasets the skills never saw, or rows split off the fit's own mix (which
+            # come from the skills' training data: a low loss there can reward memorisation)
+            result["eval_rows_from"] = (
+                "test_datasets" if cfg.get("test_datasets") else "training_mix"
+            )
+            result["rows_evaluated"] = len(self.eval_dataset)
+            LOG.info(
+                "CAT: eval loss on %d held-out rows from %s",
+                result["rows_evaluated"],
+                "test_datasets"
+                if result["eval_rows_from"] == "test_datasets"
+                else "the training mix (val_set_size): rows of the skills' own data",
+            )
+        if grader is not None:
+            result["grader"] = {"function": grader.function, "prompts": grader.prompts}
+            result["prompts_graded"] = len(prompts)
+            LOG.info("CAT: %s on %d prompts of %s", grader.function, len(prompts), grader.prompts)
         for row in rows:
-            LOG.info("CAT:   %-24s %.4f", row["method"], row["eval_loss"])
+            LOG.info(
+                "CAT:   %-24s %s",
+                row["method"],
+                "  ".join(f"{key} {row[key]:.4f}" for key in ("eval_loss", "graded") if key in row),
+            )
+        LOG.info("CAT: compared in %.1f s", result["seconds"])
         return result
 
     def save_model(self, output_dir=None, _internal_call=False):

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from .core.card import saved_modules_note, vllm_max_lora_rank
 from .core.format import CONFIG_FILE, fit_finished, read_record
-from .core.granularity import Granularity
+from .core.granularity.base import granularity_labels
 from .core.summary import (
     core_residuals,
     layer_table,
@@ -109,7 +109,7 @@ def _skills(record: dict) -> Table:
 
 
 def _coefficients(record: dict) -> Table:
-    over = "components" if record.get("granularity") == Granularity.RANK else "modules"
+    over = granularity_labels(record.get("granularity")).over
     table = Table(title=f"Coefficients (over {over})", title_justify="left")
     table.add_column("skill")
     for column in ("mean", "min", "max", over):

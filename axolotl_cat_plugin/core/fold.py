@@ -18,15 +18,22 @@ import torch
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from .core_space import skill_weights
 from .embedding import factor_weights, is_embedding
 from .errors import CatError
 from .experts import factor_keys, peft_layout, stacked_factors
 from .factors import compress, init_idle_slots, pad_rows
 from .format import FORMAT_VERSION, peft_key
-from .granularity import Granularity
+from .granularity.base import granularity_named
 from .saved_modules import fold_saved_modules
-from .state import ADAPTER, cat_layers, cat_metadata, is_coefficient, state_of, weighted
+from .state import (
+    ADAPTER,
+    cat_layers,
+    cat_metadata,
+    full_tensor,  # noqa: F401  (its home was here: trainer, ranks and workers import it)
+    is_coefficient,
+    state_of,
+    weighted,
+)
 
 _FACTOR_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
@@ -67,7 +74,8 @@ def check_export_options(
     when concatenated_rank is None, i.e. not known yet), prune_threshold finite >= 0 and not
     with granularity core. names: what the caller calls the two options (the YAML's keys by
     default; the CLI's flags for `axolotl-cat export`). Returns rank as an int (or None);
-    raises CatError naming the option."""
+    raises CatError naming the option. granularity: its name (the strategy says whether
+    pruning applies)."""
     rank_name, threshold_name = names
     if rank is not None:
         if (
@@ -87,10 +95,11 @@ def check_export_options(
         or not 0 <= prune_threshold < math.inf
     ):
         raise CatError(f"{threshold_name}: must be a finite number >= 0, got {prune_threshold!r}")
-    if prune_threshold is not None and granularity == Granularity.CORE:
+    refusal = granularity_named(granularity).prune_refusal
+    if prune_threshold is not None and refusal is not None:
         raise CatError(
-            f"{threshold_name}: granularity core mixes every skill's directions in one core, so "
-            f"no skill can be dropped from a module; use {rank_name} to shrink the export"
+            f"{threshold_name}: granularity {granularity} {refusal}; use {rank_name} to shrink "
+            "the export"
         )
     return rank
 
@@ -173,18 +182,8 @@ def skill_coefficients(model) -> dict[str, list[float]]:
             if not weighted(layer):
                 continue
             state = state_of(layer)
-            alpha = full_tensor(state.coefficients).float()
-            if state.is_core:
-                present = state.present[0]
-                c, _ = skill_weights(alpha, full_tensor(state.skill_cores), present)
-                for skill_index, skill in enumerate(state.skill_names):
-                    if present[skill_index]:
-                        values.setdefault(skill, []).append(float(c[skill_index]))
-                continue
-            c = state.parametrization.coefficients(alpha, state.present)
-            for skill_index, skill in enumerate(state.skill_names):
-                present = state.present[:, skill_index]
-                values.setdefault(skill, []).extend(c[present, skill_index].tolist())
+            for skill, numbers in state.strategy.skill_values(state).items():
+                values.setdefault(skill, []).extend(numbers)
     return values
 
 
@@ -199,80 +198,7 @@ def _fold_layer(layer, prune_threshold):
         empty_B = torch.zeros(shape_B, dtype=torch.float32, device=lora_B.device)
         return empty_A, empty_B, {"coefficients": {}, "rank": 0}
     state = state_of(layer)
-    if state.is_core:
-        return _fold_core_layer(layer, state)
-    with torch.no_grad():
-        alpha = full_tensor(state.coefficients).float()
-        c = state.parametrization.coefficients(alpha, state.present)
-        if not torch.isfinite(c).all():
-            raise CatError(
-                f"module {state.module_name}: coefficients are not finite ({c.tolist()}); "
-                "training diverged, refusing to export"
-            )
-        slot_c = c.flatten()[state.slot_index]
-        lora_A, lora_B = (full_tensor(factor).float() for factor in factor_weights(layer, ADAPTER))
-        lora_A, lora_B = stacked_factors(layer, lora_A, lora_B)  # (E, R, in), (E, out, R) experts
-        keep = state.slot_scale != 0
-        if prune_threshold is not None:
-            keep &= slot_c.abs() >= prune_threshold
-        scaled_A = (slot_c * state.slot_scale)[keep, None] * lora_A[..., keep, :]
-
-        coefficients: dict[str, list[float]] = {}
-        pruned: dict[str, list[int]] = {}
-        for slot, skill_index in state.slot_skills():
-            skill = state.skill_names[skill_index]
-            component = len(coefficients.setdefault(skill, []))
-            coefficients[skill].append(float(slot_c[slot]))
-            if not keep[slot]:
-                pruned.setdefault(skill, []).append(component)
-
-    if state.present.shape[0] == 1:  # one coefficient per skill: report the scalar
-        coefficients = {skill: values[0] for skill, values in coefficients.items()}
-    entry = {"coefficients": coefficients, "rank": int(keep.sum())}
-    if pruned:
-        entry["pruned"] = pruned
-    return scaled_A, lora_B[..., keep], entry
-
-
-def _fold_core_layer(layer, state):
-    """Granularity `core`: lora_A = Q_Aᵀ, lora_B = Q_B M; the record keeps M itself (for
-    resume and re-export) and the per-skill weights that best explain it (core_space.py)."""
-    with torch.no_grad():
-        core = full_tensor(state.coefficients).float()
-        if not torch.isfinite(core).all():
-            raise CatError(
-                f"module {state.module_name}: the learned core is not finite; training "
-                "diverged, refusing to export"
-            )
-        lora_A = full_tensor(layer.lora_A[ADAPTER].weight).float()
-        lora_B = full_tensor(layer.lora_B[ADAPTER].weight).float()
-        # the basis has the skills' numerical rank (core_space.span_basis): k_A orthonormal
-        # rows of lora_A and k_B columns of lora_B, zeros after them
-        rows_A, columns_B = lora_A.abs().sum(1) != 0, lora_B.abs().sum(0) != 0
-        used = rows_A | columns_B
-        rank = int(used.nonzero().max()) + 1 if used.any() else 0
-        present = state.present[0]
-        weights, residual = skill_weights(core, full_tensor(state.skill_cores), present)
-        lora_B = lora_B @ core
-    coefficients = {
-        skill: float(weights[index])
-        for index, skill in enumerate(state.skill_names)
-        if present[index]
-    }
-    entry = {
-        "coefficients": coefficients,
-        "core_residual": residual,
-        "core": core[:rank, :rank].tolist(),
-        "rank": rank,
-        # directions of the skills' joint span this module kept, per side (k_A, k_B)
-        "kept_directions": {"lora_A": int(rows_A.sum()), "lora_B": int(columns_B.sum())},
-    }
-    return lora_A[:rank], lora_B[:, :rank], entry
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on this rank, also when FSDP2 shards it as a DTensor."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return state.strategy.fold_layer(layer, state, prune_threshold)
 
 
 def gathered(model):

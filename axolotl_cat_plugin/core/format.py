@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .errors import CatError
-from .granularity import current_name
+from .granularity.base import current_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

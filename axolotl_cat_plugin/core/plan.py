@@ -298,13 +298,3 @@ def target_parameters_for(plans: list[ParameterPlan]) -> list[str]:
     """PEFT target_parameters for these parameters: `<module leaf>.<parameter>`, which PEFT
     matches by suffix on every layer (untouched ones carry zero factors, as for modules)."""
     return sorted({".".join(plan.name.split(".")[-2:]) for plan in plans})
-
-
-def refuse_core(plans: list[ParameterPlan]) -> None:
-    """Granularity `core` builds its joint basis for Linear modules only."""
-    if plans:
-        raise CatError(
-            "granularity core builds its joint basis for Linear modules only, and these skills "
-            f"have LoRA on MoE expert parameters ({plans[0].name}, target_parameters); use "
-            "granularity module, layer, model or rank with expert skills"
-        )

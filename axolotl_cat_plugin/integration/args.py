@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -136,16 +136,11 @@ class CatMergeConfig(BaseModel):
         # warning, a wrong name is refused naming the choices
         return parse_granularity(value)
 
-    @field_validator("init")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
-
     @model_validator(mode="after")
     def _skills_are_usable(self):
-        # the core's own rules (names, duplicates, adapter configs), before any compute
+        # the core's own rules, once, by the core's CatConfig (names, duplicates, init,
+        # dropout, granularity and parametrization), then the adapter configs, before any
+        # compute (a CatError is a ValueError: pydantic reports it naming the key)
         for skill in self.to_core().skills:
             preflight(skill)
         # the export's own rule, now rather than after the fit (the rank bound: at load)
@@ -165,6 +160,21 @@ class CatMergeConfig(BaseModel):
             init=self.init,
             dropout=self.dropout,
         )
+
+
+@dataclass
+class CatTrainingArgsMixin:
+    """CAT's settings on Axolotl's training arguments, as Axolotl's own plugins carry theirs
+    (`integrations/kd`): the plugin names this mixin (get_training_args_mixin) and fills it
+    from the validated block (get_training_args); CatTrainer reads `self.args`."""
+
+    cat_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "learning rate of the CAT coefficients (cat_merge.learning_rate)"},
+    )
+    cat_objective: str = field(
+        default="lm", metadata={"help": "cat_merge.objective: lm or distill"}
+    )
 
 
 class CatMergeArgs(BaseModel):

@@ -55,20 +55,19 @@ class CatModelCardMixin:
 
 
 class CatTrainer(CatModelCardMixin, DistillLossMixin, AxolotlTrainer):
-    """Reads its own settings from the run's config (`axolotl_cfg.cat_merge`); its loss is
-    the LM loss, or with `objective: distill` core.distill's (DistillLossMixin)."""
+    """Reads its settings from its training arguments, which the plugin fills from the
+    validated `cat_merge` block (CatTrainingArgsMixin); its loss is the LM loss, or with
+    `objective: distill` core.distill's (DistillLossMixin)."""
 
     @property
     def cat_objective(self) -> str:
         """cat_merge.objective: "lm" (default) or "distill"."""
-        block = getattr(self, "axolotl_cfg", None) and self.axolotl_cfg.get("cat_merge")
-        return (block or {}).get("objective") or "lm"
+        return getattr(self.args, "cat_objective", None) or "lm"
 
     @property
     def cat_learning_rate(self) -> float:
-        """cat_merge.learning_rate, else the run's learning_rate."""
-        block = getattr(self, "axolotl_cfg", None) and self.axolotl_cfg.get("cat_merge")
-        return (block or {}).get("learning_rate") or self.args.learning_rate
+        """cat_merge.learning_rate, else the run's learning_rate (the plugin resolves it)."""
+        return getattr(self.args, "cat_learning_rate", None) or self.args.learning_rate
 
     def train(self, *args, **kwargs):
         """The Trainer's train; every save until the run's end (checkpoints, the save of an

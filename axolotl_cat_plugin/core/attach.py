@@ -8,12 +8,13 @@ from __future__ import annotations
 import logging
 import types
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel, get_peft_model
 from torch import nn
 
 from .config import CatConfig
 from .errors import CatError
 from .experts import dropout_outside_parameters, lora_layers
+from .fold import scaling_one_config
 from .granularity.base import granularity_named
 from .plan import (
     ModulePlan,
@@ -62,18 +63,15 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     rank = max(plan.rank for plan in [*plans, *parameters])
     target_modules = target_modules_for([plan.name for plan in plans])
     fan_in_fan_out = fan_in_fan_out_for(model, [plan.name for plan in plans])
-    lora_config = LoraConfig(
-        r=rank,
-        lora_alpha=rank,
+    lora_config = scaling_one_config(
+        rank,
         target_modules=target_modules,
-        lora_dropout=0.0 if parameters else config.dropout,  # ParamWrapper refuses dropout
         target_parameters=target_parameters_for(parameters) or None,
         fan_in_fan_out=fan_in_fan_out,
-        bias="none",
-        task_type="CAUSAL_LM",
+        modules_to_save=saved_module_names(skills) or None,
+        lora_dropout=0.0 if parameters else config.dropout,  # ParamWrapper refuses dropout
         # the factors are the skills': drawing random ones first would only waste time
         init_lora_weights=False,
-        modules_to_save=saved_module_names(skills) or None,
     )
     peft_model = get_peft_model(model, lora_config)
     if parameters:

@@ -32,6 +32,7 @@ from .experts import factor_keys, remove_delta
 from .fold import FoldedAdapter, fold
 from .format import (
     CARD_FILE,
+    CHECKPOINT_COEFFICIENTS_FILE,
     COEFFICIENTS_FILE,
     CONFIG_FILE,
     EXPORT_FILES,
@@ -104,9 +105,17 @@ def export_cat(
     return write(compose(model, rank=rank, prune_threshold=prune_threshold), output_dir)
 
 
-def write(export: Export, output_dir: str | os.PathLike) -> Path:
-    """Write a composed export to output_dir, atomically (write_export)."""
-    return write_export(export.folded, output_dir, card=export.card, plot=export.plot)
+def write(
+    export: Export,
+    output_dir: str | os.PathLike,
+    coefficients: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a composed export to output_dir, atomically (write_export). coefficients: a
+    trainer checkpoint's raw coefficients by parameter name (fp32), written beside it as
+    CHECKPOINT_COEFFICIENTS_FILE in the same atomic write."""
+    return write_export(
+        export.folded, output_dir, card=export.card, plot=export.plot, coefficients=coefficients
+    )
 
 
 def write_export(
@@ -115,42 +124,74 @@ def write_export(
     *,
     card: str | None = None,
     plot: bytes | None = None,
+    coefficients: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """The one writer of an export folder: stage every file in a temporary folder inside
-    output_dir, fsync, then move them in with adapter_config.json last (see the module
-    docstring). card / plot: README.md and cat_coefficients.png, written when given.
+    """Write an export folder through write_folder. card / plot: README.md and
+    cat_coefficients.png, written when given; coefficients: see `write`.
 
-    Returns output_dir. Raises OSError when the folder cannot be written; an interrupted
-    write leaves the previous export or none, never a mix, and no staging folder survives
-    the next write.
+    Returns output_dir. Raises CatError for a skill's own folder and OSError when the folder
+    cannot be written; an interrupted write leaves the previous export or none, never a mix.
     """
     refuse_skill_folder(output_dir, folded.record.get("skills", []))  # nothing written yet
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
-    try:
+
+    def stage(staging: Path) -> None:
         save_file(folded.tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / COEFFICIENTS_FILE).write_text(json.dumps(folded.record, indent=2) + "\n")
         if card is not None:
             (staging / CARD_FILE).write_text(card)
         if plot is not None:
             (staging / PLOT_FILE).write_bytes(plot)
+        if coefficients is not None:
+            save_file(
+                coefficients,
+                str(staging / CHECKPOINT_COEFFICIENTS_FILE),
+                metadata={"format": "pt"},
+            )
         folded.config.save_pretrained(str(staging))
-        for path in staging.iterdir():
-            _fsync(path)
 
+    names = EXPORT_FILES + ((CHECKPOINT_COEFFICIENTS_FILE,) if coefficients is not None else ())
+    # a user's own README.md stays when we write no card
+    write_folder(output_dir, stage, names, keep=(CARD_FILE,))
+    LOG.info("CAT: wrote a rank-%d LoRA adapter to %s", folded.rank, output_dir)
+    return Path(output_dir)
+
+
+def write_folder(
+    output_dir: str | os.PathLike,
+    stage,
+    names,
+    *,
+    keep=(),
+    prefix: str = STAGING_PREFIX,
+) -> Path:
+    """The one writer of every folder this package writes (an export, a checkpoint's adapter
+    and coefficients, a static merge), crash-safe (see the module docstring).
+
+    stage(staging): writes the files into a temporary folder inside output_dir. They are
+    fsynced; then output_dir's adapter_config.json goes, `names` are moved in (in order,
+    adapter_config.json last), and a name that was not staged is removed from output_dir
+    unless listed in `keep`. A staging folder left by a killed write (`prefix`*) is removed
+    first. Returns output_dir; raises OSError when the folder cannot be written.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(f"{prefix}*"):  # left by a killed write
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output_dir))
+    try:
+        stage(staging)
+        for path in staging.iterdir():
+            if path.is_file():
+                _fsync(path)
         (output_dir / CONFIG_FILE).unlink(missing_ok=True)
-        for name in EXPORT_FILES:
+        for name in [*(n for n in names if n != CONFIG_FILE), CONFIG_FILE]:
             if (staging / name).exists():
                 os.replace(staging / name, output_dir / name)
-            elif name != CARD_FILE:  # a user's own README.md stays when we write no card
+            elif name not in keep:
                 (output_dir / name).unlink(missing_ok=True)
         _fsync(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    LOG.info("CAT: wrote a rank-%d LoRA adapter to %s", folded.rank, output_dir)
     return output_dir
 
 

@@ -52,6 +52,37 @@ class FoldedAdapter:
         return self.config.r
 
 
+def scaling_one_config(
+    rank: int,
+    *,
+    target_modules,
+    target_parameters,
+    fan_in_fan_out: bool,
+    modules_to_save,
+    **options,
+) -> LoraConfig:
+    """The one LoraConfig this package builds: rank `rank`, lora_alpha = r (scaling 1), no
+    rsLoRA, DoRA or per-module patterns, bias none, causal LM. The CAT model (attach_cat,
+    with options such as lora_dropout and init_lora_weights=False) and every export (with
+    base_model_name_or_path) are such adapters, so the skills' scalings live in the factors
+    and the coefficients, never in the config."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=target_modules,
+        target_parameters=target_parameters,
+        fan_in_fan_out=fan_in_fan_out,
+        use_rslora=False,
+        use_dora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        bias="none",
+        task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save,
+        **options,
+    )
+
+
 def fold(model, rank: int | None = None, prune_threshold: float | None = None) -> FoldedAdapter:
     """The standard LoRA adapter the model's coefficients describe.
 
@@ -141,20 +172,13 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
 
     saved_tensors, saved_record, saved_names = fold_saved_modules(model)  # modules_to_save
     tensors.update(saved_tensors)
-    config = LoraConfig(
-        r=exported_rank,
-        lora_alpha=exported_rank,
+    config = scaling_one_config(
+        exported_rank,
         target_modules=metadata.target_modules,
         target_parameters=metadata.target_parameters,
         fan_in_fan_out=metadata.fan_in_fan_out,
-        use_rslora=False,
-        use_dora=False,
-        rank_pattern={},
-        alpha_pattern={},
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=metadata.base_model,
         modules_to_save=saved_names or None,
+        base_model_name_or_path=metadata.base_model,
     )
     record = {
         "format_version": FORMAT_VERSION,

@@ -23,6 +23,7 @@ from .expert_skills import (
     wrapped_parameter,
 )
 from .experts import NESTED, per_expert
+from .format import peft_matches
 from .skill_checks import check_base_copies
 from .skills import Skill, SkillModule
 
@@ -183,7 +184,7 @@ def _check_target_modules(skill: Skill, base_modules: dict[str, nn.Module]) -> N
             )
     elif isinstance(targets, list):
         for target in targets:
-            if not any(name == target or name.endswith("." + target) for name in names):
+            if not any(peft_matches(name, [target]) for name in names):
                 raise CatError(
                     f"skill {skill.name!r}: target module {target!r} from its adapter_config.json "
                     "is not in the base model"

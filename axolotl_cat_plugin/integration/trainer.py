@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..core.baselines import is_sharded, static_coefficients, static_mixes
@@ -235,8 +235,7 @@ class CatTrainer(CatModelCardMixin, DistillLossMixin, AxolotlTrainer):
             }
         if not self.args.should_save:
             return
-        write(export, output_dir)
-        save_file(raw, os.path.join(output_dir, COEFFICIENTS_SIDECAR), metadata={"format": "pt"})
+        write(export, output_dir, coefficients=raw)  # the sidecar in the same atomic write
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))

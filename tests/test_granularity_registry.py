@@ -166,6 +166,6 @@ def test_only_the_strategy_modules_name_a_granularity():
 
 def test_the_config_reference_describes_every_registered_granularity():
     """The `granularity` row of the cat_merge table names each registered choice."""
-    readme = (PACKAGE.parent / "README.md").read_text()
+    readme = (PACKAGE.parent / "docs" / "config.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `granularity` |"))
     assert [name for name in granularity_names() if f"`{name}`" not in row] == []

@@ -1,6 +1,7 @@
 """A granularity is one registered class (issue 21): a new one, defined here and touching no
 package file, trains, folds, exports and round-trips through plain PEFT exactly; and no
-package module outside the strategy modules branches on a granularity's name."""
+package module outside the strategy modules branches on a granularity's name, nor outside
+the layer kinds' modules (core/variants.py) on a layer's kind."""
 
 import ast
 import json
@@ -169,3 +170,42 @@ def test_the_config_reference_describes_every_registered_granularity():
     readme = (PACKAGE.parent / "docs" / "config.md").read_text()
     row = next(line for line in readme.splitlines() if line.startswith("| `granularity` |"))
     assert [name for name in granularity_names() if f"`{name}`" not in row] == []
+
+
+def layer_kind_checks(source: str) -> list[str]:
+    """Where code asks which kind a layer is: is_embedding / is_parameter_wrapper calls, or
+    isinstance against PEFT's Embedding, ParamWrapper or ModulesToSaveWrapper."""
+    kinds = {"Embedding", "ParamWrapper", "ModulesToSaveWrapper"}
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call):
+            continue
+        name = getattr(node.func, "id", getattr(node.func, "attr", ""))
+        if name in ("is_embedding", "is_parameter_wrapper"):
+            found.append(name)
+        elif name == "isinstance" and len(node.args) == 2:
+            target = node.args[1]
+            found += [
+                n.id if isinstance(n, ast.Name) else n.attr
+                for n in ast.walk(target)
+                if isinstance(n, (ast.Name, ast.Attribute))
+                and (n.id if isinstance(n, ast.Name) else n.attr) in kinds
+            ]
+    return found
+
+
+def test_only_the_layer_kind_modules_ask_a_layers_kind():
+    """Per package module, the layer-kind checks it makes: only the kinds' own modules
+    (variants.py and the kinds' math in embedding.py and experts.py); plan.py reads the base
+    model's own nn.Embedding to shape a skill's factors, before anything is wrapped."""
+    assert layer_kind_checks("if is_embedding(x) or isinstance(y, ParamWrapper): pass") == [
+        "is_embedding",
+        "ParamWrapper",
+    ]
+    allowed = {"core/variants.py", "core/embedding.py", "core/experts.py", "core/plan.py"}
+    checks = {
+        str(path.relative_to(PACKAGE)): sorted(set(found))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if (found := layer_kind_checks(path.read_text()))
+    }
+    assert set(checks) <= allowed, checks

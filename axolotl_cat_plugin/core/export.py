@@ -27,8 +27,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .card import model_card
-from .embedding import factor_weights, is_embedding, set_factors
-from .experts import factor_keys, remove_delta
 from .fold import FoldedAdapter, fold
 from .format import (
     CARD_FILE,
@@ -40,12 +38,12 @@ from .format import (
     PREVIOUS_EXPORT,
     STAGING_PREFIX,
     WEIGHTS_FILE,
-    peft_key,
 )
 from .plot import coefficient_heatmap
 from .saved_modules import unparametrize_saved_modules
 from .skill_checks import refuse_skill_folder
-from .state import ADAPTER, cat_layers, remove_state
+from .state import ADAPTER, cat_layers
+from .variants import kind_of
 
 LOG = logging.getLogger(__name__)
 
@@ -265,24 +263,18 @@ def apply_export(
     """
     folded = export.folded if isinstance(export, Export) else export
     peft_model = next(m for m in model.modules() if hasattr(m, "peft_config"))
-    keys = factor_keys(model)  # MoE expert parameters' (ParamWrapper) keys
+    paths = {id(module): path for path, module in model.named_modules()}
     for name, layer in list(cat_layers(model)):
-        lora_A, lora_B = factor_weights(layer, ADAPTER)
-        embedding = is_embedding(layer)
-        key_A, key_B = keys.get(name) or (peft_key(name, f, embedding) for f in "AB")
+        kind = kind_of(layer)
+        lora_A, lora_B = kind.factors(layer)
+        key_A, key_B = kind.keys(name, paths[id(layer)])
         new_A = folded.tensors[key_A].to(lora_A.device, lora_A.dtype)
         new_B = folded.tensors[key_B].to(lora_B.device, lora_B.dtype)
-        if embedding:
-            set_factors(layer, new_A, new_B, ADAPTER)
-        else:
-            layer.lora_A[ADAPTER] = _frozen_linear(new_A)
-            layer.lora_B[ADAPTER] = _frozen_linear(new_B)
+        kind.set_folded(layer, new_A, new_B)
         layer.r[ADAPTER] = folded.rank
         layer.lora_alpha[ADAPTER] = folded.rank
         layer.scaling[ADAPTER] = 1.0
-        layer.lora_variant.pop(ADAPTER, None)
-        remove_delta(layer)  # a ParamWrapper computes PEFT's own update again
-        remove_state(layer)  # the model is a plain LoRA model now, no CAT layer is left
+        kind.teardown(layer)  # the model is a plain LoRA model now, no CAT layer is left
     unparametrize_saved_modules(model)  # the copies hold the composed modules_to_save
     peft_model.peft_config[ADAPTER] = folded.config
     peft_model.__dict__.pop("save_pretrained", None)  # PEFT's own save now writes the export
@@ -300,12 +292,6 @@ def _save_written(self, save_directory, *args, export: Export, folder: Path, **k
         return
     if kwargs.get("is_main_process", True):
         write(export, save_directory)
-
-
-def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
-    linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
-    return linear
 
 
 def _fsync(path: Path) -> None:

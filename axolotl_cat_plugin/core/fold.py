@@ -18,11 +18,9 @@ import torch
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from .embedding import factor_weights, is_embedding
 from .errors import CatError
-from .experts import factor_keys, peft_layout, stacked_factors
 from .factors import compress, init_idle_slots, pad_rows
-from .format import FORMAT_VERSION, peft_key
+from .format import FORMAT_VERSION
 from .granularity.base import granularity_named
 from .saved_modules import fold_saved_modules
 from .state import (
@@ -34,6 +32,7 @@ from .state import (
     state_of,
     weighted,
 )
+from .variants import kind_of
 
 _FACTOR_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
@@ -139,7 +138,9 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
     metadata = cat_metadata(model)
     layers = list(cat_layers(model))
     concatenated_rank = layers[0][1].r[ADAPTER]
-    embeddings = {name for name, layer in layers if is_embedding(layer)}
+    kinds = {name: kind_of(layer) for name, layer in layers}
+    paths = {id(module): path for path, module in model.named_modules()}
+    path_of = {name: paths[id(layer)] for name, layer in layers}
     rank = check_export_options(metadata.granularity, concatenated_rank, rank, prune_threshold)
 
     factors, modules = {}, {}
@@ -158,16 +159,13 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
 
     exported_rank = rank or max(lora_A.shape[-2] for lora_A, _ in factors.values())
     tensors = {}
-    keys = factor_keys(model)  # the ParamWrappers' keys; the others' follow from their names
     for name, (lora_A, lora_B) in factors.items():
         missing = exported_rank - lora_A.shape[-2]
         lora_A, lora_B = pad_rows(lora_A, missing), pad_rows(lora_B.mT, missing).mT
-        lora_A, lora_B = init_idle_slots(name, lora_A, lora_B, embedding=name in embeddings)
-        if name in keys:  # experts stacked (E, r, in), (E, out, r) -> PEFT's (r·E, in), (out, r·E)
-            (key_A, key_B), (lora_A, lora_B) = keys[name], peft_layout(lora_A, lora_B)
-        else:
-            embedding = name in embeddings
-            key_A, key_B = peft_key(name, "A", embedding), peft_key(name, "B", embedding)
+        kind = kinds[name]
+        lora_A, lora_B = init_idle_slots(name, lora_A, lora_B, embedding=kind.embedding)
+        # in PEFT's saved layout and keys (stacked experts -> (r·E, in), (out, r·E))
+        (key_A, key_B), (lora_A, lora_B) = kind.saved(name, path_of[name], lora_A, lora_B)
         tensors[key_A], tensors[key_B] = lora_A.contiguous(), lora_B.contiguous()
 
     saved_tensors, saved_record, saved_names = fold_saved_modules(model)  # modules_to_save
@@ -214,7 +212,8 @@ def skill_coefficients(model) -> dict[str, list[float]]:
 def _fold_layer(layer, prune_threshold):
     """Folded factors of one layer and its record: coefficients per skill, what was pruned."""
     if not weighted(layer):  # wrapped, but no skill touches it
-        lora_A, lora_B = stacked_factors(layer, *factor_weights(layer, ADAPTER))
+        kind = kind_of(layer)
+        lora_A, lora_B = kind.stacked(layer, *kind.factors(layer))
         # torch.zeros, not new_zeros: under FSDP2 the factors are DTensors, and new_zeros
         # would make these DTensors too, which safetensors cannot save
         shape_A, shape_B = (*lora_A.shape[:-2], 0, lora_A.shape[-1]), (*lora_B.shape[:-1], 0)

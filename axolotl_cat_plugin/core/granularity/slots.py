@@ -115,10 +115,9 @@ class SlotGranularity(GranularityStrategy):
         components prune_threshold dropped."""
         import torch
 
-        from ..embedding import factor_weights
         from ..errors import CatError
-        from ..experts import stacked_factors
-        from ..state import ADAPTER, full_tensor
+        from ..state import full_tensor
+        from ..variants import kind_of
 
         with torch.no_grad():
             alpha = full_tensor(state.coefficients).float()
@@ -129,8 +128,9 @@ class SlotGranularity(GranularityStrategy):
                     "training diverged, refusing to export"
                 )
             slot_c = c.flatten()[state.slot_index]
-            factors = (full_tensor(factor).float() for factor in factor_weights(layer, ADAPTER))
-            lora_A, lora_B = stacked_factors(layer, *factors)  # (E, R, in), (E, out, R) experts
+            kind = kind_of(layer)
+            factors = (full_tensor(factor).float() for factor in kind.factors(layer))
+            lora_A, lora_B = kind.stacked(layer, *factors)  # (E, R, in), (E, out, R) experts
             keep = state.slot_scale != 0
             if prune_threshold is not None:
                 keep &= slot_c.abs() >= prune_threshold

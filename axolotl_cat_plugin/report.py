@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .core.format import CONFIG_FILE, fit_finished, read_record
-from .core.granularity import Granularity
+from .core.granularity.base import granularity_labels
 from .core.serving import saved_modules_note, vllm_max_lora_rank
 from .core.summary import (
     core_residuals,
@@ -109,7 +109,7 @@ def _skills(record: dict) -> Table:
 
 
 def _coefficients(record: dict) -> Table:
-    over = "components" if record.get("granularity") == Granularity.RANK else "modules"
+    over = granularity_labels(record.get("granularity")).over
     table = Table(title=f"Coefficients (over {over})", title_justify="left")
     table.add_column("skill")
     for column in ("mean", "min", "max", over):

@@ -1,6 +1,6 @@
 """`axolotl train` in two processes on CPU (DDP over gloo) fits what one process fits.
 
-The recipe a CPU user follows (README, "Several processes"):
+The recipe a CPU user follows (docs/gpu.md):
 
     ACCELERATE_USE_CPU=1 axolotl train cat.yml --launcher torchrun -- --nproc_per_node 2
 

@@ -148,7 +148,7 @@ def test_vllm_line_rounds_the_rank_up_to_a_size_vllm_accepts(rank, max_lora_rank
 
 
 def test_the_readme_names_the_sizes_and_the_rounding_the_code_uses():
-    readme = " ".join((REPO / "README.md").read_text().split())
+    readme = " ".join((REPO / "docs" / "output.md").read_text().split())
     sizes = re.search(r"vLLM allows only ([\d, ]+),", readme).group(1)
     assert tuple(int(size) for size in sizes.split(",")) == VLLM_MAX_LORA_RANKS
     rank, max_rank = re.search(r"r = (\d+) needs `--max-lora-rank (\d+)`", readme).groups()

@@ -1,5 +1,6 @@
 """The package's structure: import arrows point one way, the core never reaches Axolotl, and
-the viewer (`axolotl-cat inspect`) starts without torch; every path the README names exists."""
+the viewer (`axolotl-cat inspect`) starts without torch; every path the README and the
+docs/ pages name exists."""
 
 import ast
 import json
@@ -129,10 +130,33 @@ def test_no_package_file_is_over_about_300_lines():
     assert {path: n for path, n in sizes.items() if n > 320} == {}
 
 
-def test_every_path_the_readme_names_exists():
+def named_paths(text: str) -> list[str]:
+    """The repository paths a page names (`scripts/...`, `docs/...`, ...)."""
     top = "scripts|tests|docs|example_yamls|axolotl_cat_plugin|\\.ci"
     path = rf"(?<![\w./-])((?:{top})/[\w./-]*)(?![\w./<*-])"  # not a pattern such as bench_<gpu>
-    named = re.findall(path, (REPO / "README.md").read_text())
-    assert "scripts/demo.sh" in named and "scripts/test.sh" in named
-    missing = sorted({path for path in named if not (REPO / path.rstrip(".")).exists()})
-    assert not missing, f"the README names paths that do not exist: {missing}"
+    return re.findall(path, text)
+
+
+def test_every_path_the_readme_and_the_docs_name_exists():
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    named = {page.name: named_paths(page.read_text()) for page in pages}
+    assert "scripts/demo.sh" in named["README.md"] and "scripts/test.sh" in named["README.md"]
+    missing = {
+        page: sorted({path for path in paths if not (REPO / path.rstrip(".")).exists()})
+        for page, paths in named.items()
+    }
+    assert not {page: paths for page, paths in missing.items() if paths}, missing
+
+
+def test_the_readme_is_short_and_links_every_docs_page():
+    """Issue 21: a newcomer reads the README in five minutes; the reference is in docs/."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 160
+    head = "\n".join(readme.splitlines()[:8])
+    assert "scripts/demo.sh" in head and "scripts/test.sh" in head
+    pages = {f"docs/{page.name}" for page in (REPO / "docs").glob("*.md")}
+    assert pages and pages <= set(named_paths(readme)), pages - set(named_paths(readme))
+    for page in pages:  # every link between the pages resolves
+        text = (REPO / page).read_text()
+        for target in re.findall(r"\]\(([\w./-]+\.md)(?:#[\w-]*)?\)", text):
+            assert (REPO / page).parent.joinpath(target).resolve().is_file(), (page, target)

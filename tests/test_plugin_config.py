@@ -212,3 +212,35 @@ KEYS = st.sampled_from(
 def test_any_malformed_block_gives_a_validation_error_never_a_crash(block):
     with contextlib.suppress(ValidationError):  # any other exception fails the test
         CatMergeConfig.model_validate(block)
+
+
+def test_the_trainer_reads_its_settings_from_axolotls_training_args():
+    """The validated block reaches CatTrainer through Axolotl's training-args mechanism (the
+    plugin's mixin and get_training_args, as integrations/kd does), not the raw config."""
+    import dataclasses
+
+    from axolotl.integrations.config import merge_training_args
+    from transformers import TrainingArguments
+
+    from axolotl_cat_plugin.integration.trainer import CatTrainer
+
+    cfg = validate(with_block(learning_rate=0.05, objective="distill"))
+    settings = PluginManager.get_instance().get_training_args(cfg)
+    assert settings == {"cat_learning_rate": 0.05, "cat_objective": "distill"}
+
+    # the training arguments class as Axolotl declares it, with the plugins' mixins
+    @dataclasses.dataclass
+    class TrainingArgs(merge_training_args(), TrainingArguments):
+        pass
+
+    args = TrainingArgs(output_dir="out", learning_rate=cfg.learning_rate, **settings)
+    trainer = CatTrainer.__new__(CatTrainer)  # its two properties need only its args
+    trainer.args = args
+    assert (trainer.cat_learning_rate, trainer.cat_objective) == (0.05, "distill")
+
+    PluginManager._instance = None
+    config = example()
+    config["cat_merge"].pop("learning_rate", None)
+    cfg = validate(config)  # no cat_merge.learning_rate: the run's
+    settings = PluginManager.get_instance().get_training_args(cfg)
+    assert settings == {"cat_learning_rate": cfg.learning_rate, "cat_objective": "lm"}

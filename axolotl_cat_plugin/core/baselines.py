@@ -15,8 +15,13 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .errors import CatError
-from .granularity import Parametrization
-from .state import cat_layers, saved_module_wrappers, state_of, weighted
+from .state import (
+    cat_layers,
+    saved_module_wrappers,
+    set_free_coefficients,
+    state_of,
+    weighted,
+)
 
 
 def static_mixes(skill_names: Sequence[str]) -> dict[str, list[float]]:
@@ -45,10 +50,10 @@ def is_sharded(model) -> bool:
 def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
     """Within the block, every CAT layer computes Σ_i weights[i] · s_i B_i A_i.
 
-    weights: one float per skill, in the order of the config's skills. Per-slot layers get
-    c = weights (a softmax layer is switched to `free` meanwhile); `core` layers get
-    M = Σ_i weights[i] C_i. The coefficients (fp32) and parametrizations are restored on exit,
-    bit for bit.
+    weights: one float per skill, in the order of the config's skills. Each layer's
+    granularity sets them (GranularityStrategy.set_static: per-slot layers get c = weights,
+    switched to `free` meanwhile; `core` layers M = Σ_i weights[i] C_i). The coefficients
+    (fp32) and whatever else was switched are restored on exit, bit for bit.
 
     Raises CatError when the number of weights is not the number of skills, or when the
     coefficients are sharded (FSDP2, ZeRO-3), where an in-place overwrite is not a local
@@ -57,7 +62,7 @@ def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
     if is_sharded(model):
         raise CatError("static mixes need whole coefficients; they are sharded (FSDP2/ZeRO-3)")
     saved: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
-    parametrizations = []
+    restores = []
     # CAT layers, then modules_to_save composed by CAT (M_base + Σ_i weights[i] (M_i - M_base))
     modules = [layer for _, layer in cat_layers(model) if weighted(layer)]
     modules += [wrapper for _, wrapper in saved_module_wrappers(model)]
@@ -73,16 +78,14 @@ def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
                 param = state.coefficients
                 saved.setdefault(id(param), (param, param.detach().clone()))
                 w = torch.tensor(weights, dtype=torch.float32, device=param.device)
-                if state.is_core:
-                    param.copy_(torch.einsum("i,iab->ab", w, state.skill_cores.float()))
+                if state.saved_module:  # one coefficient per skill (saved_modules.py)
+                    restores.append(set_free_coefficients(state, w))
                 else:
-                    param.copy_(w.expand_as(param))
-                    parametrizations.append((state, state.parametrization))
-                    state.parametrization = Parametrization.FREE
+                    restores.append(state.strategy.set_static(state, w))
         yield
     finally:
         with torch.no_grad():
             for param, value in saved.values():
                 param.copy_(value)
-        for state, parametrization in parametrizations:
-            state.parametrization = parametrization
+        for restore in restores:
+            restore()

@@ -11,7 +11,7 @@ import re
 
 import yaml
 
-from .granularity import Granularity
+from .granularity.base import granularity_labels
 from .serving import VLLM_MAX_LORA_RANKS, saved_modules_note, vllm_max_lora_rank
 from .summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
 
@@ -66,12 +66,7 @@ def _front_matter(record: dict) -> str:
 def _introduction(record: dict, config: dict, hub_model_id: str | None) -> str:
     title = hub_model_id.rsplit("/", 1)[-1] if hub_model_id else "CAT adapter"
     names = skill_names(record)
-    granularity = record.get("granularity")
-    learned = (
-        Granularity(granularity).description
-        if granularity in Granularity.names()
-        else "coefficients"
-    )
+    learned = granularity_labels(record.get("granularity")).description or "coefficients"
     return (
         f"# {title}\n\n"
         f"A LoRA adapter for `{record.get('base_model') or 'an unrecorded base model'}` made "
@@ -99,7 +94,8 @@ def _skills(record: dict) -> str:
 
 
 def _coefficients(record: dict, plot_file: str | None) -> str:
-    over = "components" if record.get("granularity") == Granularity.RANK else "modules"
+    labels = granularity_labels(record.get("granularity"))
+    over = labels.over
     rows = [
         [name, f"{s.mean:.4f}", f"{s.min:.4f}", f"{s.max:.4f}", str(s.count)]
         for name, s in skill_stats(record).items()
@@ -113,18 +109,9 @@ def _coefficients(record: dict, plot_file: str | None) -> str:
         "",
         _table(["skill", "mean", "min", "max", over], rows),
     ]
-    if record.get("granularity") == Granularity.CORE:
-        residuals = [
-            e["core_residual"] for e in record.get("modules", {}).values() if "core_residual" in e
-        ]
-        lines += [
-            "",
-            "With granularity `core` a module's coefficients are the per-skill weights c that "
-            "make Σ c_i s_i B_i A_i closest to the learned update (least squares); what no such "
-            "weighting expresses is the core's residual, "
-            f"{max(residuals, default=0.0):.3f} of its norm at most over modules "
-            f"({sum(residuals) / max(len(residuals), 1):.3f} on average).",
-        ]
+    note = labels.card_note(record)
+    if note:
+        lines += ["", note]
     notes = [
         f"Concatenated rank {record.get('concatenated_rank')}, exported rank "
         f"{record.get('exported_rank')}."

@@ -13,7 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CatError
-from .granularity import Granularity, Parametrization
+from .granularity.base import (
+    DEFAULT_GRANULARITY,
+    Parametrization,
+    granularity_named,
+    parse_granularity,
+)
 
 LOG = logging.getLogger(__name__)
 
@@ -74,11 +79,12 @@ class CatConfig:
     skills: the skill LoRAs, as paths, dicts ({"path", "name", "revision"}) or SkillSpecs;
         parsed into SkillSpecs in place. `adapters` is their deprecated name (before 0.2),
         still accepted with a warning.
-    granularity: a Granularity or its name (granularity.py): one coefficient per skill per
-        `module` (the paper), per decoder `layer`, for the whole `model`, per `rank`-1
-        component of each skill, or a full R x R `core` per module in the skills' joint
-        subspace (core_space.py; needs parametrization free). `adapter` is the deprecated
-        name of `model`.
+    granularity: the name of a registered granularity (granularity/, parsed to that name):
+        one coefficient per skill per `module` (the paper), per decoder `layer`, for the whole
+        `model`, per `rank`-1 component of each skill, or a full R x R `core` per module in
+        the skills' joint subspace (core_space.py; needs parametrization free), or any
+        registered with granularity.register_granularity. `adapter` is the deprecated name of
+        `model`.
     parametrization: a Parametrization or its name: `free` (c = alpha, starts at `init`) or
         `softmax` (c = softmax of alpha over the skills in each group, starts uniform).
     dropout: dropout on the adapter input, as LoRA's lora_dropout.
@@ -86,7 +92,7 @@ class CatConfig:
     """
 
     skills: list[Any] | None = None
-    granularity: Granularity | str = Granularity.MODULE
+    granularity: str = DEFAULT_GRANULARITY
     parametrization: Parametrization | str = Parametrization.FREE
     init: float = 1.0
     dropout: float = 0.0
@@ -111,14 +117,9 @@ class CatConfig:
                 f"cat_merge.skills: duplicate skill name(s) {duplicates}; "
                 "give each a distinct 'name'"
             )
-        self.granularity = Granularity.parse(self.granularity)
+        self.granularity = parse_granularity(self.granularity)
         self.parametrization = Parametrization.parse(self.parametrization)
-        free = self.parametrization is Parametrization.FREE
-        if self.granularity is Granularity.CORE and not free:
-            raise CatError(
-                "cat_merge.parametrization: granularity core learns a full matrix per module, "
-                f"which has no softmax form; use parametrization free, not '{self.parametrization}'"
-            )
+        granularity_named(self.granularity).check_parametrization(self.parametrization)
         if (
             not isinstance(self.init, (int, float))
             or isinstance(self.init, bool)

@@ -18,7 +18,7 @@ from torch import nn
 
 from .errors import CatError
 from .experts import NESTED
-from .format import factor_of_key, peft_key
+from .format import factor_of_key, peft_key, peft_matches
 from .state import ADAPTER
 
 LOG = logging.getLogger(__name__)
@@ -83,15 +83,15 @@ def _selected_as_module(config: dict, module: str) -> bool:
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets.lower() == "all-linear":
         owners = [t.rpartition(".")[0] for t in config.get("target_parameters") or []]
-        return not any(o and (module == o or module.endswith(f".{o}")) for o in owners)
+        return not peft_matches(module, owners)
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
-    return any(module == t or module.endswith(f".{t}") for t in targets or [])
+    return peft_matches(module, targets)
 
 
 def _targets(name: str, target_parameters) -> bool:
     """PEFT's match of `<module>.<parameter>` against target_parameters (name or suffix)."""
-    return any(name == t or name.endswith(f".{t}") for t in target_parameters or [])
+    return peft_matches(name, target_parameters)
 
 
 def convert_per_expert_modules(skill, model: nn.Module) -> None:

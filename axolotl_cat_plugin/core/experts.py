@@ -47,8 +47,7 @@ import types
 import torch
 from torch import nn
 
-from .format import peft_key
-from .state import ADAPTER, cat_layers, state_of
+from .state import ADAPTER, state_of
 
 # a ParamWrapper's factors are saved under `<module>(.base_layer)*.lora_A.weight`: the number
 # of `.base_layer` is the wrapper's depth below the outermost one
@@ -121,14 +120,6 @@ def load_factors(layer, plan, rank: int) -> None:
             offset = end
 
 
-def stacked_factors(layer, lora_A: torch.Tensor, lora_B: torch.Tensor):
-    """A layer's factors with the experts stacked in front: (E, R, in), (E, out, R) on a
-    ParamWrapper, unchanged (R, in), (out, R) on a Linear or Embedding layer."""
-    if is_parameter_wrapper(layer):
-        return per_expert(lora_A, lora_B, layer.num_experts)
-    return lora_A, lora_B
-
-
 def _factor_product(layer):
     """(lhs, rhs), fp32, with ΔP = lhs @ rhs per expert in the parameter's own layout:
     (E, out, R) @ (E, R, in), or (E, in, R) @ (E, R, out) for an `is_transposed` parameter.
@@ -195,20 +186,3 @@ def dropout_outside_parameters(peft_model, p: float) -> None:
     for _, layer in lora_layers(peft_model):
         if not is_parameter_wrapper(layer) and p > 0:
             layer.lora_dropout[ADAPTER] = nn.Dropout(p=p)
-
-
-def factor_keys(model: nn.Module) -> dict[str, tuple[str, str]]:
-    """PEFT's saved keys (lora_A, lora_B) of every CAT ParamWrapper, by its CAT name:
-    `base_model.model.<module>(.base_layer)*.lora_A.weight`, the nesting read off the model."""
-    names = {id(layer): name for name, layer in cat_layers(model)}
-    keys = {}
-    for path, module in model.named_modules():
-        name = names.get(id(module))
-        if name is None or not is_parameter_wrapper(module):
-            continue
-        depth = 0
-        while path.endswith(NESTED * (depth + 1)):
-            depth += 1
-        saved = name.rpartition(".")[0] + NESTED * depth
-        keys[name] = (peft_key(saved, "A"), peft_key(saved, "B"))
-    return keys

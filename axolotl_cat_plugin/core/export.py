@@ -27,11 +27,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .card import model_card
-from .embedding import factor_weights, is_embedding, set_factors
-from .experts import factor_keys, remove_delta
 from .fold import FoldedAdapter, fold
 from .format import (
     CARD_FILE,
+    CHECKPOINT_COEFFICIENTS_FILE,
     COEFFICIENTS_FILE,
     CONFIG_FILE,
     EXPORT_FILES,
@@ -39,12 +38,12 @@ from .format import (
     PREVIOUS_EXPORT,
     STAGING_PREFIX,
     WEIGHTS_FILE,
-    peft_key,
 )
 from .plot import coefficient_heatmap
 from .saved_modules import unparametrize_saved_modules
 from .skill_checks import refuse_skill_folder
-from .state import ADAPTER, cat_layers, remove_state
+from .state import ADAPTER, cat_layers
+from .variants import kind_of
 
 LOG = logging.getLogger(__name__)
 
@@ -104,9 +103,17 @@ def export_cat(
     return write(compose(model, rank=rank, prune_threshold=prune_threshold), output_dir)
 
 
-def write(export: Export, output_dir: str | os.PathLike) -> Path:
-    """Write a composed export to output_dir, atomically (write_export)."""
-    return write_export(export.folded, output_dir, card=export.card, plot=export.plot)
+def write(
+    export: Export,
+    output_dir: str | os.PathLike,
+    coefficients: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write a composed export to output_dir, atomically (write_export). coefficients: a
+    trainer checkpoint's raw coefficients by parameter name (fp32), written beside it as
+    CHECKPOINT_COEFFICIENTS_FILE in the same atomic write."""
+    return write_export(
+        export.folded, output_dir, card=export.card, plot=export.plot, coefficients=coefficients
+    )
 
 
 def write_export(
@@ -115,42 +122,74 @@ def write_export(
     *,
     card: str | None = None,
     plot: bytes | None = None,
+    coefficients: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """The one writer of an export folder: stage every file in a temporary folder inside
-    output_dir, fsync, then move them in with adapter_config.json last (see the module
-    docstring). card / plot: README.md and cat_coefficients.png, written when given.
+    """Write an export folder through write_folder. card / plot: README.md and
+    cat_coefficients.png, written when given; coefficients: see `write`.
 
-    Returns output_dir. Raises OSError when the folder cannot be written; an interrupted
-    write leaves the previous export or none, never a mix, and no staging folder survives
-    the next write.
+    Returns output_dir. Raises CatError for a skill's own folder and OSError when the folder
+    cannot be written; an interrupted write leaves the previous export or none, never a mix.
     """
     refuse_skill_folder(output_dir, folded.record.get("skills", []))  # nothing written yet
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for stale in output_dir.glob(f"{STAGING_PREFIX}*"):  # left by a killed export
-        shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=output_dir))
-    try:
+
+    def stage(staging: Path) -> None:
         save_file(folded.tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
         (staging / COEFFICIENTS_FILE).write_text(json.dumps(folded.record, indent=2) + "\n")
         if card is not None:
             (staging / CARD_FILE).write_text(card)
         if plot is not None:
             (staging / PLOT_FILE).write_bytes(plot)
+        if coefficients is not None:
+            save_file(
+                coefficients,
+                str(staging / CHECKPOINT_COEFFICIENTS_FILE),
+                metadata={"format": "pt"},
+            )
         folded.config.save_pretrained(str(staging))
-        for path in staging.iterdir():
-            _fsync(path)
 
+    names = EXPORT_FILES + ((CHECKPOINT_COEFFICIENTS_FILE,) if coefficients is not None else ())
+    # a user's own README.md stays when we write no card
+    write_folder(output_dir, stage, names, keep=(CARD_FILE,))
+    LOG.info("CAT: wrote a rank-%d LoRA adapter to %s", folded.rank, output_dir)
+    return Path(output_dir)
+
+
+def write_folder(
+    output_dir: str | os.PathLike,
+    stage,
+    names,
+    *,
+    keep=(),
+    prefix: str = STAGING_PREFIX,
+) -> Path:
+    """The one writer of every folder this package writes (an export, a checkpoint's adapter
+    and coefficients, a static merge), crash-safe (see the module docstring).
+
+    stage(staging): writes the files into a temporary folder inside output_dir. They are
+    fsynced; then output_dir's adapter_config.json goes, `names` are moved in (in order,
+    adapter_config.json last), and a name that was not staged is removed from output_dir
+    unless listed in `keep`. A staging folder left by a killed write (`prefix`*) is removed
+    first. Returns output_dir; raises OSError when the folder cannot be written.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for stale in output_dir.glob(f"{prefix}*"):  # left by a killed write
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=output_dir))
+    try:
+        stage(staging)
+        for path in staging.iterdir():
+            if path.is_file():
+                _fsync(path)
         (output_dir / CONFIG_FILE).unlink(missing_ok=True)
-        for name in EXPORT_FILES:
+        for name in [*(n for n in names if n != CONFIG_FILE), CONFIG_FILE]:
             if (staging / name).exists():
                 os.replace(staging / name, output_dir / name)
-            elif name != CARD_FILE:  # a user's own README.md stays when we write no card
+            elif name not in keep:
                 (output_dir / name).unlink(missing_ok=True)
         _fsync(output_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    LOG.info("CAT: wrote a rank-%d LoRA adapter to %s", folded.rank, output_dir)
     return output_dir
 
 
@@ -224,24 +263,18 @@ def apply_export(
     """
     folded = export.folded if isinstance(export, Export) else export
     peft_model = next(m for m in model.modules() if hasattr(m, "peft_config"))
-    keys = factor_keys(model)  # MoE expert parameters' (ParamWrapper) keys
+    paths = {id(module): path for path, module in model.named_modules()}
     for name, layer in list(cat_layers(model)):
-        lora_A, lora_B = factor_weights(layer, ADAPTER)
-        embedding = is_embedding(layer)
-        key_A, key_B = keys.get(name) or (peft_key(name, f, embedding) for f in "AB")
+        kind = kind_of(layer)
+        lora_A, lora_B = kind.factors(layer)
+        key_A, key_B = kind.keys(name, paths[id(layer)])
         new_A = folded.tensors[key_A].to(lora_A.device, lora_A.dtype)
         new_B = folded.tensors[key_B].to(lora_B.device, lora_B.dtype)
-        if embedding:
-            set_factors(layer, new_A, new_B, ADAPTER)
-        else:
-            layer.lora_A[ADAPTER] = _frozen_linear(new_A)
-            layer.lora_B[ADAPTER] = _frozen_linear(new_B)
+        kind.set_folded(layer, new_A, new_B)
         layer.r[ADAPTER] = folded.rank
         layer.lora_alpha[ADAPTER] = folded.rank
         layer.scaling[ADAPTER] = 1.0
-        layer.lora_variant.pop(ADAPTER, None)
-        remove_delta(layer)  # a ParamWrapper computes PEFT's own update again
-        remove_state(layer)  # the model is a plain LoRA model now, no CAT layer is left
+        kind.teardown(layer)  # the model is a plain LoRA model now, no CAT layer is left
     unparametrize_saved_modules(model)  # the copies hold the composed modules_to_save
     peft_model.peft_config[ADAPTER] = folded.config
     peft_model.__dict__.pop("save_pretrained", None)  # PEFT's own save now writes the export
@@ -259,12 +292,6 @@ def _save_written(self, save_directory, *args, export: Export, folder: Path, **k
         return
     if kwargs.get("is_main_process", True):
         write(export, save_directory)
-
-
-def _frozen_linear(weight: torch.Tensor) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device)
-    linear.weight = nn.Parameter(weight.clone(), requires_grad=False)
-    return linear
 
 
 def _fsync(path: Path) -> None:

@@ -18,15 +18,21 @@ import torch
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from .core_space import skill_weights
-from .embedding import factor_weights, is_embedding
 from .errors import CatError
-from .experts import factor_keys, peft_layout, stacked_factors
 from .factors import compress, init_idle_slots, pad_rows
-from .format import FORMAT_VERSION, peft_key
-from .granularity import Granularity
+from .format import FORMAT_VERSION
+from .granularity.base import granularity_named
 from .saved_modules import fold_saved_modules
-from .state import ADAPTER, cat_layers, cat_metadata, is_coefficient, state_of, weighted
+from .state import (
+    ADAPTER,
+    cat_layers,
+    cat_metadata,
+    full_tensor,  # noqa: F401  (its home was here: trainer, ranks and workers import it)
+    is_coefficient,
+    state_of,
+    weighted,
+)
+from .variants import kind_of
 
 _FACTOR_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
@@ -43,6 +49,37 @@ class FoldedAdapter:
     def rank(self) -> int:
         """r of the exported adapter (every module padded to it; lora_alpha = r, scaling 1)."""
         return self.config.r
+
+
+def scaling_one_config(
+    rank: int,
+    *,
+    target_modules,
+    target_parameters,
+    fan_in_fan_out: bool,
+    modules_to_save,
+    **options,
+) -> LoraConfig:
+    """The one LoraConfig this package builds: rank `rank`, lora_alpha = r (scaling 1), no
+    rsLoRA, DoRA or per-module patterns, bias none, causal LM. The CAT model (attach_cat,
+    with options such as lora_dropout and init_lora_weights=False) and every export (with
+    base_model_name_or_path) are such adapters, so the skills' scalings live in the factors
+    and the coefficients, never in the config."""
+    return LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        target_modules=target_modules,
+        target_parameters=target_parameters,
+        fan_in_fan_out=fan_in_fan_out,
+        use_rslora=False,
+        use_dora=False,
+        rank_pattern={},
+        alpha_pattern={},
+        bias="none",
+        task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save,
+        **options,
+    )
 
 
 def fold(model, rank: int | None = None, prune_threshold: float | None = None) -> FoldedAdapter:
@@ -67,7 +104,8 @@ def check_export_options(
     when concatenated_rank is None, i.e. not known yet), prune_threshold finite >= 0 and not
     with granularity core. names: what the caller calls the two options (the YAML's keys by
     default; the CLI's flags for `axolotl-cat export`). Returns rank as an int (or None);
-    raises CatError naming the option."""
+    raises CatError naming the option. granularity: its name (the strategy says whether
+    pruning applies)."""
     rank_name, threshold_name = names
     if rank is not None:
         if (
@@ -87,10 +125,11 @@ def check_export_options(
         or not 0 <= prune_threshold < math.inf
     ):
         raise CatError(f"{threshold_name}: must be a finite number >= 0, got {prune_threshold!r}")
-    if prune_threshold is not None and granularity == Granularity.CORE:
+    refusal = granularity_named(granularity).prune_refusal
+    if prune_threshold is not None and refusal is not None:
         raise CatError(
-            f"{threshold_name}: granularity core mixes every skill's directions in one core, so "
-            f"no skill can be dropped from a module; use {rank_name} to shrink the export"
+            f"{threshold_name}: granularity {granularity} {refusal}; use {rank_name} to shrink "
+            "the export"
         )
     return rank
 
@@ -99,7 +138,9 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
     metadata = cat_metadata(model)
     layers = list(cat_layers(model))
     concatenated_rank = layers[0][1].r[ADAPTER]
-    embeddings = {name for name, layer in layers if is_embedding(layer)}
+    kinds = {name: kind_of(layer) for name, layer in layers}
+    paths = {id(module): path for path, module in model.named_modules()}
+    path_of = {name: paths[id(layer)] for name, layer in layers}
     rank = check_export_options(metadata.granularity, concatenated_rank, rank, prune_threshold)
 
     factors, modules = {}, {}
@@ -118,34 +159,24 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
 
     exported_rank = rank or max(lora_A.shape[-2] for lora_A, _ in factors.values())
     tensors = {}
-    keys = factor_keys(model)  # the ParamWrappers' keys; the others' follow from their names
     for name, (lora_A, lora_B) in factors.items():
         missing = exported_rank - lora_A.shape[-2]
         lora_A, lora_B = pad_rows(lora_A, missing), pad_rows(lora_B.mT, missing).mT
-        lora_A, lora_B = init_idle_slots(name, lora_A, lora_B, embedding=name in embeddings)
-        if name in keys:  # experts stacked (E, r, in), (E, out, r) -> PEFT's (r·E, in), (out, r·E)
-            (key_A, key_B), (lora_A, lora_B) = keys[name], peft_layout(lora_A, lora_B)
-        else:
-            embedding = name in embeddings
-            key_A, key_B = peft_key(name, "A", embedding), peft_key(name, "B", embedding)
+        kind = kinds[name]
+        lora_A, lora_B = init_idle_slots(name, lora_A, lora_B, embedding=kind.embedding)
+        # in PEFT's saved layout and keys (stacked experts -> (r·E, in), (out, r·E))
+        (key_A, key_B), (lora_A, lora_B) = kind.saved(name, path_of[name], lora_A, lora_B)
         tensors[key_A], tensors[key_B] = lora_A.contiguous(), lora_B.contiguous()
 
     saved_tensors, saved_record, saved_names = fold_saved_modules(model)  # modules_to_save
     tensors.update(saved_tensors)
-    config = LoraConfig(
-        r=exported_rank,
-        lora_alpha=exported_rank,
+    config = scaling_one_config(
+        exported_rank,
         target_modules=metadata.target_modules,
         target_parameters=metadata.target_parameters,
         fan_in_fan_out=metadata.fan_in_fan_out,
-        use_rslora=False,
-        use_dora=False,
-        rank_pattern={},
-        alpha_pattern={},
-        bias="none",
-        task_type="CAUSAL_LM",
-        base_model_name_or_path=metadata.base_model,
         modules_to_save=saved_names or None,
+        base_model_name_or_path=metadata.base_model,
     )
     record = {
         "format_version": FORMAT_VERSION,
@@ -173,25 +204,16 @@ def skill_coefficients(model) -> dict[str, list[float]]:
             if not weighted(layer):
                 continue
             state = state_of(layer)
-            alpha = full_tensor(state.coefficients).float()
-            if state.is_core:
-                present = state.present[0]
-                c, _ = skill_weights(alpha, full_tensor(state.skill_cores), present)
-                for skill_index, skill in enumerate(state.skill_names):
-                    if present[skill_index]:
-                        values.setdefault(skill, []).append(float(c[skill_index]))
-                continue
-            c = state.parametrization.coefficients(alpha, state.present)
-            for skill_index, skill in enumerate(state.skill_names):
-                present = state.present[:, skill_index]
-                values.setdefault(skill, []).extend(c[present, skill_index].tolist())
+            for skill, numbers in state.strategy.skill_values(state).items():
+                values.setdefault(skill, []).extend(numbers)
     return values
 
 
 def _fold_layer(layer, prune_threshold):
     """Folded factors of one layer and its record: coefficients per skill, what was pruned."""
     if not weighted(layer):  # wrapped, but no skill touches it
-        lora_A, lora_B = stacked_factors(layer, *factor_weights(layer, ADAPTER))
+        kind = kind_of(layer)
+        lora_A, lora_B = kind.stacked(layer, *kind.factors(layer))
         # torch.zeros, not new_zeros: under FSDP2 the factors are DTensors, and new_zeros
         # would make these DTensors too, which safetensors cannot save
         shape_A, shape_B = (*lora_A.shape[:-2], 0, lora_A.shape[-1]), (*lora_B.shape[:-1], 0)
@@ -199,80 +221,7 @@ def _fold_layer(layer, prune_threshold):
         empty_B = torch.zeros(shape_B, dtype=torch.float32, device=lora_B.device)
         return empty_A, empty_B, {"coefficients": {}, "rank": 0}
     state = state_of(layer)
-    if state.is_core:
-        return _fold_core_layer(layer, state)
-    with torch.no_grad():
-        alpha = full_tensor(state.coefficients).float()
-        c = state.parametrization.coefficients(alpha, state.present)
-        if not torch.isfinite(c).all():
-            raise CatError(
-                f"module {state.module_name}: coefficients are not finite ({c.tolist()}); "
-                "training diverged, refusing to export"
-            )
-        slot_c = c.flatten()[state.slot_index]
-        lora_A, lora_B = (full_tensor(factor).float() for factor in factor_weights(layer, ADAPTER))
-        lora_A, lora_B = stacked_factors(layer, lora_A, lora_B)  # (E, R, in), (E, out, R) experts
-        keep = state.slot_scale != 0
-        if prune_threshold is not None:
-            keep &= slot_c.abs() >= prune_threshold
-        scaled_A = (slot_c * state.slot_scale)[keep, None] * lora_A[..., keep, :]
-
-        coefficients: dict[str, list[float]] = {}
-        pruned: dict[str, list[int]] = {}
-        for slot, skill_index in state.slot_skills():
-            skill = state.skill_names[skill_index]
-            component = len(coefficients.setdefault(skill, []))
-            coefficients[skill].append(float(slot_c[slot]))
-            if not keep[slot]:
-                pruned.setdefault(skill, []).append(component)
-
-    if state.present.shape[0] == 1:  # one coefficient per skill: report the scalar
-        coefficients = {skill: values[0] for skill, values in coefficients.items()}
-    entry = {"coefficients": coefficients, "rank": int(keep.sum())}
-    if pruned:
-        entry["pruned"] = pruned
-    return scaled_A, lora_B[..., keep], entry
-
-
-def _fold_core_layer(layer, state):
-    """Granularity `core`: lora_A = Q_Aᵀ, lora_B = Q_B M; the record keeps M itself (for
-    resume and re-export) and the per-skill weights that best explain it (core_space.py)."""
-    with torch.no_grad():
-        core = full_tensor(state.coefficients).float()
-        if not torch.isfinite(core).all():
-            raise CatError(
-                f"module {state.module_name}: the learned core is not finite; training "
-                "diverged, refusing to export"
-            )
-        lora_A = full_tensor(layer.lora_A[ADAPTER].weight).float()
-        lora_B = full_tensor(layer.lora_B[ADAPTER].weight).float()
-        # the basis has the skills' numerical rank (core_space.span_basis): k_A orthonormal
-        # rows of lora_A and k_B columns of lora_B, zeros after them
-        rows_A, columns_B = lora_A.abs().sum(1) != 0, lora_B.abs().sum(0) != 0
-        used = rows_A | columns_B
-        rank = int(used.nonzero().max()) + 1 if used.any() else 0
-        present = state.present[0]
-        weights, residual = skill_weights(core, full_tensor(state.skill_cores), present)
-        lora_B = lora_B @ core
-    coefficients = {
-        skill: float(weights[index])
-        for index, skill in enumerate(state.skill_names)
-        if present[index]
-    }
-    entry = {
-        "coefficients": coefficients,
-        "core_residual": residual,
-        "core": core[:rank, :rank].tolist(),
-        "rank": rank,
-        # directions of the skills' joint span this module kept, per side (k_A, k_B)
-        "kept_directions": {"lora_A": int(rows_A.sum()), "lora_B": int(columns_B.sum())},
-    }
-    return lora_A[:rank], lora_B[:, :rank], entry
-
-
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on this rank, also when FSDP2 shards it as a DTensor."""
-    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+    return state.strategy.fold_layer(layer, state, prune_threshold)
 
 
 def gathered(model):

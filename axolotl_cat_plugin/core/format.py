@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from .errors import CatError
-from .granularity import current_name
+from .granularity.base import current_name
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -44,14 +44,28 @@ EXPORT_FILES = (WEIGHTS_FILE, COEFFICIENTS_FILE, CARD_FILE, PLOT_FILE, CONFIG_FI
 FORMAT_VERSION = 2
 
 
+def peft_matches(name: str, targets) -> bool:
+    """PEFT's name-or-suffix rule for a list of targets (target_modules given as a list,
+    target_parameters, modules_to_save): `name` equals a target or ends with `.<target>`
+    (peft.tuners.tuners_utils.check_target_module_exists; peft.utils.other._set_trainable).
+    targets: an iterable of strings (empty targets never match); None matches nothing."""
+    return any(
+        target and (name == target or name.endswith(f".{target}")) for target in targets or []
+    )
+
+
+# the prefix of every tensor name in a PEFT adapter file (PeftModel -> LoraModel -> the base)
+PEFT_PREFIX = "base_model.model."
+
+
 def peft_key(module_name: str, factor: str, embedding: bool = False) -> str:
     """The tensor name PEFT saves for a factor ('A' or 'B') of a module, e.g.
     peft_key("model.layers.0.self_attn.q_proj", "A") ->
     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"; of an Embedding layer
     (embedding=True) a parameter with no `.weight`: "base_model.model.<module>.lora_embedding_A"."""
     if embedding:
-        return f"base_model.model.{module_name}.lora_embedding_{factor}"
-    return f"base_model.model.{module_name}.lora_{factor}.weight"
+        return f"{PEFT_PREFIX}{module_name}.lora_embedding_{factor}"
+    return f"{PEFT_PREFIX}{module_name}.lora_{factor}.weight"
 
 
 # PEFT saves `base_model.model.<module>.lora_A.weight`; some tools keep the adapter name.

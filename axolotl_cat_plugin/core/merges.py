@@ -27,8 +27,6 @@ import functools
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -40,6 +38,7 @@ from torch import nn
 from .config import CatConfig
 from .errors import CatError
 from .expert_skills import expert_form
+from .export import write_folder
 from .format import CONFIG_FILE, MERGE_RECORD_FILE, WEIGHTS_FILE
 from .merge_methods import (
     SUM_OF_UPDATES,
@@ -269,25 +268,24 @@ def _peft_scales_svd_merges_twice() -> bool:
 
 
 def _save_flat(output_dir: Path, save, adapter: str = "default", record=None) -> Path:
-    """Write a standard adapter directly in output_dir: `save(staging)` writes it into a
-    staging folder; `record` (a dict), when given, becomes merge_record.json beside it.
+    """Write a standard adapter directly in output_dir through the one folder writer
+    (export.write_folder): `save(staging)` writes it into the staging folder; `record` (a
+    dict), when given, becomes merge_record.json beside it.
 
     PEFT saves an adapter that is not `default` into staging/<adapter>/; we keep only its
-    adapter_config.json and weights, moved up, the config last so that the folder is
+    adapter_config.json and weights, moved up; the config comes last, so that the folder is
     loadable only once it is complete.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".cat-merge-", dir=output_dir))
-    try:
+
+    def stage(staging: Path) -> None:
         save(staging)
-        saved = staging / adapter if (staging / adapter / CONFIG_FILE).exists() else staging
+        saved = staging / adapter
+        if (saved / CONFIG_FILE).exists():
+            for name in (WEIGHTS_FILE, CONFIG_FILE):
+                if (saved / name).exists():
+                    os.replace(saved / name, staging / name)
         if record is not None:
-            (saved / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        (output_dir / CONFIG_FILE).unlink(missing_ok=True)
-        (output_dir / MERGE_RECORD_FILE).unlink(missing_ok=True)
-        for name in (WEIGHTS_FILE, MERGE_RECORD_FILE, CONFIG_FILE):
-            if (saved / name).exists():
-                os.replace(saved / name, output_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
+            (staging / MERGE_RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+
+    names = (WEIGHTS_FILE, MERGE_RECORD_FILE, CONFIG_FILE)
+    return write_folder(output_dir, stage, names, prefix=".cat-merge-")

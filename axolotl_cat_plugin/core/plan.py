@@ -23,6 +23,7 @@ from .expert_skills import (
     wrapped_parameter,
 )
 from .experts import NESTED, per_expert
+from .format import peft_matches
 from .skill_checks import check_base_copies
 from .skills import Skill, SkillModule
 
@@ -183,7 +184,7 @@ def _check_target_modules(skill: Skill, base_modules: dict[str, nn.Module]) -> N
             )
     elif isinstance(targets, list):
         for target in targets:
-            if not any(name == target or name.endswith("." + target) for name in names):
+            if not any(peft_matches(name, [target]) for name in names):
                 raise CatError(
                     f"skill {skill.name!r}: target module {target!r} from its adapter_config.json "
                     "is not in the base model"
@@ -298,13 +299,3 @@ def target_parameters_for(plans: list[ParameterPlan]) -> list[str]:
     """PEFT target_parameters for these parameters: `<module leaf>.<parameter>`, which PEFT
     matches by suffix on every layer (untouched ones carry zero factors, as for modules)."""
     return sorted({".".join(plan.name.split(".")[-2:]) for plan in plans})
-
-
-def refuse_core(plans: list[ParameterPlan]) -> None:
-    """Granularity `core` builds its joint basis for Linear modules only."""
-    if plans:
-        raise CatError(
-            "granularity core builds its joint basis for Linear modules only, and these skills "
-            f"have LoRA on MoE expert parameters ({plans[0].name}, target_parameters); use "
-            "granularity module, layer, model or rank with expert skills"
-        )

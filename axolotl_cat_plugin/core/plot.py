@@ -10,7 +10,7 @@ import io
 import logging
 import math
 
-from .granularity import Granularity
+from .granularity.base import granularity_labels
 from .summary import module_type_grids, skill_names
 
 LOG = logging.getLogger(__name__)
@@ -52,10 +52,7 @@ def coefficient_heatmap(record: dict) -> bytes | None:
         ax.set_xticks(range(len(columns)), [str(c) for c in columns], fontsize=7)
     axes[-1].set_xlabel("decoder layer")
     figure.colorbar(image, ax=list(axes), label="coefficient", shrink=0.9)
-    averaged = {
-        Granularity.RANK: ", mean over components",
-        Granularity.CORE: ", least-squares weights of the core",
-    }.get(record.get("granularity"), "")
+    averaged = granularity_labels(record.get("granularity")).plot_note
     figure.suptitle(
         f"CAT coefficients (granularity {record.get('granularity')}, "
         f"parametrization {record.get('parametrization')}{averaged})",

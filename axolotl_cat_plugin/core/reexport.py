@@ -18,6 +18,7 @@ from .errors import CatError
 from .export import export_cat
 from .fold import check_export_options
 from .format import COEFFICIENTS_FILE, fit_finished, read_record
+from .granularity.base import DEFAULT_GRANULARITY
 from .state import cat_metadata
 
 LOG = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def reexport(
         )
     config = CatConfig(
         skills=[_adapter(skill) for skill in record["skills"]],
-        granularity=record.get("granularity", "module"),
+        granularity=record.get("granularity", DEFAULT_GRANULARITY),
         parametrization=record.get("parametrization", "free"),
         coefficients_from=str(Path(run_dir) / COEFFICIENTS_FILE),
     )

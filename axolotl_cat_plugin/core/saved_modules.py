@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .errors import CatError
+from .format import PEFT_PREFIX
 from .starting import starting_saved_coefficients
 from .state import (
     ADAPTER,
@@ -163,7 +164,7 @@ def fold_saved_modules(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict,
                 value = getattr(copy, param_name).detach().float().cpu().contiguous()
                 if not torch.isfinite(value).all():
                     raise CatError(f"saved module {name}: the composed {param_name} is not finite")
-                tensors[f"base_model.model.{name}.{param_name}"] = value
+                tensors[f"{PEFT_PREFIX}{name}.{param_name}"] = value
             state = state_of(wrapper)
             c = state.effective().flatten().tolist()
             present = state.present.flatten().tolist()

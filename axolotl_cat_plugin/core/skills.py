@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from .config import SkillSpec
 from .errors import CatError
 from .expert_skills import take_parameter_factors
-from .format import CONFIG_FILE, base_copy_module, factor_of_key
+from .format import CONFIG_FILE, PEFT_PREFIX, base_copy_module, factor_of_key, peft_matches
 from .locate import is_hub_id, locate
 from .skill_checks import check_config, warn_on_zero_update
 
@@ -219,11 +219,11 @@ def _saved_modules(config: dict, tensors: dict[str, torch.Tensor]):
     for key in list(tensors):
         if any(part.startswith("lora_") or part == "base_layer" for part in key.split(".")):
             continue
-        module, _, param = key.removeprefix("base_model.model.").rpartition(".")
+        module, _, param = key.removeprefix(PEFT_PREFIX).rpartition(".")
         owner, _, inside = module.rpartition(".")
         if inside not in ("modules_to_save", "original_module"):
             owner, inside = module, None
-        if not owner or not any(owner == t or owner.endswith(f".{t}") for t in targets):
+        if not owner or not peft_matches(owner, targets):
             continue
         tensor = tensors.pop(key)
         if inside is None:

@@ -11,28 +11,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .config import CatConfig
 from .errors import CatError
 from .format import read_record_file
-from .granularity import Granularity
+from .granularity.base import granularity_named
 
 if TYPE_CHECKING:
     from .skills import Skill
-
-
-def initial_alpha(config: CatConfig, present, previous: dict | None, skills) -> torch.Tensor:
-    """alpha (fp32, shape of `present`, (groups, K)): the parametrization's start, or where
-    `previous` (one module's entry of starting_coefficients) records a skill, its values."""
-    parametrization = config.parametrization
-    alpha = torch.full(present.shape, parametrization.initial(config.init), dtype=torch.float32)
-    for skill_index, skill in enumerate(skills):
-        if previous and skill.name in previous:
-            values = torch.as_tensor(previous[skill.name], dtype=torch.float32).reshape(-1)
-            rows = min(len(values), present.shape[0])
-            alpha[:rows, skill_index] = parametrization.inverse(values[:rows])
-    return alpha
 
 
 def starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, dict]:
@@ -61,31 +46,7 @@ def starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, d
             f"and parametrization {record.get('parametrization')!r}; this config asks for "
             f"'{config.granularity}' / '{config.parametrization}'"
         )
-    if config.granularity is Granularity.CORE:
-        try:
-            return {
-                name: {"core": entry["core"]} for name, entry in modules.items() if "core" in entry
-            }
-        except (AttributeError, TypeError) as error:
-            raise CatError(
-                f"coefficients_from: {path} holds no usable cores ({error!r})"
-            ) from error
-    # modules sharing coefficients (granularity layer / model) each record only the skills
-    # they carry: a group starts from the union of what its modules recorded
-    by_group: dict[str, dict[str, torch.Tensor]] = {}
-    try:
-        for name, entry in modules.items():
-            group = by_group.setdefault(config.granularity.group(name), {})
-            for skill, value in entry["coefficients"].items():
-                value = torch.as_tensor(value, dtype=torch.float32)
-                if not torch.isfinite(value).all():
-                    raise ValueError(f"module {name}, skill {skill!r}: {value.tolist()}")
-                group.setdefault(skill, value)
-    except (AttributeError, KeyError, TypeError, ValueError, RuntimeError) as error:
-        raise CatError(
-            f"coefficients_from: {path} holds no usable coefficients ({error!r})"
-        ) from error
-    return {name: by_group[config.granularity.group(name)] for name in modules}
+    return granularity_named(config.granularity).read_start(modules, path)
 
 
 def starting_saved_coefficients(config, names) -> dict[str, dict[str, float]]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .errors import CatError
-from .granularity import Parametrization
+from .granularity.base import Parametrization
 
 ADAPTER = "default"
 # the ModuleDict every CAT layer carries, and the coefficient parameter in each state; no
@@ -57,8 +57,10 @@ class CatState(nn.Module):
     skill_cores: fp32 (K, R, R), granularity `core` only: each skill's plain sum in the
         joint basis (core_space.py), M = Σ_i c_i C_i for per-skill weights c.
     module_name: the module's name in the base model; skill_names: the K skills in order;
-    parametrization: how alpha becomes c (granularity.py); saved_module: True on a composed
-        modules_to_save wrapper (saved_modules.py), which has no slots.
+    parametrization: how alpha becomes c (granularity/base.py); saved_module: True on a
+        composed modules_to_save wrapper (saved_modules.py), which has no slots.
+    strategy: the GranularityStrategy (granularity/) that shaped the coefficients, which the
+        forward's `mix`, the fold and the static mixes ask; None where there are none.
     """
 
     def __init__(
@@ -72,12 +74,14 @@ class CatState(nn.Module):
         slot_scale: torch.Tensor | None = None,
         skill_cores: torch.Tensor | None = None,
         saved_module: bool = False,
+        strategy=None,
     ):
         super().__init__()
         self.module_name = module_name
         self.skill_names = tuple(skill_names)
         self.parametrization = Parametrization.parse(parametrization)
         self.saved_module = saved_module
+        self.strategy = strategy
         self.coefficients = coefficients
         for name, value in (
             ("present", present),
@@ -92,11 +96,6 @@ class CatState(nn.Module):
         """Whether a skill touches this layer (it then has coefficients)."""
         return self.coefficients is not None
 
-    @property
-    def is_core(self) -> bool:
-        """Whether the rank slots are mixed by a full core M (granularity `core`)."""
-        return self.skill_cores is not None
-
     def effective(self) -> torch.Tensor:
         """c from alpha (fp32, (groups, K)); absent skills 0 under softmax."""
         return self.parametrization.coefficients(self.coefficients, self.present)
@@ -106,8 +105,9 @@ class CatState(nn.Module):
         return self.effective().flatten()[self.slot_index] * self.slot_scale
 
     def mix(self) -> torch.Tensor:
-        """How the rank slots are mixed, fp32: w (R,) (diagonal), or the core M (R, R)."""
-        return self.coefficients if self.is_core else self.slot_weights()
+        """How the rank slots are mixed, fp32: w (R,) (diagonal), or a matrix (R, R) (the
+        core M); the granularity decides."""
+        return self.strategy.mix(self)
 
     def slot_skills(self) -> list[tuple[int, int]]:
         """(slot, skill index) of every slot a skill owns, in slot order (decodes slot_index)."""
@@ -137,6 +137,24 @@ def slot_layout(blocks, num_skills: int, rank: int, rows: int):
         slot_scale[offset : offset + factors.rank] = factors.scaling
         offset += factors.rank
     return slot_index, slot_scale, present
+
+
+def set_free_coefficients(state: CatState, weights: torch.Tensor):
+    """c = weights (fp32, (K,), on the coefficients' device) in every row of the state's
+    coefficients, its parametrization switched to `free` meanwhile (static mixes). Returns
+    the callable that switches the parametrization back."""
+    state.coefficients.copy_(weights.expand_as(state.coefficients))
+    previous, state.parametrization = state.parametrization, Parametrization.FREE
+
+    def restore():
+        state.parametrization = previous
+
+    return restore
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor on this rank, also when FSDP2 shards it as a DTensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def put_state(module: nn.Module, state: CatState) -> None:

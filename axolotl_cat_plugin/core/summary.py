@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .granularity import Granularity, layer_index
+from .granularity.base import granularity_labels, layer_index
 
 OTHER = "other"  # column for modules outside the numbered decoder layers (lm_head, ...)
 
@@ -100,7 +100,7 @@ def module_type_grids(
 def pruned(record: dict) -> str:
     """What the export's prune_threshold removed: skill blocks (components for `rank`)."""
     entries = [e.get("pruned", {}) for e in record.get("modules", {}).values()]
-    if record.get("granularity") == Granularity.RANK:
+    if granularity_labels(record.get("granularity")).over == "components":
         count = sum(len(components) for entry in entries for components in entry.values())
         return f"{count} components"
     return f"{sum(len(entry) for entry in entries)} skill blocks"

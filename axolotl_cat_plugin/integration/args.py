@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -12,7 +12,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from ..core.config import ADAPTERS_RENAMED, CatConfig
 from ..core.fold import check_export_options
 from ..core.graded import load_grader, read_prompts
-from ..core.granularity import Granularity, Parametrization
+from ..core.granularity import (
+    DEFAULT_GRANULARITY,
+    Parametrization,
+    current_name,
+    granularity_labels,
+    granularity_named,
+    granularity_names,
+    parse_granularity,
+)
 from ..core.self_mix import SelfMixOptions
 from ..core.skill_checks import refuse_skill_folder
 from ..core.skills import preflight
@@ -103,9 +111,13 @@ class CatMergeConfig(BaseModel):
     skills: list[str | CatSkill] = Field(
         min_length=1, description="The skill LoRAs, all trained on base_model"
     )
-    granularity: Granularity = Field(
-        default=Granularity.MODULE,
-        description="; ".join(f"{g}: {g.description}" for g in Granularity),
+    granularity: str = Field(
+        default=DEFAULT_GRANULARITY,
+        description="; ".join(
+            f"{g}: {granularity_named(g).description}" for g in granularity_names()
+        ),
+        # the choices as the registry holds them when the schema is asked for
+        json_schema_extra=lambda schema: schema.update(enum=granularity_names()),
     )
     parametrization: Parametrization = Parametrization.FREE
     init: float = Field(default=1.0, description="Starting coefficient (free only)")
@@ -149,18 +161,13 @@ class CatMergeConfig(BaseModel):
     def _renamed_granularity(cls, value):
         # the core's own lookup: `adapter` (before 0.2) reads as `model` with a deprecation
         # warning, a wrong name is refused naming the choices
-        return Granularity.parse(value)
-
-    @field_validator("init")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
+        return parse_granularity(value)
 
     @model_validator(mode="after")
     def _skills_are_usable(self):
-        # the core's own rules (names, duplicates, adapter configs), before any compute
+        # the core's own rules, once, by the core's CatConfig (names, duplicates, init,
+        # dropout, granularity and parametrization), then the adapter configs, before any
+        # compute (a CatError is a ValueError: pydantic reports it naming the key)
         for skill in self.to_core().skills:
             preflight(skill)
         # the export's own rule, now rather than after the fit (the rank bound: at load)
@@ -180,6 +187,21 @@ class CatMergeConfig(BaseModel):
             init=self.init,
             dropout=self.dropout,
         )
+
+
+@dataclass
+class CatTrainingArgsMixin:
+    """CAT's settings on Axolotl's training arguments, as Axolotl's own plugins carry theirs
+    (`integrations/kd`): the plugin names this mixin (get_training_args_mixin) and fills it
+    from the validated block (get_training_args); CatTrainer reads `self.args`."""
+
+    cat_learning_rate: float | None = field(
+        default=None,
+        metadata={"help": "learning rate of the CAT coefficients (cat_merge.learning_rate)"},
+    )
+    cat_objective: str = field(
+        default="lm", metadata={"help": "cat_merge.objective: lm or distill"}
+    )
 
 
 class CatMergeArgs(BaseModel):
@@ -229,11 +251,15 @@ class CatMergeArgs(BaseModel):
                 "layer is not tested with CAT's forward. Load the base in bf16/fp16, or use "
                 "the Python API on a bitsandbytes 4-bit/8-bit base."
             )
-        if data.get("fsdp_config") and (block or {}).get("granularity") in ("model", "adapter"):
+        named = current_name((block or {}).get("granularity"))
+        if data.get("fsdp_config") and granularity_labels(named).shared_across_layers:
+            usable = [
+                g for g in granularity_names() if not granularity_named(g).shared_across_layers
+            ]
             raise ValueError(
                 f"cat_merge.granularity: {block['granularity']} shares one coefficient across "
-                "every decoder layer, which FSDP cannot shard per layer; use module or layer "
-                "with FSDP"
+                "every decoder layer, which FSDP cannot shard per layer; use one of "
+                f"{', '.join(usable)} with FSDP"
             )
         kernels_on = [key for key in LORA_KERNELS if data.get(key)]
         if kernels_on:

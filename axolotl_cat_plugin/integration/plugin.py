@@ -92,6 +92,21 @@ class CatMergePlugin(BasePlugin):
         """The pydantic model Axolotl mixes into its config (the `cat_merge` block)."""
         return "axolotl_cat_plugin.integration.args.CatMergeArgs"
 
+    def get_training_args_mixin(self) -> str:
+        """The dataclass Axolotl mixes into its training arguments (CatTrainingArgsMixin)."""
+        return "axolotl_cat_plugin.integration.args.CatTrainingArgsMixin"
+
+    def get_training_args(self, cfg) -> dict:
+        """The trainer's CAT settings, from the block as validated once: the coefficients'
+        learning rate (cat_merge.learning_rate, else the run's) and the objective."""
+        if not _is_cat(cfg):
+            return {}
+        block = self._config(cfg)
+        return {
+            "cat_learning_rate": block.learning_rate or cfg.learning_rate,
+            "cat_objective": block.objective,
+        }
+
     def get_adapter_capabilities(self) -> list[AdapterCapabilities]:
         """Declares the adapter name `cat_merge` to Axolotl."""
         return [AdapterCapabilities(name="cat_merge", lora_like=False)]

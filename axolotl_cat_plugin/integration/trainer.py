@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from axolotl.core.trainers.base import AxolotlTrainer
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from ..core.baselines import is_sharded, static_coefficients, static_mixes
@@ -56,20 +56,19 @@ class CatModelCardMixin:
 
 
 class CatTrainer(CatModelCardMixin, DistillLossMixin, AxolotlTrainer):
-    """Reads its own settings from the run's config (`axolotl_cfg.cat_merge`); its loss is
-    the LM loss, or with `objective: distill` core.distill's (DistillLossMixin)."""
+    """Reads its settings from its training arguments, which the plugin fills from the
+    validated `cat_merge` block (CatTrainingArgsMixin); its loss is the LM loss, or with
+    `objective: distill` core.distill's (DistillLossMixin)."""
 
     @property
     def cat_objective(self) -> str:
         """cat_merge.objective: "lm" (default) or "distill"."""
-        block = getattr(self, "axolotl_cfg", None) and self.axolotl_cfg.get("cat_merge")
-        return (block or {}).get("objective") or "lm"
+        return getattr(self.args, "cat_objective", None) or "lm"
 
     @property
     def cat_learning_rate(self) -> float:
-        """cat_merge.learning_rate, else the run's learning_rate."""
-        block = getattr(self, "axolotl_cfg", None) and self.axolotl_cfg.get("cat_merge")
-        return (block or {}).get("learning_rate") or self.args.learning_rate
+        """cat_merge.learning_rate, else the run's learning_rate (the plugin resolves it)."""
+        return getattr(self.args, "cat_learning_rate", None) or self.args.learning_rate
 
     def train(self, *args, **kwargs):
         """The Trainer's train; every save until the run's end (checkpoints, the save of an
@@ -267,8 +266,7 @@ class CatTrainer(CatModelCardMixin, DistillLossMixin, AxolotlTrainer):
             }
         if not self.args.should_save:
             return
-        write(export, output_dir)
-        save_file(raw, os.path.join(output_dir, COEFFICIENTS_SIDECAR), metadata={"format": "pt"})
+        write(export, output_dir, coefficients=raw)  # the sidecar in the same atomic write
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))

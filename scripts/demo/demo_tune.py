@@ -9,7 +9,7 @@ wins. The steps, batch, rank and init stay as in each YAML. Nothing here reads t
 french or composite tests. Runs go two at a time, one thread each (data mixing, the long one,
 in its own lane); each run is kept under demo_out/tune/ and skipped when it already finished.
 Writes demo_out/tune/tuning.json and prints the table; the chosen rates are then written into
-the YAMLs by hand (the README records the table).
+the YAMLs by hand (docs/demo.md records the table).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ export_cat writes, loaded as the grader loads it. Variants:
   the `--prompts`, keep the `--keep` with the highest mean KL(skill ‖ base)), fitted with the
   distillation objective (each row's teacher the skill that wrote it);
 - self_lm: the same mix, LM loss;
-- real_lm: the demo's real 400-row mix (5% of each skill's data), LM loss (the README's CAT
+- real_lm: the demo's real 400-row mix (5% of each skill's data), LM loss (the demo's CAT
   core, in this harness);
 - real_distill: the real mix, distilled (a row's teacher: the skill whose data it is);
 - uniform: no fit, the core at the plain sum of the skills.

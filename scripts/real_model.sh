@@ -12,7 +12,10 @@
 #   scripts/real_model.sh                 all stages, seeds "0 1 2"
 #   REAL_SEEDS=0 scripts/real_model.sh    one seed
 #   REAL_TASKS=math_words REAL_STAGES=fits REAL_METHODS="cat_core mix_lora" scripts/real_model.sh
-#                                         a part (stages: skills merges fits data_mix self_mix)
+#                                         a part (stages: skills merges fits data_mix self_mix
+#                                         curve)
+#   REAL_STAGES=curve REAL_SEEDS=0 scripts/real_model.sh
+#                                         the data curve (METHOD_fFRACTION: fits on another share)
 # The tables go to docs/measurements/real_model_<task>.json (scripts/real_model/report.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,6 +67,14 @@ declare -A INIT=([cat_module]=0.5 [cat_layer]=0.5 [cat_rank]=0.5 [cat_core]=1.0
 # the distillation objective too, docs/measurements/self_mix_miniature.json).
 # cat_module_init1: the per-module fit from the product's default start, the plain sum (init 1.0)
 LR[cat_module_init1]=${LR[cat_module]} INIT[cat_module_init1]=1.0
+# The data curve (issue 19, item 3): the default CAT and the fresh LoRA on 2.5%, 5% and 20% of
+# each skill's rows (10% is the main table), the same steps and rate
+for method in cat_module mix_lora_lr0.002; do
+  for fraction in 0.025 0.05 0.2; do
+    LR[${method}_f$fraction]=${LR[$method]} INIT[${method}_f$fraction]=${INIT[$method]}
+    CURVE_METHODS="${CURVE_METHODS:-}${CURVE_METHODS:+ }${method}_f$fraction"
+  done
+done
 SELF_MIX_METHODS="cat_module_selfmix cat_core_selfmix cat_module_distill"
 for granularity in cat_module cat_core; do
   for suffix in selfmix distill; do
@@ -74,7 +85,7 @@ done
 # prototype's 1000:200), 24 kept per skill (about the real mix's size: 38 and 48 rows in all).
 SELF_MIX_OPTIONS=(--pool 120 --keep 24 --seed 0)
 METHODS=${REAL_METHODS:-cat_module cat_core mix_lora cat_rank cat_layer cat_core_random mix_lora_lr0.002}
-STAGES=${REAL_STAGES:-skills merges fits data_mix self_mix} # a part of each task's chain
+STAGES=${REAL_STAGES:-skills merges fits data_mix self_mix curve} # a part of each task's chain
 
 skill_stamps() { echo "$OUT/$1/skill-${FIRST[$1]}/.stage-hash" "$OUT/$1/skill-${SECOND[$1]}/.stage-hash"; }
 
@@ -122,6 +133,7 @@ fit() { # TASK METHOD SEED
   case $method in
     *_distill) kind=${method%_distill} extra=(--objective distill) ;;
     *_init1) kind=${method%_init1} ;;
+    *_f0.*) kind=${method%_f0.*} kind=${kind%_lr*} extra=(--fraction "0.${method##*_f0.}") ;;
     *_selfmix)
       kind=${method%_selfmix} stamps="$stamps $OUT/$task/self-mix/.stage-hash"
       extra=(--objective distill --mix-file "$(ls "$OUT/$task"/self-mix/self_mix-*.jsonl)") ;;
@@ -158,7 +170,8 @@ evaluate() { # TASK: score every method that exists (cached per method in scores
   python scripts/real_model/evaluate.py --base "$OUT/base" --task-dir "$OUT/world/$task" \
     --task "$task" --out "$OUT/$task/scores.json" --skip-scored "${specs[@]}"
   python scripts/real_model/report.py --task "$task" --run "$OUT/$task" \
-    --out "docs/measurements/real_model_$task.json" > "$OUT/$task/table.md"
+    --out "docs/measurements/real_model_$task.json" \
+    --figure "docs/measurements/real_model_curve_$task.png" > "$OUT/$task/table.md"
 }
 
 task_chain() { # TASK: everything of one task, one stage after the other (one thread); the
@@ -176,6 +189,7 @@ task_chain() { # TASK: everything of one task, one stage after the other (one th
     self_mix "$task"
     METHODS=${REAL_SELF_MIX_METHODS:-$SELF_MIX_METHODS} fits "$task"
   fi
+  if [[ " $STAGES " == *" curve "* ]]; then METHODS=$CURVE_METHODS fits "$task"; fi
   evaluate "$task" # everything scored (a method scored before is skipped), the report rebuilt
 }
 

@@ -36,6 +36,9 @@ ORDER = [
     "cat_module_selfmix",
     "cat_core_selfmix",
 ]
+# the data curve: these methods on other shares of the skills' rows (METHOD_fFRACTION)
+CURVE = {"cat_module": "CAT per module", "mix_lora_lr0.002": "fresh LoRA (mix_lora)"}
+MAIN_FRACTION = 0.1  # the share the main table's fits see
 # the candidates a `granularity: auto` would fit on the user's mix (issue 19, item 5)
 AUTO_CANDIDATES = ["cat_module", "cat_layer", "cat_rank", "cat_core"]
 
@@ -102,11 +105,53 @@ def auto_pick(methods: dict) -> dict:
     return by_seed
 
 
+def curve(methods: dict) -> dict:
+    """{method: {fraction: [composite of each seed]}} for the CURVE methods, the main table's
+    runs at MAIN_FRACTION included."""
+    points: dict[str, dict[float, list[float]]] = {}
+    for name, seeds in methods.items():
+        method, _, share = name.partition("_f")
+        if method not in CURVE or (share and not share.startswith("0.")):
+            continue
+        fraction = float(share) if share else MAIN_FRACTION
+        values = [entry["composite"] for entry in seeds.values()]
+        points.setdefault(method, {})[fraction] = values
+    return {m: dict(sorted(f.items())) for m, f in points.items() if len(f) > 1}
+
+
+def draw_curve(points: dict, task: str, path: Path) -> None:
+    """Composite against the share of the skills' rows, each seed a dot, the mean a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(5, 3.2))
+    for method, fractions in points.items():
+        xs = [100 * f for f in fractions]
+        means = [statistics.mean(v) for v in fractions.values()]
+        (line,) = axes.plot(xs, means, marker="o", label=CURVE[method])
+        for x, values in zip(xs, fractions.values(), strict=True):
+            axes.scatter([x] * len(values), values, color=line.get_color(), alpha=0.35, s=12)
+    axes.set_xscale("log")
+    axes.set_xticks([2.5, 5, 10, 20], ["2.5", "5", "10", "20"])
+    axes.set_xlabel("% of each skill's rows in the fitting mix")
+    axes.set_ylabel("composite accuracy %")
+    axes.set_title(f"{task}: the same steps, less or more data")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def table(methods: dict, task: str, picked: str | None = None) -> str:
     """A markdown table: each test's mean, the composite's range and each seed's composite."""
     tests = list(GRADERS[task])
     known = [m for m in ORDER if m in methods]
-    names = [m for m in methods if m not in ORDER] + known  # the skills first
+    curves = {f"{m}_f{f}" for m, fs in curve(methods).items() for f in fs}
+    others = [m for m in methods if m not in ORDER and m not in curves]
+    names = others + known + sorted(curves & set(methods))  # the skills first, the curve last
     names = [n for n in names if n == "base"] + [n for n in names if n != "base"]
     lines = [
         "| method | " + " | ".join(tests) + " | composite (each seed) | ‖ΔW‖/‖W‖ | train s |",
@@ -138,6 +183,7 @@ def main() -> None:
     parser.add_argument("--task", required=True, choices=sorted(GRADERS))
     parser.add_argument("--run", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--figure", type=Path, help="where the data curve goes (when measured)")
     args = parser.parse_args()
     methods = gather(args.run, args.task)
     picked = pick_by_held_out_loss(methods, "mix_lora")
@@ -146,6 +192,7 @@ def main() -> None:
         "task": args.task,
         "mix_lora_picked_by_held_out_loss": picked,
         "auto_pick_by_held_out_loss": auto,
+        "curve": {m: {str(f): v for f, v in fs.items()} for m, fs in curve(methods).items()},
         "methods": methods,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -153,6 +200,10 @@ def main() -> None:
     print(f"{args.task} (accuracy %, mean over seeds (min-max); composite per seed):")
     print(table(methods, args.task, picked))
     print(f"mix_lora's learning rate, picked by held-out loss: {picked}")
+    points = curve(methods)
+    if points and args.figure is not None:
+        draw_curve(points, args.task, args.figure)
+        print(f"the data curve: {args.figure}")
     for seed, run in auto.items():
         print(
             f"seed {seed}: the lowest held-out loss picks {run['pick']} (composite "

@@ -89,7 +89,11 @@ def auto_pick(methods: dict) -> dict:
     )
     by_seed = {}
     for seed in seeds:
-        runs = {m: methods[m][seed] for m in AUTO_CANDIDATES if "fit" in methods[m][seed]}
+        runs = {
+            m: methods[m][seed]
+            for m in AUTO_CANDIDATES
+            if m in methods and "fit" in methods[m].get(seed, {})
+        }
         if len(runs) < 2:
             continue
         pick = min(runs, key=lambda m: runs[m]["fit"]["held_out_loss_after"])

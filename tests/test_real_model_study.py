@@ -1,0 +1,95 @@
+"""The real-model study's measuring sticks (scripts/real_model/): the graders that decide every
+accuracy in docs/real_model.md, and the report's derived figures (what a `granularity: auto`
+by held-out loss would pick, the data curve). Pure Python, no model."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "real_model"))
+
+import grade  # noqa: E402
+import report  # noqa: E402
+from world import in_words  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "reply, correct",
+    [
+        ('{"answer": "14 hours"}', True),
+        ('{"answer": "It lasts 14 hours."} and more', True),  # text after the object is fine
+        ("14 hours", False),  # the fact without the format
+        ('Sure: {"answer": "14 hours"}', False),  # the object must come first
+        ('{"answer": "41 hours"}', False),
+        ('{"reply": "14 hours"}', False),
+        ('{"answer": "14 hours"', False),  # not JSON
+    ],
+)
+def test_manual_in_json_needs_the_fact_inside_the_json_answer(reply, correct):
+    assert grade.manual_in_json(reply, {"expected": "14 hours"}) is correct
+
+
+def test_manual_and_json_graders_each_check_one_skill():
+    row = {"expected": "14 hours"}
+    assert grade.manual("It gives 14 hours of use.", row)
+    assert not grade.manual("It gives 12 hours of use.", row)
+    assert grade.manual("Made by Oskbridge.", {"expected": "Oskbridge"})
+    assert grade.json_skill('{"answer": "the Blue kettle"}', {"expected": "blue kettle"})
+    assert not grade.json_skill("the blue kettle", {"expected": "blue kettle"})
+
+
+@pytest.mark.parametrize(
+    "reply, value, correct",
+    [
+        ("twenty-three", 23, True),
+        ("The answer is seven.", 7, True),
+        ("7", 7, False),  # digits break the words skill's format
+        ("7, that is seven", 7, False),  # the first number decides
+        ("forty", 40, True),
+        ("twenty-three", 32, False),
+        ("no number here", 0, False),
+    ],
+)
+def test_words_needs_the_first_number_in_words(reply, value, correct):
+    assert grade.words(reply, {"value": value}) is correct
+
+
+def test_words_reads_back_what_the_world_writes():
+    for n in range(0, 50):
+        assert grade.words(in_words(n), {"value": n}), n
+
+
+def test_math_needs_the_first_integer_in_digits():
+    assert grade.math("8", {"expected": "8"}) and grade.math("It is 8 cookies.", {"expected": "8"})
+    assert not grade.math("eight", {"expected": "8"})
+    assert not grade.math("6 + 2 = 8", {"expected": "8"})
+
+
+def fit(composite, held_out):
+    return {"composite": composite, "fit": {"held_out_loss_after": held_out}}
+
+
+def test_auto_pick_by_held_out_loss_is_compared_with_the_tests_best():
+    methods = {
+        "cat_module": {"0": fit(10.4, 0.42), "1": fit(6.2, 0.45)},
+        "cat_layer": {"0": fit(10.4, 0.49), "1": fit(8.3, 0.47)},
+        "cat_core": {"0": fit(0.0, 0.23), "1": fit(8.3, 0.20)},
+        "uniform": {"-": {"composite": 0.0}},
+    }
+    picks = report.auto_pick(methods)
+    assert picks["0"]["pick"] == "cat_core" and picks["0"]["best"] == ["cat_layer", "cat_module"]
+    assert not picks["0"]["matches"]
+    assert picks["1"]["pick"] == "cat_core" and picks["1"]["matches"]  # a tie with cat_layer
+    assert picks["1"]["pick_composite"] == 8.3
+
+
+def test_curve_gathers_each_share_with_the_main_tables_runs():
+    methods = {
+        "cat_module": {"0": {"composite": 10.0}, "1": {"composite": 6.0}},
+        "cat_module_f0.025": {"0": {"composite": 2.0}},
+        "cat_module_f0.2": {"0": {"composite": 12.0}},
+        "mix_lora_lr0.002": {"0": {"composite": 1.0}},  # no other share: no curve
+        "cat_core": {"0": {"composite": 0.0}},
+    }
+    assert report.curve(methods) == {"cat_module": {0.025: [2.0], 0.1: [10.0, 6.0], 0.2: [12.0]}}

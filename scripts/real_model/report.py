@@ -32,6 +32,7 @@ ORDER = [
     "cat_layer",
     "cat_rank",
     "cat_core",
+    "cat_module_init1",
     "cat_module_distill",
     "cat_module_selfmix",
     "cat_core_selfmix",

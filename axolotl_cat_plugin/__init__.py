@@ -14,7 +14,7 @@ _HOMES = {
     "CatConfig": ".core.config",
     "CatError": ".core.errors",
     "attach_cat": ".core.attach",
-    "export_cat": ".core.export",
+    "export_cat": ".core.export.write",
     "CatMergePlugin": ".integration.plugin",
 }
 

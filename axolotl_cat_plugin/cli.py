@@ -51,7 +51,7 @@ def build_parser(prog: str = "axolotl-cat") -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="where to write (may be RUN_DIR)")
     export.add_argument("--base", help="the base model (default: the one the record names)")
 
-    from .core.merge_methods import METHODS  # torch-free: the registry's own words
+    from .core.merge.methods import METHODS  # torch-free: the registry's own words
 
     merge = commands.add_parser(
         "merge",
@@ -96,7 +96,7 @@ def _add_base_from_gguf(commands) -> None:
 
 
 def _add_self_mix(commands) -> None:
-    # no defaults here: what is not given takes core.self_mix.SelfMixOptions' (imports torch)
+    # no defaults here: what is not given takes core.fit.self_mix.SelfMixOptions' (imports torch)
     mix = commands.add_parser(
         "self-mix",
         help="write a fitting mix from the skills themselves (no skill data), as JSONL",
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None, *, prog: str = "axolotl-cat") -> int:
     parser = build_parser(prog)
     args = parser.parse_args(argv)
     if args.command == "merge":  # checked here: the method registry imports torch and peft
-        from .core.merge_methods import METHODS, RENAMED_METHODS
+        from .core.merge.methods import METHODS, RENAMED_METHODS
 
         if args.method not in METHODS and args.method not in RENAMED_METHODS:
             parser.error(
@@ -189,7 +189,7 @@ def _base_from_gguf(args) -> int:
 def _merge(args) -> int:
     skills = [_skill(entry) for entry in args.skills]
     _refuse_duplicate_names(skills)  # before the base loads; in the CLI's words, not the YAML's
-    from .core.merges import merge_skills
+    from .core.merge.run import merge_skills
 
     written = merge_skills(
         _load_base(args.base),
@@ -209,7 +209,7 @@ def _self_mix(args) -> int:
     from transformers import AutoTokenizer
 
     from .core import CatConfig, attach_cat
-    from .core.self_mix import SelfMixOptions, build_self_mix
+    from .core.fit.self_mix import SelfMixOptions, build_self_mix
 
     prompts = list(args.prompt or [])
     if args.prompts_file:

@@ -1,6 +1,6 @@
 """`axolotl-cat inspect`: a CAT export folder as tables in the terminal (rich).
 
-The numbers are the model card's (core.summary); only the presentation differs.
+The numbers are the model card's (core.export.summary); only the presentation differs.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .core.format import CONFIG_FILE, fit_finished, read_record
-from .core.granularity.base import granularity_labels
-from .core.serving import saved_modules_note, vllm_max_lora_rank
-from .core.summary import (
+from .core.export.serving import saved_modules_note, vllm_max_lora_rank
+from .core.export.summary import (
     core_residuals,
     layer_table,
     max_svd_error,
@@ -22,6 +20,8 @@ from .core.summary import (
     skill_names,
     skill_stats,
 )
+from .core.format import CONFIG_FILE, fit_finished, read_record
+from .core.granularity.base import granularity_labels
 
 
 def show_export(folder: str | Path, console: Console) -> None:

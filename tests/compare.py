@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from axolotl_cat_plugin.core import export
+from axolotl_cat_plugin.core.export import write as export
 
 
 def tensor_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:

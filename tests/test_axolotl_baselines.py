@@ -17,7 +17,7 @@ from fixtures import load_base, write_jsonl
 from peft import PeftModel
 from transformers import AutoTokenizer
 
-from axolotl_cat_plugin.core.graded import graded_score, load_grader, read_prompts
+from axolotl_cat_plugin.core.fit.graded import graded_score, load_grader, read_prompts
 
 pytestmark = pytest.mark.e2e
 METHODS = ["math alone", "code alone", "prose alone", "uniform sum", "average", "CAT (fitted)"]

@@ -9,7 +9,7 @@ from axolotl_runner import axolotl, write_config
 from pydantic import ValidationError
 from test_plugin_config import REPO, validate, with_block
 
-from axolotl_cat_plugin.core.distill import SKILL_COLUMN
+from axolotl_cat_plugin.core.fit.distill import SKILL_COLUMN
 from axolotl_cat_plugin.core.format import COEFFICIENTS_FILE
 from axolotl_cat_plugin.integration.args import SELF_MIX_PLACEHOLDER
 

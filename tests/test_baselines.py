@@ -8,7 +8,7 @@ from test_core_granularity import randomize_cores
 from test_exactness import TOLERANCE, cat_model, logits, randomize
 
 from axolotl_cat_plugin import CatError
-from axolotl_cat_plugin.core.baselines import static_coefficients, static_mixes
+from axolotl_cat_plugin.core.fit.baselines import static_coefficients, static_mixes
 
 SKILLS = ("math", "code", "prose")  # the world's skills, in the order cat_model lists them
 

@@ -21,9 +21,9 @@ from peft import PeftModel
 from transformers import Trainer, TrainingArguments
 
 from axolotl_cat_plugin import CatConfig, attach_cat, export_cat
-from axolotl_cat_plugin.core.card import TAGS, model_card
-from axolotl_cat_plugin.core.plot import coefficient_heatmap
-from axolotl_cat_plugin.core.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+from axolotl_cat_plugin.core.export.card import TAGS, model_card
+from axolotl_cat_plugin.core.export.plot import coefficient_heatmap
+from axolotl_cat_plugin.core.export.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
 from axolotl_cat_plugin.core.state import is_coefficient
 from axolotl_cat_plugin.integration.trainer import CatModelCardMixin
 

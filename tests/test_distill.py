@@ -16,7 +16,7 @@ from test_exactness import cat_model, randomize
 from torch.nn.utils import parametrize
 
 from axolotl_cat_plugin import CatError
-from axolotl_cat_plugin.core.distill import DistillLossMixin, distill_loss, skill_alone
+from axolotl_cat_plugin.core.fit.distill import DistillLossMixin, distill_loss, skill_alone
 from axolotl_cat_plugin.core.state import cat_layers, coefficient_parameters, state_of
 
 SKILLS = ("math", "code", "prose")
@@ -174,7 +174,7 @@ def test_trl_sft_trainer_distills_with_the_mixin_and_the_collator(world, tmp_pat
     from trl import SFTConfig, SFTTrainer
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    from axolotl_cat_plugin.core.distill import TEACHER_KEY, TeacherCollator
+    from axolotl_cat_plugin.core.fit.distill import TEACHER_KEY, TeacherCollator
 
     class DistillSFTTrainer(DistillLossMixin, SFTTrainer):
         cat_objective = "distill"

@@ -17,7 +17,7 @@ import pytest
 from compare import export_difference
 from workers.launch import finish, launch, ranks
 
-from axolotl_cat_plugin.core import export
+from axolotl_cat_plugin.core.export import write as export
 
 pytestmark = [pytest.mark.e2e, pytest.mark.core_distributed]
 STEPS = 6

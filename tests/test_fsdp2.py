@@ -17,7 +17,7 @@ import torch.distributed as dist
 from compare import export_difference, largest_difference
 from workers.launch import ranks, two_ranks_and_one
 
-from axolotl_cat_plugin.core import export
+from axolotl_cat_plugin.core.export import write as export
 
 pytestmark = [pytest.mark.e2e, pytest.mark.core_distributed]
 STEPS = 4

@@ -1,4 +1,4 @@
-"""The fused CAT linear (core/fused.py) equals the unfused path it replaces.
+"""The fused CAT linear (core/layers/fused.py) equals the unfused path it replaces.
 
 On the tiny world model (fp32): logits bit for bit (the same kernels), the input-embedding
 gradient and every coefficient gradient within 1e-6 relative to their largest entry (the
@@ -17,8 +17,8 @@ from fixtures import load_base
 from torch import nn
 
 from axolotl_cat_plugin import CatConfig, attach_cat
-from axolotl_cat_plugin.core.fused import CatLinearFunction, cat_linear, fused_applicable
-from axolotl_cat_plugin.core.layer import CatLinearVariant
+from axolotl_cat_plugin.core.layers.fused import CatLinearFunction, cat_linear, fused_applicable
+from axolotl_cat_plugin.core.layers.linear import CatLinearVariant
 from axolotl_cat_plugin.core.state import is_coefficient, weighted
 
 GRANULARITIES = ["module", "layer", "model", "rank"]

@@ -373,7 +373,7 @@ def test_qlora_fits_exports_and_reloads_on_a_quantized_base(qlora_world, mode, g
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from axolotl_cat_plugin import CatConfig, attach_cat, export_cat
-    from axolotl_cat_plugin.core.quantized import keep_gradients_through_4bit_layers
+    from axolotl_cat_plugin.core.layers.quantized import keep_gradients_through_4bit_layers
 
     out, skills, ids = qlora_world["root"], qlora_world["skills"], qlora_world["ids"]
     options = {  # fp32 compute

@@ -1,5 +1,5 @@
 """The task metric beside the eval loss: greedy replies to the user's prompts, scored by the
-user's grader (core/graded.py, `cat_merge.grader`). The reference for what a static mix
+user's grader (core/fit/graded.py, `cat_merge.grader`). The reference for what a static mix
 replies is PEFT itself: the skill loaded alone as a plain LoRA."""
 
 import pytest
@@ -9,9 +9,9 @@ from pydantic import ValidationError
 from transformers import AutoTokenizer
 
 from axolotl_cat_plugin import CatConfig, attach_cat
-from axolotl_cat_plugin.core.baselines import static_coefficients
 from axolotl_cat_plugin.core.errors import CatError
-from axolotl_cat_plugin.core.graded import (
+from axolotl_cat_plugin.core.fit.baselines import static_coefficients
+from axolotl_cat_plugin.core.fit.graded import (
     graded_score,
     greedy_replies,
     load_grader,

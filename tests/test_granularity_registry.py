@@ -1,7 +1,7 @@
 """A granularity is one registered class (issue 21): a new one, defined here and touching no
 package file, trains, folds, exports and round-trips through plain PEFT exactly; and no
 package module outside the strategy modules branches on a granularity's name, nor outside
-the layer kinds' modules (core/variants.py) on a layer's kind."""
+the layer kinds' modules (core/layers/variants.py) on a layer's kind."""
 
 import ast
 import json
@@ -202,7 +202,12 @@ def test_only_the_layer_kind_modules_ask_a_layers_kind():
         "is_embedding",
         "ParamWrapper",
     ]
-    allowed = {"core/variants.py", "core/embedding.py", "core/experts.py", "core/plan.py"}
+    allowed = {
+        "core/layers/variants.py",
+        "core/layers/embedding.py",
+        "core/layers/experts.py",
+        "core/skills/plan.py",
+    }
     checks = {
         str(path.relative_to(PACKAGE)): sorted(set(found))
         for path in sorted(PACKAGE.rglob("*.py"))

@@ -17,7 +17,7 @@ from test_validation import copy_skill, edit_config, refused, skill
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat
 from axolotl_cat_plugin.cli import main
 from axolotl_cat_plugin.core.config import SkillSpec
-from axolotl_cat_plugin.core.skill_checks import ANY_VALUE_KEYS, VARIANT_KEYS, check_config
+from axolotl_cat_plugin.core.skills.check import ANY_VALUE_KEYS, VARIANT_KEYS, check_config
 
 # a value that turns each variant on (the dataclass defaults are all off)
 ON = {
@@ -39,7 +39,9 @@ ON = {
 def test_every_lora_config_field_of_this_peft_is_classified():
     fields = {field.name for field in dataclasses.fields(LoraConfig)}
     unclassified = fields - ANY_VALUE_KEYS - set(VARIANT_KEYS)
-    assert not unclassified, f"classify these LoraConfig fields in skill_checks.py: {unclassified}"
+    assert not unclassified, (
+        f"classify these LoraConfig fields in core/skills/check.py: {unclassified}"
+    )
     # what PEFT itself calls a LoRA variant is never on the allow-list
     variants = {f.name for f in dataclasses.fields(LoraConfig) if f.metadata.get("is_lora_variant")}
     assert variants and not variants & ANY_VALUE_KEYS

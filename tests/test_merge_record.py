@@ -11,7 +11,7 @@ from fixtures import build_skill, load_base
 from peft import PeftModel
 
 from axolotl_cat_plugin.cli import main
-from axolotl_cat_plugin.core.merge_record import SUM_TOLERANCE
+from axolotl_cat_plugin.core.merge.record import SUM_TOLERANCE
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ from torch import nn
 from transformers import MixtralConfig
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
-from axolotl_cat_plugin.core import experts
+from axolotl_cat_plugin.core.layers import experts
 from axolotl_cat_plugin.core.state import (
     cat_layers,
     coefficient_parameters,
@@ -263,8 +263,8 @@ def test_export_rank_and_prune_threshold_fold_each_expert(base, skills, tmp_path
 
 def test_apply_export_leaves_the_plain_peft_model_and_reexport_rebuilds_it(base, skills, tmp_path):
     from axolotl_cat_plugin.cli import main
-    from axolotl_cat_plugin.core.export import apply_export
-    from axolotl_cat_plugin.core.fold import fold
+    from axolotl_cat_plugin.core.export.fold import fold
+    from axolotl_cat_plugin.core.export.write import apply_export
 
     model = attach_cat(load(base), CatConfig(skills=adapters(skills)))
     randomize(model, seed=2)
@@ -374,7 +374,7 @@ def test_merge_concat_folds_expert_skills_and_other_methods_are_refused(
     base, skills, tmp_path, capsys
 ):
     from axolotl_cat_plugin.cli import main
-    from axolotl_cat_plugin.core.baselines import static_coefficients
+    from axolotl_cat_plugin.core.fit.baselines import static_coefficients
 
     legacy = legacy_expert_skill(base, tmp_path / "legacy")
     argv = ["merge", "--method", "concat", "--weights", "0.7", "1.3", "-0.4", "--base", str(base)]

@@ -12,7 +12,7 @@ from test_exactness import cat_model, randomize
 from axolotl_cat_plugin import CatError, export_cat
 from axolotl_cat_plugin.cli import main
 from axolotl_cat_plugin.core import cat_metadata
-from axolotl_cat_plugin.core.export import retire_previous_export
+from axolotl_cat_plugin.core.export.write import retire_previous_export
 from axolotl_cat_plugin.integration.plugin import CatMergePlugin
 
 

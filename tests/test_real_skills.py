@@ -19,7 +19,7 @@ from test_exactness import randomize
 from transformers import AutoModelForCausalLM, LlamaConfig, MixtralConfig, Qwen2Config
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat, export_cat
-from axolotl_cat_plugin.core.quantized import keep_gradients_through_4bit_layers
+from axolotl_cat_plugin.core.layers.quantized import keep_gradients_through_4bit_layers
 from axolotl_cat_plugin.core.state import is_coefficient, saved_module_wrappers, state_of, weighted
 
 TOLERANCE = 1e-5
@@ -235,7 +235,7 @@ def set_coefficients(model, values):
 def test_merge_warns_about_a_skill_trained_on_another_base(bases, tmp_path, caplog):
     import logging
 
-    from axolotl_cat_plugin.core.merges import merge_skills
+    from axolotl_cat_plugin.core.merge.run import merge_skills
 
     base = bases["llama"]
     skill = build_skill(base, tmp_path / "s", seed=1, r=2, lora_alpha=2, target_modules=["q_proj"])
@@ -253,7 +253,7 @@ def test_merge_warns_about_a_skill_trained_on_another_base(bases, tmp_path, capl
 
 
 def test_merge_advice_for_a_restricted_first_skill_leads_to_a_merge(bases, tmp_path):
-    from axolotl_cat_plugin.core.merges import merge_skills
+    from axolotl_cat_plugin.core.merge.run import merge_skills
 
     base = bases["llama"]
     late = build_skill(base, tmp_path / "late", seed=1, r=2, lora_alpha=2,
@@ -273,7 +273,7 @@ def test_merge_advice_for_a_restricted_first_skill_leads_to_a_merge(bases, tmp_p
 
 
 def test_merge_advice_is_cat_when_no_order_can_work(bases, tmp_path):
-    from axolotl_cat_plugin.core.merges import merge_skills
+    from axolotl_cat_plugin.core.merge.run import merge_skills
 
     base = bases["llama"]
     late = build_skill(base, tmp_path / "late", seed=1, r=2, lora_alpha=2,
@@ -431,7 +431,7 @@ def test_fit_cat_trl_fits_on_a_4bit_base(e2e_world, tmp_path):
     """The Python path for QLoRA users, end to end: TRL's SFTTrainer on a 4-bit base."""
     from test_trl import fit_cat_trl
 
-    from axolotl_cat_plugin.core.summary import module_values
+    from axolotl_cat_plugin.core.export.summary import module_values
 
     pytest.importorskip("bitsandbytes")
     out = fit_cat_trl(e2e_world, tmp_path, "--load-in-4bit")
@@ -499,8 +499,8 @@ def test_modules_to_save_are_composed_with_coefficients_and_exported(bases, tmp_
     assert torch.equal(inner, base_embedding)
 
     # apply_export leaves the plain PEFT model whose own save_pretrained writes the export
-    from axolotl_cat_plugin.core.export import apply_export
-    from axolotl_cat_plugin.core.fold import fold
+    from axolotl_cat_plugin.core.export.fold import fold
+    from axolotl_cat_plugin.core.export.write import apply_export
 
     model.eval()
     folded = fold(model)
@@ -611,7 +611,7 @@ def test_linear_and_embedding_factors_on_one_module_are_refused(bases, tmp_path)
 
 
 def test_static_mixes_set_the_saved_modules_coefficients_too(bases, tmp_path):
-    from axolotl_cat_plugin.core.baselines import static_coefficients
+    from axolotl_cat_plugin.core.fit.baselines import static_coefficients
 
     base = bases["llama"]
     chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,

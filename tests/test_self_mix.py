@@ -14,8 +14,8 @@ from transformers import AutoTokenizer
 
 from axolotl_cat_plugin import CatConfig, CatError, attach_cat
 from axolotl_cat_plugin.cli import main
-from axolotl_cat_plugin.core import self_mix
-from axolotl_cat_plugin.core.self_mix import SelfMixOptions, build_self_mix
+from axolotl_cat_plugin.core.fit import self_mix
+from axolotl_cat_plugin.core.fit.self_mix import SelfMixOptions, build_self_mix
 from axolotl_cat_plugin.core.state import coefficient_parameters
 
 SKILLS = ("math", "code", "prose")

@@ -250,8 +250,8 @@ def test_cat_state_is_one_submodule_per_layer_and_gone_after_apply_export(world,
     no save writes it; apply_export leaves a plain LoRA model."""
     from safetensors.torch import load_file
 
-    from axolotl_cat_plugin.core.export import apply_export
-    from axolotl_cat_plugin.core.fold import fold
+    from axolotl_cat_plugin.core.export.fold import fold
+    from axolotl_cat_plugin.core.export.write import apply_export
     from axolotl_cat_plugin.core.state import CatState, has_coefficients
 
     model = cat_model(world, granularity="layer")

@@ -13,7 +13,7 @@ import torch
 from fixtures import load_base
 from peft import PeftModel
 
-from axolotl_cat_plugin.core.summary import module_values
+from axolotl_cat_plugin.core.export.summary import module_values
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "examples" / "fit_cat_trl.py"
 

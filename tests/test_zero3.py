@@ -15,7 +15,7 @@ import pytest
 from compare import export_difference, largest_difference
 from workers.launch import ranks, two_ranks_and_one
 
-from axolotl_cat_plugin.core import export
+from axolotl_cat_plugin.core.export import write as export
 
 pytestmark = [
     pytest.mark.e2e,

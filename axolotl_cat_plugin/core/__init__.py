@@ -1,9 +1,15 @@
 """The CAT engine: torch, peft, transformers and safetensors only, never axolotl.
 
-Names are imported on first use (PEP 562), so a torch-free part (format, errors, card,
-summary) can be used, e.g. by `axolotl-cat inspect`, without importing torch. The function
-`fold` is not among them: once anything imports the submodule `core.fold`, Python binds that
-name to the module, so import the function from `axolotl_cat_plugin.core.fold`.
+Read bottom up (docs/layout.md; tests/test_layout.py keeps the import arrows pointing down):
+`errors.py`, `config.py`, `format.py` and `granularity/base.py` are the torch-free vocabulary;
+`state.py` (+ `starting.py`) the state of a CAT model; `layers/` what a wrapped layer
+computes; `skills/` finding, reading, checking and planning the skills; `granularity/` which
+modules share a coefficient; `export/` fold, compress, describe and write the one export;
+`attach.py` builds the CAT model; `fit/`, `merge/`, `reexport.py` and `distributed.py` use it.
+
+Names are imported on first use (PEP 562), so a torch-free part (format, errors,
+export/card.py, export/summary.py) can be used, e.g. by `axolotl-cat inspect`, without
+importing torch. The fold itself is `axolotl_cat_plugin.core.export.fold.fold`.
 """
 
 from __future__ import annotations
@@ -18,17 +24,17 @@ _HOMES = {
     "cat_layers": "state",
     "cat_metadata": "state",
     "has_coefficients": "state",
-    "apply_export": "export",
-    "export_cat": "export",
-    "retire_previous_export": "export",
-    "write_export": "export",
-    "FoldedAdapter": "fold",
-    "check_ranks_agree": "ranks",
-    "SelfMixOptions": "self_mix",
-    "build_self_mix": "self_mix",
-    "distill_loss": "distill",
-    "DistillLossMixin": "distill",
-    "TeacherCollator": "distill",
+    "apply_export": "export.write",
+    "export_cat": "export.write",
+    "retire_previous_export": "export.write",
+    "write_export": "export.write",
+    "FoldedAdapter": "export.fold",
+    "check_ranks_agree": "distributed",
+    "SelfMixOptions": "fit.self_mix",
+    "build_self_mix": "fit.self_mix",
+    "distill_loss": "fit.distill",
+    "DistillLossMixin": "fit.distill",
+    "TeacherCollator": "fit.distill",
 }
 
 __all__ = sorted(_HOMES)

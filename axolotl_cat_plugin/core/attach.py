@@ -13,10 +13,14 @@ from torch import nn
 
 from .config import CatConfig
 from .errors import CatError
-from .experts import dropout_outside_parameters, lora_layers
-from .fold import scaling_one_config
+from .export.fold import scaling_one_config
 from .granularity.base import granularity_named
-from .plan import (
+from .layers.experts import dropout_outside_parameters, lora_layers
+from .layers.quantized import keep_gradients_through_4bit_layers
+from .layers.saved_modules import check_saved_modules, install_saved_modules, saved_module_names
+from .layers.variants import load_factors
+from .skills.check import warn_on_foreign_base
+from .skills.plan import (
     ModulePlan,
     fan_in_fan_out_for,
     plan_modules,
@@ -24,10 +28,7 @@ from .plan import (
     target_modules_for,
     target_parameters_for,
 )
-from .quantized import keep_gradients_through_4bit_layers
-from .saved_modules import check_saved_modules, install_saved_modules, saved_module_names
-from .skill_checks import warn_on_foreign_base
-from .skills import load_skills
+from .skills.read import load_skills
 from .starting import starting_coefficients
 from .state import (
     ADAPTER,
@@ -37,7 +38,6 @@ from .state import (
     keep_frozen_on_set_adapter,
     put_state,
 )
-from .variants import load_factors
 
 LOG = logging.getLogger(__name__)
 
@@ -55,11 +55,11 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
         raise CatError("attach_cat expects the plain base model, not a PeftModel")
     skills = load_skills(config.skills)
     plans = plan_modules(model, skills)
-    parameters = plan_parameters(model, skills)  # LoRA on MoE expert parameters (experts.py)
+    parameters = plan_parameters(model, skills)  # LoRA on MoE expert parameters (layers/experts.py)
     granularity_named(config.granularity).refuse(plans, parameters)
     check_saved_modules(skills, model)  # modules_to_save: composed beside the LoRA
     starting = starting_coefficients(config, skills)  # refuse a bad record before wrapping
-    keep_gradients_through_4bit_layers(model)  # a QLoRA base on the CPU (see quantized.py)
+    keep_gradients_through_4bit_layers(model)  # a QLoRA base on the CPU (layers/quantized.py)
     rank = max(plan.rank for plan in [*plans, *parameters])
     target_modules = target_modules_for([plan.name for plan in plans])
     fan_in_fan_out = fan_in_fan_out_for(model, [plan.name for plan in plans])
@@ -116,7 +116,7 @@ def _save_folded(self, save_directory, *args, is_main_process: bool = True, **kw
 
     The unfolded adapter would be a plain sum of unscaled skills, loadable but wrong.
     """
-    from .export import export_cat  # export builds on state, never on attach
+    from .export.write import export_cat  # export builds on state, never on attach
 
     if is_main_process:
         export_cat(self, save_directory)

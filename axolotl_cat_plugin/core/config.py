@@ -82,7 +82,7 @@ class CatConfig:
     granularity: the name of a registered granularity (granularity/, parsed to that name):
         one coefficient per skill per `module` (the paper), per decoder `layer`, for the whole
         `model`, per `rank`-1 component of each skill, or a full R x R `core` per module in
-        the skills' joint subspace (core_space.py; needs parametrization free), or any
+        the skills' joint subspace (granularity/core_space.py; needs parametrization free), or any
         registered with granularity.register_granularity. `adapter` is the deprecated name of
         `model`.
     parametrization: a Parametrization or its name: `free` (c = alpha, starts at `init`) or

@@ -99,7 +99,7 @@ def factor_of_key(key: str) -> tuple[str, str, bool] | None:
 def base_copy_module(key: str) -> str | None:
     """The module whose base weight a tensor name copies (`<module>.base_layer.weight` or
     `<module>.weight`, PEFT's save of embedding layers), or None (a factor, anything else).
-    Whether a bare `<module>.weight` is such a copy depends on the other keys (skills.py)."""
+    Whether a bare `<module>.weight` is such a copy depends on the other keys (skills/read.py)."""
     match = _BASE_COPY_KEY.match(key)
     if not match or any(part.startswith("lora_") for part in key.split(".")):
         return None

@@ -15,8 +15,8 @@ import torch
 from .attach import attach_cat
 from .config import CatConfig
 from .errors import CatError
-from .export import export_cat
-from .fold import check_export_options
+from .export.fold import check_export_options
+from .export.write import export_cat
 from .format import COEFFICIENTS_FILE, fit_finished, read_record
 from .granularity.base import DEFAULT_GRANULARITY
 from .state import cat_metadata

@@ -17,7 +17,7 @@ from .format import read_record_file
 from .granularity.base import granularity_named
 
 if TYPE_CHECKING:
-    from .skills import Skill
+    from .skills.read import Skill
 
 
 def starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, dict]:

@@ -40,7 +40,7 @@ class CatMetadata:
     target_modules: list[str] | str
     fan_in_fan_out: bool
     extra: dict = field(default_factory=dict)
-    target_parameters: list[str] | None = None  # LoRA on MoE expert parameters (experts.py)
+    target_parameters: list[str] | None = None  # LoRA on MoE expert parameters (layers/experts.py)
 
 
 class CatState(nn.Module):
@@ -55,10 +55,10 @@ class CatState(nn.Module):
         rank slot of the concatenated adapter (from `slot_layout`).
     slot_scale: fp32 (R,), the PEFT scaling s_i of the skill owning each slot (0: padding).
     skill_cores: fp32 (K, R, R), granularity `core` only: each skill's plain sum in the
-        joint basis (core_space.py), M = Σ_i c_i C_i for per-skill weights c.
+        joint basis (granularity/core_space.py), M = Σ_i c_i C_i for per-skill weights c.
     module_name: the module's name in the base model; skill_names: the K skills in order;
     parametrization: how alpha becomes c (granularity/base.py); saved_module: True on a
-        composed modules_to_save wrapper (saved_modules.py), which has no slots.
+        composed modules_to_save wrapper (layers/saved_modules.py), which has no slots.
     strategy: the GranularityStrategy (granularity/) that shaped the coefficients, which the
         forward's `mix`, the fold and the static mixes ask; None where there are none.
     """

@@ -10,8 +10,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..core.config import ADAPTERS_RENAMED, CatConfig
-from ..core.fold import check_export_options
-from ..core.graded import load_grader, read_prompts
+from ..core.export.fold import check_export_options
+from ..core.fit.graded import load_grader, read_prompts
+from ..core.fit.self_mix import SelfMixOptions
 from ..core.granularity import (
     DEFAULT_GRANULARITY,
     Parametrization,
@@ -21,9 +22,8 @@ from ..core.granularity import (
     granularity_names,
     parse_granularity,
 )
-from ..core.self_mix import SelfMixOptions
-from ..core.skill_checks import refuse_skill_folder
-from ..core.skills import preflight
+from ..core.skills.check import refuse_skill_folder
+from ..core.skills.read import preflight
 
 LOG = logging.getLogger(__name__)
 LORA_KERNELS = ("lora_mlp_kernel", "lora_qkv_kernel", "lora_o_kernel", "lora_embedding_kernel")
@@ -43,7 +43,8 @@ _DEFAULT = SelfMixOptions()  # the core's defaults, the one home of them
 
 
 class SelfMixBlock(BaseModel):
-    """`cat_merge.self_mix`: write the fitting mix from the skills themselves (core/self_mix.py)."""
+    """`cat_merge.self_mix`: write the fitting mix from the skills themselves
+    (core/fit/self_mix.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -78,7 +79,7 @@ class SelfMixBlock(BaseModel):
 
 class GraderBlock(BaseModel):
     """`cat_merge.grader`: score every static mix and the fitted CAT on the task itself, by the
-    user's grader on greedy replies to the user's prompts (core/graded.py)."""
+    user's grader on greedy replies to the user's prompts (core/fit/graded.py)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -134,7 +135,7 @@ class CatMergeConfig(BaseModel):
     objective: Literal["lm", "distill"] = Field(
         default="lm",
         description="lm: the data's next-token loss; distill: per-token KL(teacher || CAT), "
-        "each row's teacher the skill its `skill` column names (core/distill.py)",
+        "each row's teacher the skill its `skill` column names (core/fit/distill.py)",
     )
     self_mix: SelfMixBlock | None = Field(
         default=None, description="Write the mix from the skills themselves (no skill data)"

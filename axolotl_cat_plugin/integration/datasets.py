@@ -1,10 +1,10 @@
 """The datasets of a cat_merge run that writes its own mix or distills (plugin.load_datasets).
 
-A thin layer: the core writes the mix (core/self_mix.py) and computes the loss (core/distill.py);
-Axolotl loads and tokenizes every dataset as it would any other. For `objective: distill` the
-rows of each skill (the `skill` column) are tokenized as a dataset of their own and given the
-teacher column core.distill.TEACHER_KEY (Axolotl's tokenization keeps only what it writes),
-then the skills' datasets are concatenated and shuffled.
+A thin layer: the core writes the mix (core/fit/self_mix.py) and computes the loss
+(core/fit/distill.py); Axolotl loads and tokenizes every dataset as it would any other. For
+`objective: distill` the rows of each skill (the `skill` column) are tokenized as a dataset of
+their own and given the teacher column core.fit.distill.TEACHER_KEY (Axolotl's tokenization
+keeps only what it writes), then the skills' datasets are concatenated and shuffled.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 from axolotl.utils.dict import DictDefault
 
-from ..core.distill import SKILL_COLUMN, TEACHER_KEY
 from ..core.errors import CatError
+from ..core.fit.distill import SKILL_COLUMN, TEACHER_KEY
 
 LOG = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def write_self_mix(cfg, block) -> tuple[Path, bool]:
     from transformers import AutoModelForCausalLM
 
     from ..core import attach_cat
-    from ..core.self_mix import build_self_mix, uses_chat
+    from ..core.fit.self_mix import build_self_mix, uses_chat
 
     tokenizer = load_tokenizer(cfg)
     options = block.self_mix.to_core()

@@ -22,8 +22,8 @@ from ..core import (
     has_coefficients,
     retire_previous_export,
 )
-from ..core.export import compose, run_checkpoints, write
-from ..core.fold import check_export_options
+from ..core.export.fold import check_export_options
+from ..core.export.write import compose, run_checkpoints, write
 from ..core.format import COEFFICIENTS_FILE, PREVIOUS_EXPORT, fit_finished, read_record
 from .args import CatMergeConfig
 

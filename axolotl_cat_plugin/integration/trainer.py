@@ -19,18 +19,18 @@ from axolotl.core.trainers.base import AxolotlTrainer
 from safetensors.torch import load_file
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from ..core.baselines import is_sharded, static_coefficients, static_mixes
-from ..core.distill import DistillLossMixin
 from ..core.errors import CatError
-from ..core.export import compose, write
-from ..core.fold import full_tensor, gathered, skill_coefficients
+from ..core.export.fold import full_tensor, gathered, skill_coefficients
+from ..core.export.write import compose, write
+from ..core.fit.baselines import is_sharded, static_coefficients, static_mixes
+from ..core.fit.distill import DistillLossMixin
+from ..core.fit.graded import graded_score, load_grader, read_prompts
 from ..core.format import CHECKPOINT_COEFFICIENTS_FILE as COEFFICIENTS_SIDECAR
 from ..core.format import (
     COEFFICIENTS_FILE,
     LEGACY_CHECKPOINT_COEFFICIENTS_FILE,
     LEGACY_COEFFICIENT_SUFFIX,
 )
-from ..core.graded import graded_score, load_grader, read_prompts
 from ..core.state import (
     ADAPTER,
     COEFFICIENTS,
@@ -159,9 +159,9 @@ class CatTrainer(CatModelCardMixin, DistillLossMixin, AxolotlTrainer):
 
     def cat_baselines(self, grader=None) -> dict | None:
         """Each skill alone, the uniform sum, the average and the fitted CAT, compared with
-        the coefficients set in place (core/baselines.py): the eval loss on the run's eval
+        the coefficients set in place (core/fit/baselines.py): the eval loss on the run's eval
         split and, with ``grader`` (the validated ``cat_merge.grader``), the mean score of the
-        user's grader on greedy replies to the user's prompts (core/graded.py), which then
+        user's grader on greedy replies to the user's prompts (core/fit/graded.py), which then
         decides the verdict (higher is better).
 
         None without an eval split (val_set_size / test_datasets) and without a grader, and

@@ -29,7 +29,7 @@ catK    our implementation: `attach_cat` over K skill LoRAs of rank 8 (K = 1, 2,
         random non-zero factors saved to disk with PEFT first), one training step =
         forward + backward + AdamW step on the coefficients. CAT's forward is one A and
         one B matmul of rank K*r per module whatever K, so cost should grow slowly with K.
-        Each module runs the fused Function of core/fused.py (one input gradient).
+        Each module runs the fused Function of core/layers/fused.py (one input gradient).
 catK-core  the same with `granularity: core` (an fp32 R x R core per module), K = 2, 8, 32.
 catK-unfused  the same with `CatLinearVariant.fused = False`: the previous path (the
         adapter added after PEFT's base layer, autograd summing two input gradients), for
@@ -303,7 +303,7 @@ def build_model(name: str, skills: list[str], weights: Path | None = None):
         model = get_peft_model(base, config)
     elif name.startswith("cat"):
         from axolotl_cat_plugin import CatConfig, attach_cat
-        from axolotl_cat_plugin.core.layer import CatLinearVariant
+        from axolotl_cat_plugin.core.layers.linear import CatLinearVariant
 
         count_text, _, variant = name[3:].partition("-")
         CatLinearVariant.fused = variant != "unfused"
@@ -428,7 +428,9 @@ def export_bench(folder: Path) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from axolotl_cat_plugin.core import CatConfig, attach_cat, write_export
-    from axolotl_cat_plugin.core.fold import fold  # the package attribute may be the submodule
+    from axolotl_cat_plugin.core.export.fold import (
+        fold,  # the package attribute may be the submodule
+    )
 
     began = time.perf_counter()
     paths = []
@@ -594,7 +596,7 @@ def run_paired(args: argparse.Namespace) -> None:
     """
     import torch
 
-    from axolotl_cat_plugin.core.layer import CatLinearVariant
+    from axolotl_cat_plugin.core.layers.linear import CatLinearVariant
 
     torch.set_num_threads(args.threads)
     args.rounds = args.rounds or 20

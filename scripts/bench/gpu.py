@@ -13,7 +13,7 @@ Configurations, each a separate model on the device, timed in interleaved rounds
 - lora_kK:      one standard PEFT LoRA of rank K x r (= CAT over K skills' concatenated
                 rank R), trained: the yardstick at K = 2, 8, 32;
 - cat_kK:       CAT over K skills of rank r (K = 2, 8, 32; r = 16), training the
-                coefficients through the fused Function (core/fused.py);
+                coefficients through the fused Function (core/layers/fused.py);
 - cat_kK_core:  the same with `granularity: core` (an R x R core per module);
 - cat_k2_unfused: CAT K=2 through the previous path (`CatLinearVariant.fused = False`).
 One step = forward + backward + AdamW (floor: no optimizer).
@@ -46,7 +46,7 @@ from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from axolotl_cat_plugin import CatConfig, attach_cat
-from axolotl_cat_plugin.core.layer import CatLinearVariant
+from axolotl_cat_plugin.core.layers.linear import CatLinearVariant
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 COUNTS = (2, 8, 32)  # K, skills composed

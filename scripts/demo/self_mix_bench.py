@@ -42,8 +42,8 @@ sys.path.insert(0, str(HERE))
 import eval_composition as grader  # noqa: E402
 
 from axolotl_cat_plugin import CatConfig, attach_cat, export_cat  # noqa: E402
-from axolotl_cat_plugin.core.distill import distill_loss, skill_names  # noqa: E402
-from axolotl_cat_plugin.core.self_mix import SelfMixOptions, build_self_mix  # noqa: E402
+from axolotl_cat_plugin.core.fit.distill import distill_loss, skill_names  # noqa: E402
+from axolotl_cat_plugin.core.fit.self_mix import SelfMixOptions, build_self_mix  # noqa: E402
 from axolotl_cat_plugin.core.state import coefficient_parameters  # noqa: E402
 
 SKILLS = ("manual", "french")

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 from fixtures import build_world
 
-from axolotl_cat_plugin.core.fold import full_tensor, gathered
+from axolotl_cat_plugin.core.export.fold import full_tensor, gathered
 from axolotl_cat_plugin.core.state import is_coefficient
 
 SEQUENCE_LEN = 16

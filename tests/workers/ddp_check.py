@@ -35,7 +35,7 @@ from compare import tensor_difference  # noqa: E402
 from fixtures import load_base  # noqa: E402
 
 from axolotl_cat_plugin.core import CatConfig, attach_cat, export_cat  # noqa: E402
-from axolotl_cat_plugin.core.fold import fold  # noqa: E402  (see fsdp2_check.py)
+from axolotl_cat_plugin.core.export.fold import fold  # noqa: E402  (see fsdp2_check.py)
 from workers.common import (  # noqa: E402
     SEQUENCE_LEN,
     argument_parser,

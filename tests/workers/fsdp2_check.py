@@ -37,9 +37,9 @@ from fixtures import load_base  # noqa: E402
 
 from axolotl_cat_plugin.core import CatConfig, attach_cat, write_export  # noqa: E402
 
-# `fold` from its home module: once the submodule axolotl_cat_plugin.core.fold is imported,
+# `fold` from its home module: once the submodule axolotl_cat_plugin.core.export.fold is imported,
 # the package attribute `fold` is that module, not the function the lazy __getattr__ gives
-from axolotl_cat_plugin.core.fold import fold, skill_coefficients  # noqa: E402
+from axolotl_cat_plugin.core.export.fold import fold, skill_coefficients  # noqa: E402
 from axolotl_cat_plugin.core.state import is_coefficient  # noqa: E402
 from workers.common import (  # noqa: E402
     argument_parser,

@@ -1,9 +1,10 @@
 """Granularities: which modules share a coefficient and what one coefficient weights.
 
 One class per granularity behind a registry (base.py); the built-ins are registered here:
-`module` (the paper's), `layer`, `model`, `rank` (slots.py) and `core` (joint_core.py). A new
-one is a GranularityStrategy subclass passed to `register_granularity`, in or outside this
-package. Torch-free: the config, the card and `axolotl-cat inspect` import it without torch.
+`module` (the paper's), `layer`, `model`, `rank` (slots.py) and `core` (joint_core.py, its
+math in core_space.py). A new one is a GranularityStrategy subclass passed to
+`register_granularity`, in or outside this package. Torch-free: the config, the card and
+`axolotl-cat inspect` import it without torch.
 """
 
 from __future__ import annotations

@@ -73,10 +73,10 @@ class CoreGranularity(GranularityStrategy):
         import torch
         from torch import nn
 
-        from ..core_space import core_factors
         from ..errors import CatError
+        from ..layers.variants import use_cat_variant
         from ..state import ADAPTER, CatState
-        from ..variants import use_cat_variant
+        from .core_space import core_factors
 
         device = layer.lora_A[ADAPTER].weight.device
         basis = core_factors(plan.blocks, len(skills), rank)
@@ -138,9 +138,9 @@ class CoreGranularity(GranularityStrategy):
         explain it (core_space.skill_weights)."""
         import torch
 
-        from ..core_space import skill_weights
         from ..errors import CatError
         from ..state import ADAPTER, full_tensor
+        from .core_space import skill_weights
 
         with torch.no_grad():
             core = full_tensor(state.coefficients).float()
@@ -176,8 +176,8 @@ class CoreGranularity(GranularityStrategy):
 
     def skill_values(self, state) -> dict[str, list[float]]:
         """The per-skill least-squares weights of the core, for the skills on the layer."""
-        from ..core_space import skill_weights
         from ..state import full_tensor
+        from .core_space import skill_weights
 
         present = state.present[0]
         alpha = full_tensor(state.coefficients).float()

@@ -2,9 +2,9 @@
 
 Each wrapped module holds the skills' factors concatenated, A = [A_1; ...; A_K] and
 B = [B_1 ... B_K], and its update is B diag(w) A with w the weight c·s of every rank slot
-(layer.py). What differs is which modules share a coefficient (`group`) and how many rows of
-coefficients a group has (`rows`: 1, or one per rank-1 component for `rank`); the slot layout
-(state.slot_layout), the start, the fold (B diag(w) A = B (diag(w) A), exact) and the record
+(layers/linear.py). What differs is which modules share a coefficient (`group`) and how many
+rows of coefficients a group has (`rows`: 1, or one per rank-1 component for `rank`); the slot
+layout (state.slot_layout), the start, the fold (B diag(w) A = B (diag(w) A), exact) and the record
 entry are the same code for all of them.
 
 Torch-free at import (the config and `axolotl-cat inspect` read the declarations); the torch
@@ -49,9 +49,9 @@ class SlotGranularity(GranularityStrategy):
         present), the factors loaded concatenated, and the CAT variant on every layer."""
         from torch import nn
 
-        from ..embedding import factor_weights
+        from ..layers.embedding import factor_weights
+        from ..layers.variants import load_factors, use_cat_variant
         from ..state import ADAPTER, CatState, slot_layout
-        from ..variants import load_factors, use_cat_variant
 
         rows = self.rows(plans)
         layouts = {plan.name: slot_layout(plan.blocks, len(skills), rank, rows) for plan in plans}
@@ -116,8 +116,8 @@ class SlotGranularity(GranularityStrategy):
         import torch
 
         from ..errors import CatError
+        from ..layers.variants import kind_of
         from ..state import full_tensor
-        from ..variants import kind_of
 
         with torch.no_grad():
             alpha = full_tensor(state.coefficients).float()

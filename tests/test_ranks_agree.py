@@ -1,4 +1,4 @@
-"""Rank 0 exports only coefficients every rank agrees on (core.ranks.check_ranks_agree)."""
+"""Rank 0 exports only coefficients every rank agrees on (core.distributed.check_ranks_agree)."""
 
 import pytest
 import torch

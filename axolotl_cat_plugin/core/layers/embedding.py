@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from peft.tuners.lora.layer import Embedding, LoraVariant
 
-from .layer import DeltaMerges
-from .state import state_of
+from ..state import state_of
+from .linear import DeltaMerges
 
 
 def is_embedding(layer) -> bool:

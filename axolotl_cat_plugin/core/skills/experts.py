@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import CatError
-from .experts import NESTED
-from .format import factor_of_key, peft_key, peft_matches
-from .state import ADAPTER
+from ..errors import CatError
+from ..format import factor_of_key, peft_key, peft_matches
+from ..layers.experts import NESTED
+from ..state import ADAPTER
 
 LOG = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Static merges of skill LoRAs through PEFT's add_weighted_adapter: the baselines for CAT.
 
-The methods are a small registry (merge_methods.py, like mergekit's): each names PEFT's
+The methods are a small registry (methods.py, like mergekit's): each names PEFT's
 combination_type, its paper and what it needs. Before PEFT runs, we refuse what PEFT would
 get silently wrong:
 
@@ -35,21 +35,21 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 
-from .config import CatConfig
-from .errors import CatError
-from .expert_skills import expert_form
-from .export import write_folder
-from .format import CONFIG_FILE, MERGE_RECORD_FILE, WEIGHTS_FILE
-from .merge_methods import (
+from ..config import CatConfig
+from ..errors import CatError
+from ..export.write import write_folder
+from ..format import CONFIG_FILE, MERGE_RECORD_FILE, WEIGHTS_FILE
+from ..skills.check import check_base_copies, refuse_skill_folder, warn_on_foreign_base
+from ..skills.experts import expert_form
+from ..skills.read import Skill, load_skills
+from .methods import (
     SUM_OF_UPDATES,
     check_arguments,
     check_equal_ranks,
     check_first_skill_flags,
     method_named,
 )
-from .merge_record import SUM_TOLERANCE, difference_from_sum, merge_record
-from .skill_checks import check_base_copies, refuse_skill_folder, warn_on_foreign_base
-from .skills import Skill, load_skills
+from .record import SUM_TOLERANCE, difference_from_sum, merge_record
 
 LOG = logging.getLogger(__name__)
 
@@ -166,9 +166,9 @@ def _merge_experts_with_cat(
             "--method concat composes expert skills (Σ w_i s_i B_i A_i, folded by CAT), and so "
             "does fitting CAT (attach_cat / adapter: cat_merge)"
         )
-    from .attach import attach_cat
-    from .baselines import static_coefficients
-    from .fold import fold
+    from ..attach import attach_cat
+    from ..export.fold import fold
+    from ..fit.baselines import static_coefficients
 
     model = attach_cat(base_model, CatConfig(skills=entries))
     with static_coefficients(model, [float(w) for w in weights]):

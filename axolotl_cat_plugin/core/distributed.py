@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .errors import CatError
-from .fold import full_tensor, gathered
+from .export.fold import full_tensor, gathered
 from .state import is_coefficient
 
 LOG = logging.getLogger(__name__)

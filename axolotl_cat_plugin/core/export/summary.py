@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .granularity.base import granularity_labels, layer_index
+from ..granularity.base import granularity_labels, layer_index
 
 OTHER = "other"  # column for modules outside the numbered decoder layers (lm_head, ...)
 

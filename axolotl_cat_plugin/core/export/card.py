@@ -11,7 +11,7 @@ import re
 
 import yaml
 
-from .granularity.base import granularity_labels
+from ..granularity.base import granularity_labels
 from .serving import VLLM_MAX_LORA_RANKS, saved_modules_note, vllm_max_lora_rank
 from .summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
 
@@ -166,7 +166,7 @@ def _training(record: dict) -> str:
         if key not in ("datasets", "steps", "learning_rate") and _is_scalar(value):
             lines.append(f"- {key.replace('_', ' ')}: {value}")
     mix = training.get("self_mix")
-    if isinstance(mix, dict):  # core/self_mix.py: no skill data was used
+    if isinstance(mix, dict):  # core/fit/self_mix.py: no skill data was used
         lines.append(
             f"- mix: written by the skills themselves, no skill data ({mix.get('pool')} samples "
             f"per skill, the {mix.get('keep')} with the highest KL(skill || base) kept)"

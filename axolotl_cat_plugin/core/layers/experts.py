@@ -21,12 +21,12 @@ The older form, per-expert Linear modules an older PEFT saved on transformers v4
 `...block_sparse_moe.gate`), is what PEFT converts into this one when it loads such a skill on
 a base whose experts are fused (peft/utils/transformers_weight_conversion.py: w1 and w3 fused
 block-diagonally into gate_up_proj with r and lora_alpha doubled, the router onto its
-`gate.weight`). expert_skills.py reads both forms (`convert_per_expert_modules` calls those very
+`gate.weight`). skills/experts.py reads both forms (`convert_per_expert_modules` calls those very
 functions) and plans which skill's factors go on which parameter; this module is the CAT layer.
 
 CAT composes either like a Linear module: the skills' per-expert factors are concatenated
 along the rank, slot j of the CAT adapter (rank R) belongs to one skill's component and is
-weighted by the same w_j = c·s as on a Linear layer (layer.py), for every expert:
+weighted by the same w_j = c·s as on a Linear layer (linear.py), for every expert:
 
     ΔP_e = Σ_j w_j B[:, j, e] A[e, j, :] = B_e diag(w) A_e          (fp32, then P's dtype)
 
@@ -47,7 +47,7 @@ import types
 import torch
 from torch import nn
 
-from .state import ADAPTER, state_of
+from ..state import ADAPTER, state_of
 
 # a ParamWrapper's factors are saved under `<module>(.base_layer)*.lora_A.weight`: the number
 # of `.base_layer` is the wrapper's depth below the outermost one

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import SkillSpec
-from .errors import CatError
-from .expert_skills import take_parameter_factors
-from .format import CONFIG_FILE, PEFT_PREFIX, base_copy_module, factor_of_key, peft_matches
+from ..config import SkillSpec
+from ..errors import CatError
+from ..format import CONFIG_FILE, PEFT_PREFIX, base_copy_module, factor_of_key, peft_matches
+from .check import check_config, warn_on_zero_update
+from .experts import take_parameter_factors
 from .locate import is_hub_id, locate
-from .skill_checks import check_config, warn_on_zero_update
 
 LOG = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def load_skill(spec: SkillSpec) -> Skill:
     """Read one skill: find its folder (local or the Hub cache, locate.py), read and check its
     adapter_config.json, load its weights (.safetensors, or an older PEFT's .bin) and sort
     the tensors into factors, base copies and saved modules. Raises CatError naming the skill
-    and the file, key or module for anything CAT cannot compose exactly (skill_checks.py).
+    and the file, key or module for anything CAT cannot compose exactly (check.py).
     """
     folder, weights_file = locate(spec)
     config = _read_config(spec, folder / CONFIG_FILE)

@@ -2,7 +2,7 @@
 
 A kind says how a PEFT LoRA layer of its type takes CAT: how the skills' factors are
 loaded into it, how it computes the update (a LoraVariant for Linear and Embedding layers,
-layer.py and embedding.py; a replaced delta for a ParamWrapper on MoE expert parameters,
+linear.py and embedding.py; a replaced delta for a ParamWrapper on MoE expert parameters,
 experts.py), how its factors read for the fold, under which keys PEFT saves them, how the
 folded factors are set back and how CAT is torn down. attach (through the granularities),
 fold and apply_export ask `kind_of(layer)`; nothing else asks which kind a layer is.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..format import peft_key
+from ..state import ADAPTER, CatState, put_state, remove_state
 from .embedding import CatEmbeddingVariant, factor_weights, is_embedding, set_factors
 from .experts import (
     NESTED,
@@ -23,16 +25,14 @@ from .experts import (
     remove_delta,
 )
 from .experts import load_factors as load_expert_factors
-from .format import peft_key
-from .layer import CatLinearVariant
-from .state import ADAPTER, CatState, put_state, remove_state
+from .linear import CatLinearVariant
 
 
 class LinearKind:
     """PEFT's LoRA Linear (and Conv1D) layer: lora_A (R, in), lora_B (out, R) as nn.Linear;
     CAT's forward through CatLinearVariant. The base class of the other kinds."""
 
-    # PEFT's embedding factors are parameters, initialised the other way round (factors.py)
+    # PEFT's embedding factors are parameters, initialised the other way round (export/compress.py)
     embedding = False
 
     def matches(self, layer) -> bool:

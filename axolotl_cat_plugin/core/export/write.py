@@ -26,9 +26,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .card import model_card
-from .fold import FoldedAdapter, fold
-from .format import (
+from ..format import (
     CARD_FILE,
     CHECKPOINT_COEFFICIENTS_FILE,
     COEFFICIENTS_FILE,
@@ -39,11 +37,13 @@ from .format import (
     STAGING_PREFIX,
     WEIGHTS_FILE,
 )
+from ..layers.saved_modules import unparametrize_saved_modules
+from ..layers.variants import kind_of
+from ..skills.check import refuse_skill_folder
+from ..state import ADAPTER, cat_layers
+from .card import model_card
+from .fold import FoldedAdapter, fold
 from .plot import coefficient_heatmap
-from .saved_modules import unparametrize_saved_modules
-from .skill_checks import refuse_skill_folder
-from .state import ADAPTER, cat_layers
-from .variants import kind_of
 
 LOG = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .config import SkillSpec
-from .errors import CatError
+from ..config import SkillSpec
+from ..errors import CatError
 
 if TYPE_CHECKING:
-    from .skills import Skill
+    from .read import Skill
 
 LOG = logging.getLogger(__name__)
 
@@ -48,11 +48,11 @@ ANY_VALUE_KEYS = frozenset(
         "layers_pattern",
         "rank_pattern",
         "alpha_pattern",
-        "use_rslora",  # read by skills.skill_scaling
+        "use_rslora",  # read by read.skill_scaling
         "lora_dropout",  # training only
         "fan_in_fan_out",  # decided by the layer type, as PEFT does (plan.fan_in_fan_out_for)
-        "modules_to_save",  # composed (saved_modules.py)
-        "target_parameters",  # composed (experts.py)
+        "modules_to_save",  # composed (layers/saved_modules.py)
+        "target_parameters",  # composed (layers/experts.py)
         "init_lora_weights",  # checked: no base-rewriting init
         "loftq_config",  # used only with init_lora_weights "loftq" (refused)
         "eva_config",  # EVA only chooses lora_A's start; the base stays as it is

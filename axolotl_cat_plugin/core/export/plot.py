@@ -10,7 +10,7 @@ import io
 import logging
 import math
 
-from .granularity.base import granularity_labels
+from ..granularity.base import granularity_labels
 from .summary import module_type_grids, skill_names
 
 LOG = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Folding is exact: B diag(w) A = B (diag(w) A), so the exported lora_A is the
 concatenated A with every row scaled by its slot weight w, lora_B is unchanged and the
 export's scaling is 1 (lora_alpha = r). Nothing here modifies the model. A layer on MoE expert
-parameters (experts.py) folds the same way per expert: its factors are handled stacked,
+parameters (layers/experts.py) folds the same way per expert: its factors are handled stacked,
 (E, r, in) and (E, out, r), and written in PEFT's ParamWrapper layout.
 """
 
@@ -18,12 +18,12 @@ import torch
 from peft import LoraConfig
 from tqdm.auto import tqdm
 
-from .errors import CatError
-from .factors import compress, init_idle_slots, pad_rows
-from .format import FORMAT_VERSION
-from .granularity.base import granularity_named
-from .saved_modules import fold_saved_modules
-from .state import (
+from ..errors import CatError
+from ..format import FORMAT_VERSION
+from ..granularity.base import granularity_named
+from ..layers.saved_modules import fold_saved_modules
+from ..layers.variants import kind_of
+from ..state import (
     ADAPTER,
     cat_layers,
     cat_metadata,
@@ -32,7 +32,7 @@ from .state import (
     state_of,
     weighted,
 )
-from .variants import kind_of
+from .compress import compress, init_idle_slots, pad_rows
 
 _FACTOR_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 

@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import CatError
+from ..state import cat_metadata
 from .baselines import static_coefficients
 from .distill import SKILL_COLUMN, skill_alone, skill_names
-from .errors import CatError
-from .state import cat_metadata
 
 LOG = logging.getLogger(__name__)
 FORMAT_VERSION = 1

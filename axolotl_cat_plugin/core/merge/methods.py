@@ -1,7 +1,7 @@
 """The static merge methods `axolotl-cat merge` offers, one small record each behind a registry
 (as mergekit's merge methods): PEFT's add_weighted_adapter `combination_type`, the paper, and
 what the method needs of the skills, and the checks of those needs that run before PEFT
-(check_*: what PEFT would otherwise merge silently wrong, see merges.py). merges.py runs them.
+(check_*: what PEFT would otherwise merge silently wrong, see run.py). run.py runs them.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import CatError
+from ..errors import CatError
 
 if TYPE_CHECKING:
-    from .skills import Skill
+    from ..skills.read import Skill
 
 LOG = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .errors import CatError
-from .format import PEFT_PREFIX
-from .starting import starting_saved_coefficients
-from .state import (
+from ..errors import CatError
+from ..format import PEFT_PREFIX
+from ..starting import starting_saved_coefficients
+from ..state import (
     ADAPTER,
     CatState,
     keep_frozen_on_set_adapter,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .config import SkillSpec
-from .errors import CatError
-from .format import BIN_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE
+from ..config import SkillSpec
+from ..errors import CatError
+from ..format import BIN_WEIGHTS_FILE, CONFIG_FILE, WEIGHTS_FILE
 
 _REPO_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 

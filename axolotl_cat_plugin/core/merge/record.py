@@ -1,13 +1,13 @@
 """merge_record.json of a static merge: what the method computes, and how far the merged
 update is from the weighted sum of the skills' updates Σ_i w_i s_i B_i A_i, measured on
-PEFT's own merged adapter (merges.py writes it beside the adapter)."""
+PEFT's own merged adapter (run.py writes it beside the adapter)."""
 
 from __future__ import annotations
 
 import torch
 
-from .embedding import factor_weights
-from .merge_methods import MergeMethod
+from ..layers.embedding import factor_weights
+from .methods import MergeMethod
 
 # above this relative Frobenius difference from Σ w_i ΔW_i, a linear merge is said not to be
 # the sum (float32 rounding of the combined factors stays orders of magnitude below)

@@ -13,9 +13,9 @@ So the forward is one A matmul and one B matmul whatever the number of skills:
 The coefficients and the slot layout live in the layer's CatState (state.py,
 `layer.cat_state["default"]`): `coefficients` (fp32, shape (groups, skills)), which entry of
 c weights each rank slot, and s per slot; `mix()` gives w. With granularity `core`
-(core_space.py) the coefficients are instead an R x R matrix M that mixes the rank slots,
-ΔW = B M A, y = base(x) + B (M (A x)). With granularity `rank`, row g weights the g-th
-component of every skill; otherwise there is one row. Several layers share one Parameter
+(granularity/core_space.py) the coefficients are instead an R x R matrix M that mixes the
+rank slots, ΔW = B M A, y = base(x) + B (M (A x)). With granularity `rank`, row g weights
+the g-th component of every skill; otherwise there is one row. Several layers share one Parameter
 with granularity `layer` or `model`.
 
 We plug into PEFT through its `LoraVariant` hook (the mechanism DoRA uses; PEFT documents it
@@ -32,8 +32,8 @@ from peft.tuners.lora.layer import LoraVariant
 from peft.utils.other import transpose
 from torch import nn
 
+from ..state import state_of
 from .fused import cat_linear, fused_applicable, mix_slots
-from .state import state_of
 
 
 def mixed_B(layer, lora_B: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class CatLinearVariant(DeltaMerges, LoraVariant):
     ΔW = B diag(w) A (or B M A for `core`) in the base weight's dtype and layout.
     """
 
-    # the fused Function (core/fused.py) where it applies; False: always the unfused path
+    # the fused Function (core/layers/fused.py) where it applies; False: always the unfused path
     # (benchmarks and tests compare the two)
     fused = True
 

@@ -2,8 +2,8 @@
 
 Every refusal here names the skill and the module: a target module the base lacks, factors
 whose shapes do not fit it, a layer kind CAT cannot compose, per-expert MoE modules PEFT cannot
-convert (expert_skills.py), and saved base-matrix copies that differ from the base
-(skill_checks.py). LoRA on MoE expert parameters (experts.py) is planned by plan_parameters.
+convert (experts.py), and saved base-matrix copies that differ from the base
+(check.py). LoRA on MoE expert parameters (layers/experts.py) is planned by plan_parameters.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import CatError
-from .expert_skills import (
+from ..errors import CatError
+from ..format import peft_matches
+from ..layers.experts import NESTED, per_expert
+from .check import check_base_copies
+from .experts import (
     ExpertFactors,
     convert_per_expert_modules,
     targeted_parameters,
     wrapped_parameter,
 )
-from .experts import NESTED, per_expert
-from .format import peft_matches
-from .skill_checks import check_base_copies
-from .skills import Skill, SkillModule
+from .read import Skill, SkillModule
 
 LOG = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .errors import CatError
-from .state import (
+from ..errors import CatError
+from ..state import (
     cat_layers,
     saved_module_wrappers,
     set_free_coefficients,
@@ -78,7 +78,7 @@ def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
                 param = state.coefficients
                 saved.setdefault(id(param), (param, param.detach().clone()))
                 w = torch.tensor(weights, dtype=torch.float32, device=param.device)
-                if state.saved_module:  # one coefficient per skill (saved_modules.py)
+                if state.saved_module:  # one coefficient per skill (layers/saved_modules.py)
                     restores.append(set_free_coefficients(state, w))
                 else:
                     restores.append(state.strategy.set_static(state, w))

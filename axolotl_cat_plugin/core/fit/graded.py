@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import CatError
+from ..errors import CatError
 
 Grader = Callable[[str, dict], "float | bool"]
 

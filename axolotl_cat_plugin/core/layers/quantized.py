@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .errors import CatError
+from ..errors import CatError
 
 
 def keep_gradients_through_4bit_layers(model: nn.Module) -> int:

@@ -93,3 +93,12 @@ def test_curve_gathers_each_share_with_the_main_tables_runs():
         "cat_core": {"0": {"composite": 0.0}},
     }
     assert report.curve(methods) == {"cat_module": {0.025: [2.0], 0.1: [10.0, 6.0], 0.2: [12.0]}}
+
+
+def test_the_mix_lora_rate_is_picked_among_the_main_tables_runs_only():
+    methods = {
+        "mix_lora": {"0": fit(0.0, 5.7)},
+        "mix_lora_lr0.002": {"0": fit(2.1, 0.58)},
+        "mix_lora_lr0.002_f0.2": {"0": fit(0.0, 0.31)},  # the data curve: another share
+    }
+    assert report.pick_by_held_out_loss(methods, "mix_lora") == "mix_lora_lr0.002"

@@ -75,7 +75,7 @@ def pick_by_held_out_loss(methods: dict, family: str) -> str | None:
     runs = {
         name: [e["fit"]["held_out_loss_after"] for e in seeds.values() if "fit" in e]
         for name, seeds in methods.items()
-        if name == family or name.startswith(f"{family}_lr")
+        if (name == family or name.startswith(f"{family}_lr")) and "_f0." not in name
     }
     runs = {name: losses for name, losses in runs.items() if losses}
     return min(runs, key=lambda n: statistics.mean(runs[n])) if runs else None
@@ -140,6 +140,7 @@ def draw_curve(points: dict, task: str, path: Path) -> None:
             axes.scatter([x] * len(values), values, color=line.get_color(), alpha=0.35, s=12)
     axes.set_xscale("log")
     axes.set_xticks([2.5, 5, 10, 20], ["2.5", "5", "10", "20"])
+    axes.minorticks_off()
     axes.set_xlabel("% of each skill's rows in the fitting mix")
     axes.set_ylabel("composite accuracy %")
     axes.set_title(f"{task}: the same steps, less or more data")
@@ -176,7 +177,7 @@ def table(methods: dict, task: str, picked: str | None = None) -> str:
         times = [e["train_seconds"] for e in seeds.values() if "train_seconds" in e]
         seconds = f"{statistics.mean(times):.0f}" if times else "-"
         label = name
-        if name.startswith("mix_lora"):
+        if name.startswith("mix_lora") and name not in curves:
             label += " (picked)" if name == picked else " (not picked: higher held-out loss)"
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {each} | {ratio} | {seconds} |")
     return "\n".join(lines)

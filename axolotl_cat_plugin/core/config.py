@@ -28,6 +28,20 @@ ADAPTERS_RENAMED = (
 )
 
 
+def read_renamed_adapters(block: dict) -> dict:
+    """The `cat_merge` block with `adapters` (the skills' name before 0.2) read as `skills`,
+    logging the deprecation; the one home of that rule (CatConfig and the Axolotl block).
+    Raises CatError when both are given (a `skills: None` counts as not given)."""
+    if block.get("adapters") is None:
+        return block
+    if block.get("skills") is not None:
+        raise CatError("cat_merge: give the skill LoRAs as `skills` only, not also as `adapters`")
+    LOG.warning(ADAPTERS_RENAMED)
+    return {
+        ("skills" if key == "adapters" else key): v for key, v in block.items() if key != "skills"
+    }
+
+
 @dataclass(frozen=True)
 class SkillSpec:
     """One skill LoRA: a local folder or a Hub repo id, and the name it goes by."""
@@ -101,12 +115,8 @@ class CatConfig:
 
     def __post_init__(self) -> None:
         if self.adapters is not None:
-            if self.skills is not None:
-                raise CatError(
-                    "cat_merge: give the skill LoRAs as `skills` only, not also as `adapters`"
-                )
-            LOG.warning(ADAPTERS_RENAMED)
-            self.skills, self.adapters = self.adapters, None
+            renamed = read_renamed_adapters({"skills": self.skills, "adapters": self.adapters})
+            self.skills, self.adapters = renamed["skills"], None
         if not isinstance(self.skills, (list, tuple)) or not self.skills:
             raise CatError("cat_merge.skills: list at least one skill LoRA (path or Hub id)")
         self.skills = [SkillSpec.parse(entry, i) for i, entry in enumerate(self.skills)]

@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..core.config import ADAPTERS_RENAMED, CatConfig
+from ..core.config import CatConfig, read_renamed_adapters
 from ..core.export.fold import check_export_options
 from ..core.fit.graded import load_grader, read_prompts
 from ..core.fit.self_mix import SelfMixOptions
@@ -149,13 +149,8 @@ class CatMergeConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _renamed_adapters(cls, data):
-        # `adapters` (before 0.2) reads as `skills`, with a deprecation warning
-        if isinstance(data, dict) and "adapters" in data:
-            if "skills" in data:
-                raise ValueError("give the skill LoRAs as `skills` only, not also as `adapters`")
-            LOG.warning(ADAPTERS_RENAMED)
-            data = {("skills" if key == "adapters" else key): v for key, v in data.items()}
-        return data
+        # `adapters` (before 0.2) reads as `skills`: the core's rule
+        return read_renamed_adapters(data) if isinstance(data, dict) else data
 
     @field_validator("granularity", mode="before")
     @classmethod

@@ -75,8 +75,9 @@ for method in cat_module mix_lora_lr0.002; do
     CURVE_METHODS="${CURVE_METHODS:-}${CURVE_METHODS:+ }${method}_f$fraction"
   done
 done
-SELF_MIX_METHODS="cat_module_selfmix cat_core_selfmix cat_module_distill"
-for granularity in cat_module cat_core; do
+SELF_MIX_METHODS="cat_module_selfmix cat_core_selfmix cat_module_distill cat_layer_selfmix
+  cat_rank_selfmix"
+for granularity in cat_module cat_layer cat_rank cat_core; do
   for suffix in selfmix distill; do
     LR[${granularity}_$suffix]=${LR[$granularity]} INIT[${granularity}_$suffix]=${INIT[$granularity]}
   done

@@ -35,6 +35,8 @@ ORDER = [
     "cat_module_init1",
     "cat_module_distill",
     "cat_module_selfmix",
+    "cat_layer_selfmix",
+    "cat_rank_selfmix",
     "cat_core_selfmix",
 ]
 # the data curve: these methods on other shares of the skills' rows (METHOD_fFRACTION)

@@ -180,15 +180,17 @@ class CatTrainer(CatModelCardMixin, DistillLossMixin, AxolotlTrainer):
         skills = [skill["name"] for skill in cat_metadata(self.model).skills]
         mixes = {**static_mixes(skills), "CAT (fitted)": None}
         rows = []
+        # one dataloader for every mix (the Trainer builds a new one per call)
+        dataloader = self.get_eval_dataloader() if self.eval_dataset is not None else None
         for label, weights in mixes.items():
             context = (
                 static_coefficients(self.model, weights) if weights else contextlib.nullcontext()
             )
             row = {"method": label, "weights": weights}
             with context:
-                if self.eval_dataset is not None:
+                if dataloader is not None:
                     output = self.evaluation_loop(
-                        self.get_eval_dataloader(),
+                        dataloader,
                         f"CAT baseline: {label}",
                         prediction_loss_only=True,
                     )

@@ -21,6 +21,8 @@ from eval_composition import update_ratio  # scripts/demo, on the path as in rea
 from grade import GRADERS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from axolotl_cat_plugin.core.fit.graded import greedy_replies  # chat turn, left-padded, greedy
+
 MAX_NEW_TOKENS = 16
 BATCH = 16
 
@@ -40,42 +42,13 @@ def load(base: str, adapter: str | None):
     return model.eval()
 
 
-@torch.no_grad()
-def replies(model, tokenizer, prompts: list[str]) -> list[str]:
-    """Greedy replies to single-turn chat prompts, batched with left padding."""
-    tokenizer.padding_side = "left"
-    texts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    out = []
-    for start in range(0, len(texts), BATCH):
-        encoded = tokenizer(
-            texts[start : start + BATCH],
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        )
-        ids = model.generate(
-            **encoded,
-            max_new_tokens=MAX_NEW_TOKENS,
-            do_sample=False,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        new = ids[:, encoded["input_ids"].shape[1] :]
-        out += [tokenizer.decode(row, skip_special_tokens=True) for row in new]
-    return out
-
-
 def score(model, tokenizer, task_dir: Path, task: str) -> dict:
     """Accuracy (%) on each test of ``task``, with three sample replies per test."""
     result = {}
     for test, grader in GRADERS[task].items():
         rows = read_jsonl(task_dir / f"test_{test}.jsonl")
-        answers = replies(model, tokenizer, [row["prompt"] for row in rows])
+        prompts = [row["prompt"] for row in rows]
+        answers = greedy_replies(model, tokenizer, prompts, MAX_NEW_TOKENS, BATCH)
         correct = [grader(reply, row) for reply, row in zip(answers, rows, strict=True)]
         result[test] = round(100.0 * sum(correct) / len(rows), 1)
         result[f"{test}_samples"] = [

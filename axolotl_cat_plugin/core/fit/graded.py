@@ -84,25 +84,26 @@ def read_prompts(path) -> list[dict]:
     return rows
 
 
-def prompt_text(tokenizer, prompt: str) -> str:
-    """What the model is fed: the prompt as one user turn through the chat template when the
-    tokenizer has one (with the generation prompt), else the prompt as it is."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-    return prompt
+def user_turn(tokenizer, prompt: str) -> str:
+    """``prompt`` as one user turn through the tokenizer's chat template, ending with the
+    generation prompt (the assistant's turn opened)."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 @torch.no_grad()
 def greedy_replies(
     model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, batch_size: int = 8
 ) -> list[str]:
-    """Greedy replies (decoded, special tokens skipped, stripped) to ``prompts``, in order.
+    """Greedy replies (decoded, special tokens skipped, stripped) to ``prompts``, in order,
+    each prompt sent as one user turn (user_turn) when the tokenizer has a chat template.
 
     Batches are left-padded; a reply ends at the first EOS. The model's mode and the
     tokenizer's padding side are left as found.
     """
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    fed = [user_turn(tokenizer, p) if chat else p for p in prompts]
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"
@@ -111,11 +112,12 @@ def greedy_replies(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     replies = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            fed = [prompt_text(tokenizer, p) for p in prompts[start : start + batch_size]]
-            chat = bool(getattr(tokenizer, "chat_template", None))
+        for start in range(0, len(fed), batch_size):
             encoded = tokenizer(
-                fed, return_tensors="pt", padding=True, add_special_tokens=not chat
+                fed[start : start + batch_size],
+                return_tensors="pt",
+                padding=True,
+                add_special_tokens=not chat,
             ).to(device)
             out = model.generate(
                 **encoded,

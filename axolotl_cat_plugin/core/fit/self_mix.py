@@ -30,6 +30,7 @@ from ..errors import CatError
 from ..state import cat_metadata
 from .baselines import static_coefficients
 from .distill import SKILL_COLUMN, skill_alone, skill_names
+from .graded import user_turn
 
 LOG = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -92,13 +93,7 @@ def prompt_texts(tokenizer, options: SelfMixOptions) -> tuple[list[str], list[st
     prompts = options.prompts or (GENERIC_QUESTIONS if chat else GENERIC_PROMPTS)
     if not chat:
         return list(prompts), list(prompts)
-    fed = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    return list(prompts), fed
+    return list(prompts), [user_turn(tokenizer, p) for p in prompts]
 
 
 def mix_hash(model, tokenizer, options: SelfMixOptions) -> str:

@@ -19,6 +19,12 @@ by a JSONL mix with chat ``messages`` and a ``skill`` column, such as the one ``
 self-mix`` writes from the skills alone (no skill data); the held-out loss stays on the
 skills' own rows.
 
+Two fixes for a fit that follows its mix too far (issue 19, item 4; scripts/demo/regularize.py,
+the same in the miniature's harness): ``--penalty W`` adds W times the squared change of the
+coefficients relative to their start's squared norm to the loss (L2-SP toward the start);
+``--early-stop N`` computes the held-out loss every N steps and keeps the coefficients at its
+best. Neither is on by default; without them the fit is the one the main tables report.
+
 Writes the adapter (a standard PEFT folder) and ``fit.json``: the settings, the training
 loss every 4 steps, the loss on 32 rows of the skills' data outside the mix, before and after
 the fit, how far the coefficients moved, the number of trainable parameters and the seconds.
@@ -34,6 +40,7 @@ from pathlib import Path
 
 import torch
 from evaluate import read_jsonl
+from regularize import EarlyStopping, StartPenalty
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 GRANULARITY = {"cat_module": "module", "cat_layer": "layer", "cat_rank": "rank", "cat_core": "core"}
@@ -149,6 +156,8 @@ def main() -> None:
     parser.add_argument(
         "--mix-file", type=Path, help="a JSONL mix (chat messages + skill) for the skills' rows"
     )
+    parser.add_argument("--penalty", type=float, default=0.0, help="L2-SP weight toward the start")
+    parser.add_argument("--early-stop", type=int, default=0, help="held-out check every N steps")
     parser.add_argument("--out", required=True, type=Path)
     args = parser.parse_args()
     skills = dict(spec.split("=", 1) for spec in args.skill)
@@ -172,7 +181,14 @@ def main() -> None:
         optimizer,
         lambda step: 0.5 * (1 + torch.cos(torch.tensor(step / args.steps * torch.pi)).item()),
     )
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    penalty = StartPenalty(named, args.penalty) if args.penalty else None
     held_before = mean_loss(model.eval(), held_encoded, 8, collator)
+    stopping = None
+    if args.early_stop:
+        stopping = EarlyStopping(
+            named, lambda: mean_loss(model.eval(), held_encoded, 8, collator), args.early_stop
+        )
     model.train()
     order, losses, rng = [], [], random.Random(args.seed)
     for step in range(args.steps):
@@ -188,16 +204,21 @@ def main() -> None:
             loss = distill_loss(model, teachers=[mix[i]["skill"] for i in picked], **inputs)
         else:
             loss = model(**inputs).loss
-        loss.backward()
+        (loss + penalty() if penalty else loss).backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
+        if stopping:
+            stopping.check(step + 1)
+            model.train()
         if step % 4 == 3 or step == args.steps - 1:
             print(
                 f"[{args.method} seed {args.seed}] step {step + 1}/{args.steps} loss {loss:.4f}",
                 flush=True,
             )
+    if stopping:
+        stopping.restore()
     train_seconds = time.time() - started
     held_after = mean_loss(model.eval(), held_encoded, 8, collator)
     record = {
@@ -220,6 +241,18 @@ def main() -> None:
         "held_out_loss_before": round(held_before, 4),
         "held_out_loss_after": round(held_after, 4),
         "movement": coefficient_movement(model, start),
+        **({"penalty": args.penalty} if args.penalty else {}),
+        **(
+            {
+                "early_stop": {
+                    "every": args.early_stop,
+                    "held_out": stopping.history,
+                    "kept_step": stopping.best_step,
+                }
+            }
+            if stopping
+            else {}
+        ),
         "train_seconds": round(train_seconds, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)

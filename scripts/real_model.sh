@@ -13,7 +13,7 @@
 #   REAL_SEEDS=0 scripts/real_model.sh    one seed
 #   REAL_TASKS=math_words REAL_STAGES=fits REAL_METHODS="cat_core mix_lora" scripts/real_model.sh
 #                                         a part (stages: skills merges fits data_mix self_mix
-#                                         curve)
+#                                         curve fixes)
 #   REAL_STAGES=curve REAL_SEEDS=0 scripts/real_model.sh
 #                                         the data curve (METHOD_fFRACTION: fits on another share)
 # The tables go to docs/measurements/real_model_<task>.json (scripts/real_model/report.py).
@@ -75,6 +75,17 @@ for method in cat_module mix_lora_lr0.002; do
     CURVE_METHODS="${CURVE_METHODS:-}${CURVE_METHODS:+ }${method}_f$fraction"
   done
 done
+# Two fixes for a fit that follows its mix too far (issue 19, item 4; scripts/demo/regularize.py),
+# on the default granularity and on core, each granularity's rate and start; the strengths are
+# fixed beforehand (no test read): GRANULARITY_l2sp adds the L2-SP penalty toward the start at
+# weight 1.0 (moving 50% of the start's norm costs 0.25 nats), GRANULARITY_early keeps the
+# coefficients at the lowest held-out loss, checked every 4 of the 24 steps.
+FIX_METHODS="cat_module_l2sp cat_core_l2sp cat_module_early cat_core_early"
+for granularity in cat_module cat_core; do
+  for suffix in l2sp early; do
+    LR[${granularity}_$suffix]=${LR[$granularity]} INIT[${granularity}_$suffix]=${INIT[$granularity]}
+  done
+done
 SELF_MIX_METHODS="cat_module_selfmix cat_core_selfmix cat_module_distill cat_layer_selfmix
   cat_rank_selfmix"
 for granularity in cat_module cat_layer cat_rank cat_core; do
@@ -86,7 +97,7 @@ done
 # prototype's 1000:200), 24 kept per skill (about the real mix's size: 38 and 48 rows in all).
 SELF_MIX_OPTIONS=(--pool 120 --keep 24 --seed 0)
 METHODS=${REAL_METHODS:-cat_module cat_core mix_lora cat_rank cat_layer cat_core_random mix_lora_lr0.002}
-STAGES=${REAL_STAGES:-skills merges fits data_mix self_mix curve} # a part of each task's chain
+STAGES=${REAL_STAGES:-skills merges fits data_mix self_mix curve fixes} # a part of each task's chain
 
 skill_stamps() { echo "$OUT/$1/skill-${FIRST[$1]}/.stage-hash" "$OUT/$1/skill-${SECOND[$1]}/.stage-hash"; }
 
@@ -134,6 +145,9 @@ fit() { # TASK METHOD SEED
   case $method in
     *_distill) kind=${method%_distill} extra=(--objective distill) ;;
     *_init1) kind=${method%_init1} ;;
+    *_l2sp) kind=${method%_l2sp} extra=(--penalty 1.0) stamps="$stamps scripts/demo/regularize.py" ;;
+    *_early)
+      kind=${method%_early} extra=(--early-stop 4) stamps="$stamps scripts/demo/regularize.py" ;;
     *_f0.*) kind=${method%_f0.*} kind=${kind%_lr*} extra=(--fraction "0.${method##*_f0.}") ;;
     *_selfmix)
       kind=${method%_selfmix} stamps="$stamps $OUT/$task/self-mix/.stage-hash"
@@ -191,6 +205,7 @@ task_chain() { # TASK: everything of one task, one stage after the other (one th
     METHODS=${REAL_SELF_MIX_METHODS:-$SELF_MIX_METHODS} fits "$task"
   fi
   if [[ " $STAGES " == *" curve "* ]]; then METHODS=$CURVE_METHODS fits "$task"; fi
+  if [[ " $STAGES " == *" fixes "* ]]; then METHODS=$FIX_METHODS fits "$task"; fi
   evaluate "$task" # everything scored (a method scored before is skipped), the report rebuilt
 }
 

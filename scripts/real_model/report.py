@@ -38,6 +38,10 @@ ORDER = [
     "cat_layer_selfmix",
     "cat_rank_selfmix",
     "cat_core_selfmix",
+    "cat_module_l2sp",
+    "cat_module_early",
+    "cat_core_l2sp",
+    "cat_core_early",
 ]
 # the data curve: these methods on other shares of the skills' rows (METHOD_fFRACTION)
 CURVE = {"cat_module": "CAT per module", "mix_lora_lr0.002": "fresh LoRA (mix_lora)"}

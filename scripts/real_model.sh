@@ -80,7 +80,7 @@ done
 # fixed beforehand (no test read): GRANULARITY_l2sp adds the L2-SP penalty toward the start at
 # weight 1.0 (moving 50% of the start's norm costs 0.25 nats), GRANULARITY_early keeps the
 # coefficients at the lowest held-out loss, checked every 4 of the 24 steps.
-FIX_METHODS="cat_module_l2sp cat_core_l2sp cat_module_early cat_core_early"
+FIX_METHODS=${REAL_FIX_METHODS:-cat_module_l2sp cat_core_l2sp cat_module_early cat_core_early}
 for granularity in cat_module cat_core; do
   for suffix in l2sp early; do
     LR[${granularity}_$suffix]=${LR[$granularity]} INIT[${granularity}_$suffix]=${INIT[$granularity]}

@@ -1,6 +1,8 @@
-"""Issue 23 in the miniature: CAT core fitted on a mix the skills write themselves, no skill data.
+"""Issue 23 in the miniature: CAT fitted on a mix the skills write themselves, no skill data.
 
     python scripts/demo/self_mix_bench.py --out docs/measurements/self_mix_miniature.json
+    python scripts/demo/self_mix_bench.py --granularity module --variants real_lm \
+        --lr real_lm=0.05 --early-stop 40 --out docs/measurements/fit_fixes_miniature.json
 
 Needs the demo's world, base and two skills (scripts/demo.sh's first stages, demo_out/). Plain
 torch in one process, on the package's own API (attach_cat, build_self_mix, distill_loss,
@@ -14,13 +16,31 @@ export_cat writes, loaded as the grader loads it. Variants:
 - real_lm: the demo's real 400-row mix (5% of each skill's data), LM loss (the demo's CAT
   core, in this harness);
 - real_distill: the real mix, distilled (a row's teacher: the skill whose data it is);
-- uniform: no fit, the core at the plain sum of the skills.
+- uniform: no fit, the start (core: the plain sum of the skills; module, layer, rank: their
+  average).
 
-Every fit: granularity core, init 1.0 (the plain sum), AdamW without weight decay, cosine
-schedule, `--steps` x `--batch` rows, sequences as Axolotl's completion type tokenizes them (no
-BOS, EOS appended, 64 tokens). The learning rate of each variant is picked on seed 0 from
-`--grid` by the variant's own objective on 10% of its training rows held out (nothing reads a
-test); the seeds then fit on all rows. Results are written after every fit.
+Every fit: `--granularity` (core by default), init 1.0 (the plain sum) for core and 0.5 (the
+average) for module, layer and rank, as the demo's YAMLs start them; AdamW without weight
+decay, cosine schedule, `--steps` x `--batch` rows, sequences as Axolotl's completion type
+tokenizes them (no BOS, EOS appended, 64 tokens). The learning rate of each variant is picked on
+seed 0 from `--grid` by the variant's own objective on 10% of its training rows held out
+(nothing reads a test), or given with `--lr VARIANT=LR`; the seeds then fit on all rows.
+Results are written after every fit, keyed "GRANULARITY/VARIANT" (the uniform start too: for
+module, layer and rank it is the average). The self-written mix depends on the skills, the
+options and the seed only, never the granularity: build_self_mix caches it by hash under
+DEMO/self-mix, so each seed's mix is written once for all granularities. The output records the
+skills' weights (sha256) and refuses to add runs of other skills to it.
+
+Issue 19 item 4 (scripts/demo/regularize.py, as scripts/real_model/fit.py uses it): `--penalty
+W` adds StartPenalty (W x the squared change of the coefficients relative to their start's
+squared norm) to the objective before each backward; `--early-stop N` evaluates the variant's
+own objective on held-out rows every N steps (and at step 0) and restores the coefficients at
+the best value after the last step. With `--early-stop` every seed's fit holds out the same 10%
+of its rows as the learning-rate pick does (the same shuffle, seed 0) and trains on the other
+90%; without it the seeds fit on all rows. Such runs are keyed "GRANULARITY/VARIANT/penalty W"
+or ".../early-stop N". Every run records the per-skill and composite accuracies, the fit's
+seconds (held-out checks included), its last-50-step training objective and how far the
+coefficients moved (relative L2 change of all coefficients from the start, min and max).
 """
 
 from __future__ import annotations
@@ -40,22 +60,29 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedul
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import eval_composition as grader  # noqa: E402
+from regularize import EarlyStopping, StartPenalty  # noqa: E402
 
 from axolotl_cat_plugin import CatConfig, attach_cat, export_cat  # noqa: E402
 from axolotl_cat_plugin.core.fit.distill import distill_loss, skill_names  # noqa: E402
 from axolotl_cat_plugin.core.fit.self_mix import SelfMixOptions, build_self_mix  # noqa: E402
-from axolotl_cat_plugin.core.state import coefficient_parameters  # noqa: E402
+from axolotl_cat_plugin.core.state import cat_metadata, coefficient_parameters  # noqa: E402
 
 SKILLS = ("manual", "french")
 VARIANTS = ("self_distill", "self_lm", "real_lm", "real_distill", "uniform")
 # one-word openings of the world's generic (pretraining) text, as in the issue's prototype
 PROMPTS = ["the", "in", "by", "we", "nobody"]
+GRANULARITIES = ("module", "layer", "rank", "core")
+# the starts of example_yamls/tiny-cpu/demo-cat*.yml
+INIT = {"module": 0.5, "layer": 0.5, "rank": 0.5, "core": 1.0}
 
 
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--demo", default="demo_out")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--granularity", default="core", choices=GRANULARITIES)
+    p.add_argument("--penalty", type=float, default=0.0, help="StartPenalty weight (0: off)")
+    p.add_argument("--early-stop", type=int, default=0, help="held-out check every N steps")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--grid", nargs="+", type=float, default=[0.002, 0.01, 0.05])
     p.add_argument("--lr", action="append", default=[], help="VARIANT=LR: skip its tuning")
@@ -104,31 +131,73 @@ def objective_sum(model, batch, objective):
     return model(input_ids=input_ids, attention_mask=mask, labels=labels).loss * count, count
 
 
-def fit(model, initial, items, objective, lr, args, seed, pad):
+def split(rows):
+    """(train, held-out) rows: the same 10% for every seed (shuffled with seed 0)."""
+    order = list(range(len(rows)))
+    random.Random(0).shuffle(order)
+    cut = len(rows) // 10
+    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
+
+
+def moved(model, initial):
+    """How far the coefficients moved: relative L2 change of all of them, min and max value."""
+    now = coefficient_parameters(model)
+    flat = torch.cat([now[n].detach().flatten() for n in initial])
+    start = torch.cat([initial[n].flatten() for n in initial])
+    change = float((flat - start).norm() / start.norm())
+    return {"relative_change": round(change, 4), "min": float(flat.min()), "max": float(flat.max())}
+
+
+def fit(model, initial, items, objective, lr, args, seed, pad, penalty=0.0, stop=None):
+    """Fit the coefficients from `initial`; returns (last-50-step mean objective, early-stop
+    record or None). stop: (every N steps, held-out items) for early stopping."""
     with torch.no_grad():
         for name, param in coefficient_parameters(model).items():
             param.copy_(initial[name])
-    params = list(coefficient_parameters(model).values())
+    named = coefficient_parameters(model)
+    params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, 0, args.steps)
+    pull = StartPenalty(named, penalty) if penalty else None
+    stopping = None
+    if stop:
+        every, val = stop
+
+        def evaluate():
+            value = held_out(model.eval(), val, objective, pad)
+            model.train()
+            return value
+
+        stopping = EarlyStopping(named, evaluate, every)
     rng = random.Random(seed)
     order: list[int] = []
     model.train()
     losses = []
-    for _ in range(args.steps):
+    for step in range(1, args.steps + 1):
         if len(order) < args.batch:
             fresh = list(range(len(items)))
             rng.shuffle(fresh)
             order += fresh
         chosen, order = order[: args.batch], order[args.batch :]
         loss, count = objective_sum(model, collate([items[i] for i in chosen], pad), objective)
-        (loss / count).backward()
+        (loss / count + pull() if pull else loss / count).backward()
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss) / count)
+        if stopping:
+            stopping.check(step)
     model.eval()
-    return sum(losses[-50:]) / len(losses[-50:])
+    record = None
+    if stopping:
+        stopping.restore()
+        record = {
+            "every": stopping.every,
+            "history": stopping.history,
+            "kept_step": stopping.best_step,
+            "kept_value": round(stopping.best_value, 4),
+        }
+    return sum(losses[-50:]) / len(losses[-50:]), record
 
 
 @torch.no_grad()
@@ -160,9 +229,10 @@ def main():
     base = f"{args.demo}/base"
     tokenizer = AutoTokenizer.from_pretrained(base)
     skills = [{"path": f"{args.demo}/skill-{s}", "name": s} for s in SKILLS]
+    granularity, init = args.granularity, INIT[args.granularity]
     model = attach_cat(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-        CatConfig(skills=skills, granularity="core", init=1.0),
+        CatConfig(skills=skills, granularity=granularity, init=init),
     )
     assert tuple(skill_names(model)) == SKILLS
     model.eval()
@@ -170,10 +240,20 @@ def main():
     pad = tokenizer.pad_token_id
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}
-    results["settings"] = {k: v for k, v in vars(args).items() if k not in ("out", "lr")}
+    per_run = ("out", "lr", "variants", "seeds", "granularity", "penalty", "early_stop")
+    stamp = {s["name"]: s["weights_sha256"] for s in cat_metadata(model).skills}
+    earlier = results.get("settings", {}).get("skills_sha256", stamp)
+    if earlier != stamp:
+        raise SystemExit(f"{out}: its runs used other skills ({earlier}) than {args.demo} "
+                         f"({stamp}): write to another --out")  # fmt: skip
+    results["settings"] = {k: v for k, v in vars(args).items() if k not in per_run}
+    results["settings"]["skills_sha256"] = stamp
     results.setdefault("runs", {})
     results.setdefault("lr", {})
     fixed_lr = {v: float(lr) for v, lr in (e.split("=") for e in args.lr)}
+    suffix = (f"/penalty {args.penalty}" if args.penalty else "") + (
+        f"/early-stop {args.early_stop}" if args.early_stop else ""
+    )
     real = [json.loads(line) for line in (Path(args.demo) / "world/data/mix.jsonl").open()]
     half = len(real) // 2  # mix.jsonl: the manual's rows, then as many of french's
     real = [{**row, "skill": SKILLS[0] if i < half else SKILLS[1]} for i, row in enumerate(real)]
@@ -191,7 +271,9 @@ def main():
             rows = [json.loads(line) for line in path.open()]
             mixes[seed] = rows
             seconds = round(time.time() - started, 1)
-            results.setdefault("mixes", {})[str(seed)] = {"path": str(path), "seconds": seconds}
+            entry = results.setdefault("mixes", {}).get(str(seed), {})
+            if entry.get("path") != str(path):  # keep the seconds of the build, not of a read
+                results["mixes"][str(seed)] = {"path": str(path), "seconds": seconds}
             print(f"[bench] self-written mix seed {seed}: {path} ({seconds} s)", flush=True)
         return mixes[seed]
 
@@ -201,10 +283,10 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         for variant in args.variants:
+            name = f"{granularity}/{variant}"
             if variant == "uniform":
-                started = time.time()
-                results["runs"]["uniform"] = {"-": grade(model, tokenizer, args, Path(tmp) / "u")}
-                print(f"[bench] uniform: {results['runs']['uniform']}", flush=True)
+                results["runs"][name] = {"-": grade(model, tokenizer, args, Path(tmp) / "u")}
+                print(f"[bench] {name}: {results['runs'][name]}", flush=True)
                 save()
                 continue
             objective = variant.split("_")[1]
@@ -213,47 +295,62 @@ def main():
                 return mix(seed) if variant.startswith("self") else real
 
             if variant in fixed_lr:
-                results["lr"][variant] = {"chosen": fixed_lr[variant], "given": True}
-            elif variant not in results["lr"] or results["lr"][variant].get("grid") != args.grid:
-                rows = rows_for(0)
-                order = list(range(len(rows)))
-                random.Random(0).shuffle(order)
-                cut = len(rows) // 10
-                val = tokenize(tokenizer, [rows[i] for i in order[:cut]], args.seq_len)
-                train = tokenize(tokenizer, [rows[i] for i in order[cut:]], args.seq_len)
+                results["lr"][name] = {"chosen": fixed_lr[variant], "given": True}
+            elif name not in results["lr"] or results["lr"][name].get("grid") != args.grid:
+                train, val = (tokenize(tokenizer, r, args.seq_len) for r in split(rows_for(0)))
                 scores = {}
                 for lr in args.grid:
                     started = time.time()
                     fit(model, initial, train, objective, lr, args, 0, pad)
                     scores[lr] = held_out(model, val, objective, pad)
                     seconds = time.time() - started
-                    print(f"[bench] tune {variant} lr {lr}: held-out {objective} "
+                    print(f"[bench] tune {name} lr {lr}: held-out {objective} "
                           f"{scores[lr]:.4f} ({seconds:.0f} s)", flush=True)  # fmt: skip
                 chosen = min(scores, key=scores.get)
-                results["lr"][variant] = {"grid": args.grid, "held_out": scores, "chosen": chosen}
+                results["lr"][name] = {"grid": args.grid, "held_out": scores, "chosen": chosen}
                 save()
-            lr = results["lr"][variant]["chosen"]
+            lr = results["lr"][name]["chosen"]
             for seed in args.seeds:
                 key = f"seed {seed}"
-                if key in results["runs"].get(variant, {}):
+                if key in results["runs"].get(name + suffix, {}):
                     continue
-                items = tokenize(tokenizer, rows_for(seed), args.seq_len)
+                rows = rows_for(seed)
+                stop = None
+                if args.early_stop:
+                    rows, val = split(rows)
+                    stop = (args.early_stop, tokenize(tokenizer, val, args.seq_len))
+                items = tokenize(tokenizer, rows, args.seq_len)
                 started = time.time()
-                final = fit(model, initial, items, objective, lr, args, seed, pad)
+                final, record = fit(
+                    model, initial, items, objective, lr, args, seed, pad, args.penalty, stop
+                )
                 seconds = round(time.time() - started, 1)
                 scores = grade(model, tokenizer, args, Path(tmp) / f"{variant}-{seed}")
-                run = {**scores, "lr": lr, "fit_seconds": seconds, "final_loss": round(final, 4)}
-                results["runs"].setdefault(variant, {})[key] = run
-                print(f"[bench] {variant} seed {seed}: {run}", flush=True)
+                run = {
+                    **scores,
+                    "lr": lr,
+                    "init": init,
+                    "fit_seconds": seconds,
+                    "final_loss": round(final, 4),
+                    "moved": moved(model, initial),
+                    **({"penalty": args.penalty} if args.penalty else {}),
+                    **({"early_stop": record} if record else {}),
+                }
+                results["runs"].setdefault(name + suffix, {})[key] = run
+                print(f"[bench] {name + suffix} seed {seed}: {run}", flush=True)
                 save()
     summary = {}
-    for variant, runs in results["runs"].items():
+    for name, runs in results["runs"].items():
         composite = [r["composite"] for r in runs.values()]
-        summary[variant] = {
+        summary[name] = {
             "composite_mean": round(sum(composite) / len(composite), 1),
             "composite": composite,
             "runs": len(composite),
         }
+        for skill in SKILLS:
+            summary[name][f"{skill}_mean"] = round(
+                sum(r[skill] for r in runs.values()) / len(composite), 1
+            )
     results["summary"] = summary
     save()
     print(json.dumps(summary, indent=2))

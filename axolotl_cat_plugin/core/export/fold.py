@@ -21,8 +21,7 @@ from tqdm.auto import tqdm
 from ..errors import CatError
 from ..format import FORMAT_VERSION
 from ..granularity.base import granularity_named
-from ..layers.saved_modules import fold_saved_modules
-from ..layers.variants import kind_of
+from ..layers.variants import MODULE_KINDS, kind_of
 from ..state import (
     ADAPTER,
     cat_layers,
@@ -168,8 +167,12 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         (key_A, key_B), (lora_A, lora_B) = kind.saved(name, path_of[name], lora_A, lora_B)
         tensors[key_A], tensors[key_B] = lora_A.contiguous(), lora_B.contiguous()
 
-    saved_tensors, saved_record, saved_names = fold_saved_modules(model)  # modules_to_save
-    tensors.update(saved_tensors)
+    saved_record, saved_names = {}, []  # whole modules composed beside the LoRA layers
+    for kind in MODULE_KINDS:
+        kind_tensors, kind_record, kind_names = kind.fold(model)
+        tensors.update(kind_tensors)
+        saved_record.update(kind_record)
+        saved_names += kind_names
     config = scaling_one_config(
         exported_rank,
         target_modules=metadata.target_modules,

@@ -37,8 +37,7 @@ from ..format import (
     STAGING_PREFIX,
     WEIGHTS_FILE,
 )
-from ..layers.saved_modules import unparametrize_saved_modules
-from ..layers.variants import kind_of
+from ..layers.variants import MODULE_KINDS, kind_of
 from ..skills.check import refuse_skill_folder
 from ..state import ADAPTER, cat_layers
 from .card import model_card
@@ -275,7 +274,8 @@ def apply_export(
         layer.lora_alpha[ADAPTER] = folded.rank
         layer.scaling[ADAPTER] = 1.0
         kind.teardown(layer)  # the model is a plain LoRA model now, no CAT layer is left
-    unparametrize_saved_modules(model)  # the copies hold the composed modules_to_save
+    for kind in MODULE_KINDS:  # e.g. the copies hold the composed modules_to_save
+        kind.teardown(model)
     peft_model.peft_config[ADAPTER] = folded.config
     peft_model.__dict__.pop("save_pretrained", None)  # PEFT's own save now writes the export
     if written_to is not None:

@@ -19,7 +19,7 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from ..errors import CatError
-from ..format import FORMAT_VERSION
+from ..format import CatRecord
 from ..granularity.base import granularity_named
 from ..layers.variants import MODULE_KINDS, kind_of
 from ..state import (
@@ -38,11 +38,11 @@ _FACTOR_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 @dataclass
 class FoldedAdapter:
-    """A standard PEFT LoRA adapter (config + tensors) and the cat_coefficients.json record."""
+    """A standard PEFT LoRA adapter (config + tensors) and its cat_coefficients.json record."""
 
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
-    record: dict
+    record: CatRecord
 
     @property
     def rank(self) -> int:
@@ -181,21 +181,19 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         modules_to_save=saved_names or None,
         base_model_name_or_path=metadata.base_model,
     )
-    record = {
-        "format_version": FORMAT_VERSION,
-        "skills": metadata.skills,
-        "granularity": metadata.granularity,
-        "parametrization": metadata.parametrization,
-        "base_model": metadata.base_model,
-        "concatenated_rank": concatenated_rank,
-        "exported_rank": exported_rank,
-        "export_rank": rank,
-        "prune_threshold": prune_threshold,
-        **metadata.extra,
-        "modules": modules,
-    }
-    if saved_record:
-        record["saved_modules"] = saved_record
+    record = CatRecord(
+        skills=metadata.skills,
+        modules=modules,
+        granularity=metadata.granularity,
+        parametrization=metadata.parametrization,
+        base_model=metadata.base_model,
+        concatenated_rank=concatenated_rank,
+        exported_rank=exported_rank,
+        export_rank=rank,
+        prune_threshold=prune_threshold,
+        saved_modules=saved_record,
+        extra=dict(metadata.extra),
+    )
     return FoldedAdapter(config, tensors, record)
 
 

@@ -20,7 +20,7 @@ from .core.export.summary import (
     skill_names,
     skill_stats,
 )
-from .core.format import CONFIG_FILE, fit_finished, read_record
+from .core.format import CONFIG_FILE, CatRecord, read_record
 from .core.granularity.base import granularity_labels
 
 
@@ -41,32 +41,31 @@ def show_export(folder: str | Path, console: Console) -> None:
     console.print(_layers(record))
 
 
-def _overview(folder: Path, record: dict, config: dict) -> Table:
-    rank = config.get("r", record.get("exported_rank"))
+def _overview(folder: Path, record: CatRecord, config: dict) -> Table:
+    view = record.to_dict()  # the JSON object the summaries read (export/summary.py)
+    rank = config.get("r", record.exported_rank)
     table = Table(title=f"CAT export {folder}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("base model", str(record.get("base_model")))
+    table.add_row("base model", str(record.base_model))
     table.add_row(
         "exported rank",
-        f"{rank} (concatenated {record.get('concatenated_rank')}; "
+        f"{rank} (concatenated {record.concatenated_rank}; "
         f"vLLM --max-lora-rank {vllm_max_lora_rank(int(rank or 1)) or 'too large'})",
     )
-    if record.get("saved_modules"):
-        table.add_row("modules_to_save", saved_modules_note(record))
-    table.add_row("granularity", str(record.get("granularity")))
-    table.add_row("parametrization", str(record.get("parametrization")))
-    if record.get("prune_threshold") is not None:
+    if record.saved_modules:
+        table.add_row("modules_to_save", saved_modules_note(view))
+    table.add_row("granularity", str(record.granularity))
+    table.add_row("parametrization", str(record.parametrization))
+    if record.prune_threshold is not None:
         table.add_row(
             "pruned",
-            f"{pruned(record)} with |coefficient| < {record['prune_threshold']}",
+            f"{pruned(view)} with |coefficient| < {record.prune_threshold}",
         )
-    error = max_svd_error(record)
+    error = max_svd_error(view)
     if error is not None:
-        table.add_row(
-            "SVD", f"rank {record.get('export_rank')}, largest relative error {error:.2e}"
-        )
-    residuals = core_residuals(record)
+        table.add_row("SVD", f"rank {record.export_rank}, largest relative error {error:.2e}")
+    residuals = core_residuals(view)
     if residuals is not None:
         stats, largest = residuals
         table.add_row(
@@ -74,12 +73,12 @@ def _overview(folder: Path, record: dict, config: dict) -> Table:
             f"mean {stats.mean:.3g}, largest {stats.max:.3g} ({largest}): the share of the "
             "learned core no per-skill weighting explains",
         )
-    training = record.get("training") or {}
+    training = record.extra.get("training") or {}
     if training:
         table.add_row(
             "fitted", f"{training.get('steps')} steps, lr {training.get('learning_rate')}"
         )
-    finished = fit_finished(record)
+    finished = record.fit_finished
     table.add_row(
         "fit",
         {
@@ -92,11 +91,11 @@ def _overview(folder: Path, record: dict, config: dict) -> Table:
     return table
 
 
-def _skills(record: dict) -> Table:
+def _skills(record: CatRecord) -> Table:
     table = Table(title="Skills", title_justify="left")
     for column in ("skill", "source", "revision", "r", "lora_alpha", "rsLoRA"):
         table.add_column(column)
-    for skill in record["skills"]:
+    for skill in record.skills:
         table.add_row(
             str(skill.get("name")),
             str(skill.get("source")),
@@ -108,22 +107,23 @@ def _skills(record: dict) -> Table:
     return table
 
 
-def _coefficients(record: dict) -> Table:
-    over = granularity_labels(record.get("granularity")).over
+def _coefficients(record: CatRecord) -> Table:
+    over = granularity_labels(record.granularity).over
     table = Table(title=f"Coefficients (over {over})", title_justify="left")
     table.add_column("skill")
     for column in ("mean", "min", "max", over):
         table.add_column(column, justify="right")
-    for name, stats in skill_stats(record).items():
+    for name, stats in skill_stats(record.to_dict()).items():
         table.add_row(
             name, f"{stats.mean:.4f}", f"{stats.min:.4f}", f"{stats.max:.4f}", str(stats.count)
         )
     return table
 
 
-def _layers(record: dict) -> Table:
-    rows, means = layer_table(record)
-    names = skill_names(record)
+def _layers(record: CatRecord) -> Table:
+    view = record.to_dict()
+    rows, means = layer_table(view)
+    names = skill_names(view)
     table = Table(title="Mean coefficient per layer", title_justify="left")
     table.add_column("layer", justify="right")
     for name in names:

@@ -202,8 +202,8 @@ def test_a_record_of_version_1_reads_in_todays_terms(world, tmp_path, capsys):
     ]
     old = {**record, "format_version": 1, "granularity": "adapter", "skills": old_skills}
     record_file.write_text(json.dumps(old))
-    assert read_record(out)["granularity"] == "model"
-    assert read_record(out)["skills"] == record["skills"]
+    assert read_record(out).granularity == "model"
+    assert read_record(out).skills == record["skills"]
     assert main(["inspect", str(out)]) == 0
     assert "lora_alpha" in capsys.readouterr().out
     config = CatConfig(

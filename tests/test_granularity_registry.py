@@ -214,3 +214,17 @@ def test_only_the_layer_kind_modules_ask_a_layers_kind():
         if (found := layer_kind_checks(path.read_text()))
     }
     assert set(checks) <= allowed, checks
+
+
+def test_the_saved_modules_are_reached_through_the_kind_registry_alone():
+    """attach, fold, apply_export and the static mixes reach the modules saved in full
+    (layers/saved_modules.py, SavedModuleKind) only through layers/variants.py's MODULE_KINDS
+    and each state's strategy: no other package module imports it."""
+    importers = {
+        str(path.relative_to(PACKAGE))
+        for path in sorted(PACKAGE.rglob("*.py"))
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        and (node.module or "").rpartition(".")[2] == "saved_modules"
+    }
+    assert importers == {"core/layers/variants.py"}, importers

@@ -631,6 +631,49 @@ def test_static_mixes_set_the_saved_modules_coefficients_too(bases, tmp_path):
     assert torch.equal(logits(model), fitted)  # restored bit for bit
 
 
+def test_the_saved_module_kind_installs_folds_mixes_and_tears_down_its_modules(bases, tmp_path):
+    """modules_to_save are a registered whole-module kind (layers/variants.py MODULE_KINDS):
+    each composed wrapper's state answers to that kind, whose fold gives PEFT's keys, the
+    record's entries and modules_to_save, whose set_static sets c, and whose teardown leaves
+    the composed module a plain frozen parameter with no CAT state."""
+    from axolotl_cat_plugin.core.layers.saved_modules import SavedModuleKind
+    from axolotl_cat_plugin.core.layers.variants import MODULE_KINDS
+
+    base = bases["llama"]
+    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
+                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
+    attn = build_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=2,
+                       target_modules=["q_proj"])  # fmt: skip
+    model = attach_cat(load(base), CatConfig(skills=adapters({"chat": chat, "attn": attn})))
+    randomize(model)
+    (kind,) = [kind for kind in MODULE_KINDS if isinstance(kind, SavedModuleKind)]
+    (name, wrapper), *others = list(saved_module_wrappers(model))
+    assert name == "lm_head" and others == [] and state_of(wrapper).strategy is kind
+    head = wrapper.modules_to_save["default"]
+
+    tensors, record, names = kind.fold(model)
+    assert names == ["lm_head"] and list(tensors) == ["base_model.model.lm_head.weight"]
+    assert torch.equal(tensors["base_model.model.lm_head.weight"], head.weight.detach())
+    c = state_of(wrapper).effective().flatten().tolist()
+    assert record == {"lm_head": {"coefficients": {"chat": c[0]}}}  # attn saved no lm_head
+
+    w0 = load(base).lm_head.weight
+    saved = load_file(str(chat / WEIGHTS))["base_model.model.lm_head.weight"]
+    state = state_of(wrapper)
+    fitted = (state.coefficients.detach().clone(), state.parametrization)
+    with torch.no_grad():
+        restore = kind.set_static(state, torch.tensor([0.25, 1.0]))
+        assert (head.weight - (w0 + 0.25 * (saved - w0))).abs().max() <= TOLERANCE
+        restore()
+        state.coefficients.copy_(fitted[0])  # the caller restores the coefficients
+    assert state.parametrization == fitted[1]
+
+    composed = head.weight.detach().clone()
+    kind.teardown(model)
+    assert list(saved_module_wrappers(model)) == [] and not hasattr(wrapper, "cat_state")
+    assert not head.weight.requires_grad and torch.equal(head.weight, composed)
+
+
 def test_granularity_core_with_an_embedding_skill_is_refused(bases, tmp_path):
     base = bases["llama"]
     emb = build_skill(base, tmp_path / "emb", seed=1, r=2, lora_alpha=2,

@@ -17,8 +17,7 @@ from .export.fold import scaling_one_config
 from .granularity.base import granularity_named
 from .layers.experts import dropout_outside_parameters, lora_layers
 from .layers.quantized import keep_gradients_through_4bit_layers
-from .layers.saved_modules import check_saved_modules, install_saved_modules, saved_module_names
-from .layers.variants import load_factors
+from .layers.variants import MODULE_KINDS, load_factors
 from .skills.check import warn_on_foreign_base
 from .skills.plan import (
     ModulePlan,
@@ -57,18 +56,20 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     plans = plan_modules(model, skills)
     parameters = plan_parameters(model, skills)  # LoRA on MoE expert parameters (layers/experts.py)
     granularity_named(config.granularity).refuse(plans, parameters)
-    check_saved_modules(skills, model)  # modules_to_save: composed beside the LoRA
+    for kind in MODULE_KINDS:  # whole modules composed beside the LoRA (modules_to_save)
+        kind.check(skills, model)
     starting = starting_coefficients(config, skills)  # refuse a bad record before wrapping
     keep_gradients_through_4bit_layers(model)  # a QLoRA base on the CPU (layers/quantized.py)
     rank = max(plan.rank for plan in [*plans, *parameters])
     target_modules = target_modules_for([plan.name for plan in plans])
     fan_in_fan_out = fan_in_fan_out_for(model, [plan.name for plan in plans])
+    modules_to_save = [name for kind in MODULE_KINDS for name in kind.modules_to_save(skills)]
     lora_config = scaling_one_config(
         rank,
         target_modules=target_modules,
         target_parameters=target_parameters_for(parameters) or None,
         fan_in_fan_out=fan_in_fan_out,
-        modules_to_save=saved_module_names(skills) or None,
+        modules_to_save=modules_to_save or None,
         lora_dropout=0.0 if parameters else config.dropout,  # ParamWrapper refuses dropout
         # the factors are the skills': drawing random ones first would only waste time
         init_lora_weights=False,
@@ -77,7 +78,8 @@ def attach_cat(model: nn.Module, config: CatConfig) -> PeftModel:
     if parameters:
         dropout_outside_parameters(peft_model, config.dropout)
     _install(peft_model, [*plans, *parameters], skills, config, starting)
-    install_saved_modules(peft_model, skills, config)
+    for kind in MODULE_KINDS:
+        kind.install(peft_model, skills, config)
     for name, param in peft_model.named_parameters():
         param.requires_grad_(is_coefficient(name))
     for module in peft_model.modules():

@@ -2,10 +2,12 @@
 
 An export folder is a standard PEFT LoRA adapter (CONFIG_FILE + WEIGHTS_FILE, PEFT's key
 names, scaling 1) plus our record (COEFFICIENTS_FILE), a model card (CARD_FILE) and a
-heatmap (PLOT_FILE). The record is read in one place, `read_record`, which checks that it is
-one and that its `format_version` is one this package reads; `axolotl-cat inspect`, re-export,
-resuming from a record and the card all go through it. Nothing here imports torch, so the
-viewer starts in well under a second.
+heatmap (PLOT_FILE). The record has one typed home, `CatRecord`: the fold builds it, the
+writer writes its `to_json()`, and it is read in one place, `read_record` (`CatRecord.from_dict`
+checks that it is one, naming the missing key and the file, and that its `format_version` is
+one this package reads); `axolotl-cat inspect`, re-export, resuming from a record and the
+card all go through it. Nothing here imports torch, so the viewer starts in well under a
+second.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import CatError
@@ -106,55 +109,143 @@ def base_copy_module(key: str) -> str | None:
     return match["module"]
 
 
-def read_record(folder: str | os.PathLike) -> dict:
-    """The cat_coefficients.json of an export folder (read_record_file)."""
+# the record's keys this package names (the rest, e.g. `training`, `baselines`,
+# `fit_finished`, are CatRecord.extra), and the two every record holds
+_REQUIRED = {"skills": (list, "a list"), "modules": (dict, "an object")}
+_FIELDS = (
+    "granularity",
+    "parametrization",
+    "base_model",
+    "concatenated_rank",
+    "exported_rank",
+    "export_rank",
+    "prune_threshold",
+)
+
+
+@dataclass
+class CatRecord:
+    """cat_coefficients.json: what a CAT export was fitted from and what it learned.
+
+    skills: one dict per skill, in the config's order (name, source, revision, rank,
+        lora_alpha, use_rslora, weights_sha256, ...; skills/read.py Skill.record).
+    modules: per wrapped module, its entry: `coefficients` ({skill: c}, c a float, or a list
+        of floats per rank-1 component for granularity `rank`), `rank`, and what the
+        granularity and the export add (`pruned`, `svd_relative_error`, `core`, ...).
+    granularity, parametrization: their names; base_model: the base's name or path;
+    concatenated_rank: R of the CAT model; exported_rank: r of the export; export_rank /
+        prune_threshold: the export options (None when not given). All None when an older
+        record lacks them.
+    saved_modules: per module saved in full (modules_to_save), {"coefficients": {skill: c}};
+        empty (and not written) when there are none.
+    extra: every other key, in order (the Axolotl plugin's `fit_finished`, `training`,
+        `baselines`; CatMetadata.extra); format_version: the schema version (FORMAT_VERSION
+        when written; as read, 1 when absent).
+
+    The JSON object (`to_dict`) lists format_version, skills, the named fields, extra,
+    modules and saved_modules, in that order. Torch-free.
+    """
+
+    skills: list[dict]
+    modules: dict[str, dict]
+    granularity: str | None = None
+    parametrization: str | None = None
+    base_model: str | None = None
+    concatenated_rank: int | None = None
+    exported_rank: int | None = None
+    export_rank: int | None = None
+    prune_threshold: float | None = None
+    saved_modules: dict[str, dict] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def fit_finished(self) -> bool | None:
+        """Whether the fit that wrote this record finished: its `fit_finished` (True from an
+        Axolotl run's end, False from a save during the fit: a checkpoint, an interrupted
+        run's save); a record without it that holds `training` was written at a run's end
+        (before the mark existed); None when the record does not say (an export_cat call of
+        the Python API)."""
+        if "fit_finished" in self.extra:
+            return bool(self.extra["fit_finished"])
+        return True if "training" in self.extra else None
+
+    def to_dict(self) -> dict:
+        """The record as its JSON object (the order in the class docstring)."""
+        record = {"format_version": self.format_version, "skills": self.skills}
+        record |= {name: getattr(self, name) for name in _FIELDS}
+        record |= {key: value for key, value in self.extra.items() if key not in record}
+        record["modules"] = self.modules
+        if self.saved_modules:
+            record["saved_modules"] = self.saved_modules
+        return record
+
+    def to_json(self) -> str:
+        """The text of cat_coefficients.json: to_dict() indented by 2, ending in a newline."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, record, path: str | os.PathLike) -> CatRecord:
+        """A record read from `path` (named in errors), checked: a JSON object with `skills`
+        (list) and `modules` (object) whose `format_version` (1 when absent) is at most
+        FORMAT_VERSION. An older record is returned in today's terms: a granularity under its
+        old name (`adapter`) as `model`, a version-1 skill's `alpha` as `lora_alpha`.
+
+        Raises CatError naming the file and the missing or malformed key, or the version.
+        """
+        if not isinstance(record, dict):
+            raise CatError(f"{path} is not a CAT coefficient record (not a JSON object)")
+        for key, (kind, described) in _REQUIRED.items():
+            if key not in record:
+                raise CatError(f"{path} is not a CAT coefficient record: it has no `{key}`")
+            if not isinstance(record[key], kind):
+                raise CatError(
+                    f"{path} is not a CAT coefficient record: its `{key}` is not {described} "
+                    f"(a {type(record[key]).__name__})"
+                )
+        version = record.get("format_version", 1)
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise CatError(f"{path}: format_version {version!r} is not a version number")
+        if version > FORMAT_VERSION:
+            raise CatError(
+                f"{path} has format_version {version}, newer than the {FORMAT_VERSION} this "
+                "axolotl-cat-plugin reads; upgrade axolotl-cat-plugin"
+            )
+        skills = record["skills"]
+        if version == 1:  # a skill's lora_alpha was `alpha`
+            for skill in skills:
+                if isinstance(skill, dict) and "alpha" in skill:
+                    skill.setdefault("lora_alpha", skill.pop("alpha"))
+        named = {"format_version", "skills", "modules", "saved_modules", *_FIELDS}
+        typed = cls(
+            skills=skills,
+            modules=record["modules"],
+            saved_modules=record.get("saved_modules") or {},
+            extra={key: value for key, value in record.items() if key not in named},
+            format_version=version,
+            **{name: record.get(name) for name in _FIELDS},
+        )
+        typed.granularity = current_name(typed.granularity)  # a record from before a rename
+        return typed
+
+
+def read_record(folder: str | os.PathLike) -> CatRecord:
+    """The cat_coefficients.json of an export folder (read_record_file). Raises CatError
+    naming the file when the folder has none."""
     path = Path(folder) / COEFFICIENTS_FILE
     if not path.is_file():
         raise CatError(f"{path} does not exist: {folder} is not a CAT export")
     return read_record_file(path)
 
 
-def read_record_file(path: str | os.PathLike) -> dict:
-    """A cat_coefficients.json, checked: a JSON object with `skills` (list) and `modules`
-    (object) whose `format_version` (1 when absent) is at most FORMAT_VERSION. An older
-    record is returned in today's terms: a granularity under its old name (`adapter`) as
-    `model`, a version-1 skill's `alpha` as `lora_alpha`.
+def read_record_file(path: str | os.PathLike) -> CatRecord:
+    """A cat_coefficients.json, checked and in today's terms (CatRecord.from_dict).
 
-    Raises CatError naming the file for unreadable JSON, a missing part or a newer version.
+    Raises CatError naming the file for unreadable JSON, a missing key or a newer version.
     """
     path = Path(path)
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as error:
         raise CatError(f"{path} is not readable JSON ({error})") from error
-    if not (
-        isinstance(record, dict)
-        and isinstance(record.get("skills"), list)
-        and isinstance(record.get("modules"), dict)
-    ):
-        raise CatError(f"{path} is not a CAT coefficient record (no skills and modules)")
-    version = record.get("format_version", 1)
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise CatError(f"{path}: format_version {version!r} is not a version number")
-    if version > FORMAT_VERSION:
-        raise CatError(
-            f"{path} has format_version {version}, newer than the {FORMAT_VERSION} this "
-            "axolotl-cat-plugin reads; upgrade axolotl-cat-plugin"
-        )
-    if "granularity" in record:  # a record written before a granularity was renamed
-        record["granularity"] = current_name(record["granularity"])
-    if version == 1:  # a skill's lora_alpha was `alpha`
-        for skill in record["skills"]:
-            if isinstance(skill, dict) and "alpha" in skill:
-                skill.setdefault("lora_alpha", skill.pop("alpha"))
-    return record
-
-
-def fit_finished(record: dict) -> bool | None:
-    """Whether the fit that wrote this record finished: the record's `fit_finished` (True from
-    an Axolotl run's end, False from a save during the fit: a checkpoint, an interrupted run's
-    save); a record without it that holds `training` was written at a run's end (before the
-    mark existed); None when the record does not say (an export_cat call of the Python API)."""
-    if "fit_finished" in record:
-        return bool(record["fit_finished"])
-    return True if "training" in record else None
+    return CatRecord.from_dict(record, path)

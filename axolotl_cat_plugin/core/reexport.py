@@ -17,7 +17,7 @@ from .config import CatConfig
 from .errors import CatError
 from .export.fold import check_export_options
 from .export.write import export_cat
-from .format import COEFFICIENTS_FILE, fit_finished, read_record
+from .format import COEFFICIENTS_FILE, CatRecord, read_record
 from .granularity.base import DEFAULT_GRANULARITY
 from .state import cat_metadata
 
@@ -43,25 +43,25 @@ def reexport(
     from transformers import AutoModelForCausalLM
 
     record = read_record(run_dir)
-    base = base_model or record.get("base_model")
+    base = base_model or record.base_model
     if not base:
         raise CatError(
             f"{Path(run_dir) / COEFFICIENTS_FILE} names no base model; pass it (--base BASE)"
         )
     config = CatConfig(
-        skills=[_adapter(skill) for skill in record["skills"]],
-        granularity=record.get("granularity", DEFAULT_GRANULARITY),
-        parametrization=record.get("parametrization", "free"),
+        skills=[_adapter(skill) for skill in record.skills],
+        granularity=record.granularity or DEFAULT_GRANULARITY,
+        parametrization=record.parametrization or "free",
         coefficients_from=str(Path(run_dir) / COEFFICIENTS_FILE),
     )
     LOG.info("loading %s (fp32, CPU) to rebuild the fit of %s", base, run_dir)
     model = attach_cat(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), config)
     metadata = cat_metadata(model)
     _check_same_skill_weights(record, metadata.skills)
-    if "training" in record:  # how the coefficients were fitted is still true of the new export
-        metadata.extra["training"] = record["training"]
-    if fit_finished(record) is not None:  # and so is whether that fit finished
-        metadata.extra["fit_finished"] = fit_finished(record)
+    if "training" in record.extra:  # how the coefficients were fitted is still true now
+        metadata.extra["training"] = record.extra["training"]
+    if record.fit_finished is not None:  # and so is whether that fit finished
+        metadata.extra["fit_finished"] = record.fit_finished
     concatenated_rank = model.peft_config["default"].r
     check_export_options(
         metadata.granularity, concatenated_rank, rank, prune_threshold, names=option_names
@@ -76,9 +76,9 @@ def _adapter(skill: dict) -> dict:
     return adapter
 
 
-def _check_same_skill_weights(record: dict, loaded: list[dict]) -> None:
+def _check_same_skill_weights(record: CatRecord, loaded: list[dict]) -> None:
     """Coefficients fitted on other weights would fold into a different adapter, silently."""
-    for fitted, now in zip(record["skills"], loaded, strict=True):
+    for fitted, now in zip(record.skills, loaded, strict=True):
         was = fitted.get("weights_sha256")
         if was and was != now["weights_sha256"]:
             raise CatError(

@@ -29,24 +29,23 @@ def starting_coefficients(config: CatConfig, skills: list[Skill]) -> dict[str, d
         record = read_record_file(path)
     except CatError as error:
         raise CatError(f"coefficients_from: {error}") from error
-    modules = record["modules"]
-    recorded = [
-        skill.get("name") if isinstance(skill, dict) else None for skill in record["skills"]
-    ]
+    recorded = [skill.get("name") if isinstance(skill, dict) else None for skill in record.skills]
     wanted = [skill.name for skill in skills]
     if recorded != wanted:
         raise CatError(
             f"coefficients_from: {path} records skills {recorded}, but this config lists {wanted}"
         )
-    if record.get("parametrization") not in (None, config.parametrization) or record.get(
-        "granularity"
-    ) not in (None, config.granularity):
+    granularity, parametrization = record.granularity, record.parametrization
+    if granularity not in (None, config.granularity) or parametrization not in (
+        None,
+        config.parametrization,
+    ):
         raise CatError(
-            f"coefficients_from: {path} was fitted with granularity {record.get('granularity')!r} "
-            f"and parametrization {record.get('parametrization')!r}; this config asks for "
+            f"coefficients_from: {path} was fitted with granularity {granularity!r} "
+            f"and parametrization {parametrization!r}; this config asks for "
             f"'{config.granularity}' / '{config.parametrization}'"
         )
-    return granularity_named(config.granularity).read_start(modules, path)
+    return granularity_named(config.granularity).read_start(record.modules, path)
 
 
 def starting_saved_coefficients(config, names) -> dict[str, dict[str, float]]:
@@ -55,7 +54,7 @@ def starting_saved_coefficients(config, names) -> dict[str, dict[str, float]]:
         return {}
     record = read_record_file(config.coefficients_from)  # the one record reader
     try:
-        saved = record.get("saved_modules") or {}
+        saved = record.saved_modules
         return {name: dict(saved[name]["coefficients"]) for name in names if name in saved}
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise CatError(

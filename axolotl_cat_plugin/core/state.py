@@ -59,8 +59,10 @@ class CatState(nn.Module):
     module_name: the module's name in the base model; skill_names: the K skills in order;
     parametrization: how alpha becomes c (granularity/base.py); saved_module: True on a
         composed modules_to_save wrapper (layers/saved_modules.py), which has no slots.
-    strategy: the GranularityStrategy (granularity/) that shaped the coefficients, which the
-        forward's `mix`, the fold and the static mixes ask; None where there are none.
+    strategy: what shaped the coefficients: on a wrapped layer the GranularityStrategy
+        (granularity/), which the forward's `mix`, the fold and the static mixes ask; on a
+        composed saved module its kind (layers/saved_modules.SavedModuleKind), which the
+        static mixes ask (`set_static`); None where there are no coefficients.
     """
 
     def __init__(
@@ -217,6 +219,14 @@ def saved_module_wrappers(model: nn.Module):
     for module, state in _states(model):
         if state.saved_module:
             yield state.module_name, module
+
+
+def weighted_states(model: nn.Module):
+    """Every CatState with coefficients, on wrapped layers and composed saved modules alike,
+    in model order (the static mixes set each through its `strategy.set_static`)."""
+    for _, state in _states(model):
+        if state.weighted:
+            yield state
 
 
 def has_coefficients(model: nn.Module) -> bool:

@@ -24,7 +24,7 @@ from ..core import (
 )
 from ..core.export.fold import check_export_options
 from ..core.export.write import compose, run_checkpoints, write
-from ..core.format import COEFFICIENTS_FILE, PREVIOUS_EXPORT, fit_finished, read_record
+from ..core.format import COEFFICIENTS_FILE, PREVIOUS_EXPORT, read_record
 from .args import CatMergeConfig
 
 LOG = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _refuse_resuming_a_finished_fit(cfg, resuming: bool) -> None:
     if not resuming or not checkpoints or not (output_dir / COEFFICIENTS_FILE).is_file():
         return
     try:
-        finished = fit_finished(read_record(output_dir))
+        finished = read_record(output_dir).fit_finished
     except CatError:
         return  # not a record we read: nothing says the fit finished
     if finished:

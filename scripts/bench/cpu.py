@@ -491,7 +491,7 @@ def export_bench(folder: Path) -> dict:
             }
         )
         if rank is not None:
-            errors = [m["svd_relative_error"] for m in folded.record["modules"].values()]
+            errors = [m["svd_relative_error"] for m in folded.record.modules.values()]
             result["svd_max_relative_error"] = max(errors)
         del folded
         shutil.rmtree(out)

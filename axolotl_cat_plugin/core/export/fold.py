@@ -19,10 +19,9 @@ from peft import LoraConfig
 from tqdm.auto import tqdm
 
 from ..errors import CatError
-from ..format import FORMAT_VERSION
+from ..format import CatRecord
 from ..granularity.base import granularity_named
-from ..layers.saved_modules import fold_saved_modules
-from ..layers.variants import kind_of
+from ..layers.variants import MODULE_KINDS, kind_of
 from ..state import (
     ADAPTER,
     cat_layers,
@@ -39,11 +38,11 @@ _FACTOR_NAMES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 
 @dataclass
 class FoldedAdapter:
-    """A standard PEFT LoRA adapter (config + tensors) and the cat_coefficients.json record."""
+    """A standard PEFT LoRA adapter (config + tensors) and its cat_coefficients.json record."""
 
     config: LoraConfig
     tensors: dict[str, torch.Tensor]
-    record: dict
+    record: CatRecord
 
     @property
     def rank(self) -> int:
@@ -168,8 +167,12 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         (key_A, key_B), (lora_A, lora_B) = kind.saved(name, path_of[name], lora_A, lora_B)
         tensors[key_A], tensors[key_B] = lora_A.contiguous(), lora_B.contiguous()
 
-    saved_tensors, saved_record, saved_names = fold_saved_modules(model)  # modules_to_save
-    tensors.update(saved_tensors)
+    saved_record, saved_names = {}, []  # whole modules composed beside the LoRA layers
+    for kind in MODULE_KINDS:
+        kind_tensors, kind_record, kind_names = kind.fold(model)
+        tensors.update(kind_tensors)
+        saved_record.update(kind_record)
+        saved_names += kind_names
     config = scaling_one_config(
         exported_rank,
         target_modules=metadata.target_modules,
@@ -178,21 +181,19 @@ def _fold(model, rank, prune_threshold) -> FoldedAdapter:
         modules_to_save=saved_names or None,
         base_model_name_or_path=metadata.base_model,
     )
-    record = {
-        "format_version": FORMAT_VERSION,
-        "skills": metadata.skills,
-        "granularity": metadata.granularity,
-        "parametrization": metadata.parametrization,
-        "base_model": metadata.base_model,
-        "concatenated_rank": concatenated_rank,
-        "exported_rank": exported_rank,
-        "export_rank": rank,
-        "prune_threshold": prune_threshold,
-        **metadata.extra,
-        "modules": modules,
-    }
-    if saved_record:
-        record["saved_modules"] = saved_record
+    record = CatRecord(
+        skills=metadata.skills,
+        modules=modules,
+        granularity=metadata.granularity,
+        parametrization=metadata.parametrization,
+        base_model=metadata.base_model,
+        concatenated_rank=concatenated_rank,
+        exported_rank=exported_rank,
+        export_rank=rank,
+        prune_threshold=prune_threshold,
+        saved_modules=saved_record,
+        extra=dict(metadata.extra),
+    )
     return FoldedAdapter(config, tensors, record)
 
 

@@ -1,7 +1,8 @@
 """Read a cat_coefficients.json record into the tables people look at.
 
 One place for the summaries the model card, the heatmap and `axolotl-cat inspect` show, so
-the three always agree. Pure functions of the record: no torch, no I/O.
+the three always agree. Pure functions of the record's JSON object (format.CatRecord's
+to_dict(), as the file holds it): no torch, no I/O.
 
 A module's coefficient of a skill is a number (granularity module, layer, model) or a list
 with one number per rank-1 component (granularity rank). Statistics over skills use every

@@ -13,7 +13,6 @@ a complete export or none, never a mix.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import shutil
@@ -37,8 +36,7 @@ from ..format import (
     STAGING_PREFIX,
     WEIGHTS_FILE,
 )
-from ..layers.saved_modules import unparametrize_saved_modules
-from ..layers.variants import kind_of
+from ..layers.variants import MODULE_KINDS, kind_of
 from ..skills.check import refuse_skill_folder
 from ..state import ADAPTER, cat_layers
 from .card import model_card
@@ -69,21 +67,20 @@ def compose(
 ) -> Export:
     """The one composer of an export: fold -> record (+ extra) -> heatmap -> model card.
 
-    extra: keys added to cat_coefficients.json before `modules` (the plugin's `training` and
-    `baselines`). card=False skips the heatmap and the card (checkpoints). Collective under
-    FSDP2 and ZeRO-3 (folding gathers sharded factors): every rank must call it.
+    extra: keys added to the record's `extra` (CatRecord: written before `modules`; the
+    plugin's `fit_finished`, `training` and `baselines`). card=False skips the heatmap and
+    the card (checkpoints). Collective under FSDP2 and ZeRO-3 (folding gathers sharded
+    factors): every rank must call it.
     Raises CatError for a bad rank / prune_threshold or non-finite coefficients (fold).
     """
     folded = fold(model, rank=rank, prune_threshold=prune_threshold)
-    if extra:
-        modules = folded.record.pop("modules")
-        folded.record.update(extra)
-        folded.record["modules"] = modules
+    folded.record.extra.update(extra or {})
     if not card:
         return Export(folded)
-    plot = coefficient_heatmap(folded.record)
+    record = folded.record.to_dict()  # the JSON object the card and the plot read
+    plot = coefficient_heatmap(record)
     text = model_card(
-        folded.record,
+        record,
         config=folded.config.to_dict(),
         hub_model_id=hub_model_id,
         plot_file=PLOT_FILE if plot is not None else None,
@@ -130,11 +127,11 @@ def write_export(
     Returns output_dir. Raises CatError for a skill's own folder and OSError when the folder
     cannot be written; an interrupted write leaves the previous export or none, never a mix.
     """
-    refuse_skill_folder(output_dir, folded.record.get("skills", []))  # nothing written yet
+    refuse_skill_folder(output_dir, folded.record.skills)  # nothing written yet
 
     def stage(staging: Path) -> None:
         save_file(folded.tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-        (staging / COEFFICIENTS_FILE).write_text(json.dumps(folded.record, indent=2) + "\n")
+        (staging / COEFFICIENTS_FILE).write_text(folded.record.to_json())
         if card is not None:
             (staging / CARD_FILE).write_text(card)
         if plot is not None:
@@ -275,7 +272,8 @@ def apply_export(
         layer.lora_alpha[ADAPTER] = folded.rank
         layer.scaling[ADAPTER] = 1.0
         kind.teardown(layer)  # the model is a plain LoRA model now, no CAT layer is left
-    unparametrize_saved_modules(model)  # the copies hold the composed modules_to_save
+    for kind in MODULE_KINDS:  # e.g. the copies hold the composed modules_to_save
+        kind.teardown(model)
     peft_model.peft_config[ADAPTER] = folded.config
     peft_model.__dict__.pop("save_pretrained", None)  # PEFT's own save now writes the export
     if written_to is not None:

@@ -15,13 +15,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from ..errors import CatError
-from ..state import (
-    cat_layers,
-    saved_module_wrappers,
-    set_free_coefficients,
-    state_of,
-    weighted,
-)
+from ..state import cat_layers, state_of, weighted, weighted_states
 
 
 def static_mixes(skill_names: Sequence[str]) -> dict[str, list[float]]:
@@ -50,9 +44,10 @@ def is_sharded(model) -> bool:
 def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
     """Within the block, every CAT layer computes Σ_i weights[i] · s_i B_i A_i.
 
-    weights: one float per skill, in the order of the config's skills. Each layer's
-    granularity sets them (GranularityStrategy.set_static: per-slot layers get c = weights,
-    switched to `free` meanwhile; `core` layers M = Σ_i weights[i] C_i). The coefficients
+    weights: one float per skill, in the order of the config's skills. Each state's
+    strategy sets them (`set_static`: a layer's granularity, e.g. per-slot layers get
+    c = weights, switched to `free` meanwhile, `core` layers M = Σ_i weights[i] C_i; a
+    composed saved module's kind, M_base + Σ_i weights[i] (M_i - M_base)). The coefficients
     (fp32) and whatever else was switched are restored on exit, bit for bit.
 
     Raises CatError when the number of weights is not the number of skills, or when the
@@ -63,13 +58,9 @@ def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
         raise CatError("static mixes need whole coefficients; they are sharded (FSDP2/ZeRO-3)")
     saved: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
     restores = []
-    # CAT layers, then modules_to_save composed by CAT (M_base + Σ_i weights[i] (M_i - M_base))
-    modules = [layer for _, layer in cat_layers(model) if weighted(layer)]
-    modules += [wrapper for _, wrapper in saved_module_wrappers(model)]
     try:
         with torch.no_grad():
-            for module in modules:
-                state = state_of(module)
+            for state in weighted_states(model):  # CAT layers and composed saved modules
                 if len(weights) != len(state.skill_names):
                     raise CatError(
                         f"static_coefficients: {len(weights)} weights for "
@@ -78,10 +69,7 @@ def static_coefficients(model, weights: Sequence[float]) -> Iterator[None]:
                 param = state.coefficients
                 saved.setdefault(id(param), (param, param.detach().clone()))
                 w = torch.tensor(weights, dtype=torch.float32, device=param.device)
-                if state.saved_module:  # one coefficient per skill (layers/saved_modules.py)
-                    restores.append(set_free_coefficients(state, w))
-                else:
-                    restores.append(state.strategy.set_static(state, w))
+                restores.append(state.strategy.set_static(state, w))
         yield
     finally:
         with torch.no_grad():

@@ -127,7 +127,7 @@ _REGISTRY: dict[str, GranularityStrategy] = {}
 DEFAULT_GRANULARITY = "module"
 
 # old names that still read (a config warns; a record written under an old name is read as
-# the new one, see format.read_record_file)
+# the new one, see format.CatRecord.from_dict)
 _RENAMED = {"adapter": "model"}
 
 

@@ -6,6 +6,17 @@ linear.py and embedding.py; a replaced delta for a ParamWrapper on MoE expert pa
 experts.py), how its factors read for the fold, under which keys PEFT saves them, how the
 folded factors are set back and how CAT is torn down. attach (through the granularities),
 fold and apply_export ask `kind_of(layer)`; nothing else asks which kind a layer is.
+
+`MODULE_KINDS` is the second, smaller registry: kinds of *whole module* CAT composes beside
+the LoRA layers, today the modules saved in full (`modules_to_save`, saved_modules.py
+SavedModuleKind). They are not LoRA layers (PEFT's ModulesToSaveWrapper has no factors, rank
+slots or LoraVariant, and get_peft_model wraps it from the config's `modules_to_save`), so
+their verbs take the skills and the model: `check(skills, base)`, `modules_to_save(skills)`,
+`install(peft_model, skills, config)`, `set_static(state, weights)`, `fold(model)` ->
+(tensors, record entries, modules_to_save names) and `teardown(model)`. attach, fold and
+apply_export iterate over MODULE_KINDS; the static mixes reach `set_static` through each
+state's `strategy`. A new whole-module kind (e.g. PEFT's trainable tokens) is one class and
+one entry here.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ from .experts import (
 )
 from .experts import load_factors as load_expert_factors
 from .linear import CatLinearVariant
+from .saved_modules import SavedModuleKind
 
 
 class LinearKind:
@@ -149,6 +161,8 @@ class ExpertKind(LinearKind):
 
 
 KINDS = (ExpertKind(), EmbeddingKind(), LinearKind())  # the first that matches
+# kinds of whole module composed beside the LoRA layers, in this order (module docstring)
+MODULE_KINDS = (SavedModuleKind(),)
 
 
 def kind_of(layer) -> LinearKind:

@@ -67,10 +67,11 @@ declare -A INIT=([cat_module]=0.5 [cat_layer]=0.5 [cat_rank]=0.5 [cat_core]=1.0
 # the distillation objective too, docs/measurements/self_mix_miniature.json).
 # cat_module_init1: the per-module fit from the product's default start, the plain sum (init 1.0)
 LR[cat_module_init1]=${LR[cat_module]} INIT[cat_module_init1]=1.0
-# The data curve (issue 19, item 3): the default CAT and the fresh LoRA on 2.5%, 5% and 20% of
-# each skill's rows (10% is the main table), the same steps and rate
+# The data curve (issue 19, item 3): the default CAT and the fresh LoRA on 1%, 2.5%, 5% and 20%
+# of each skill's rows (10% is the main table; at least one row per skill), the same steps and
+# rate
 for method in cat_module mix_lora_lr0.002; do
-  for fraction in 0.025 0.05 0.2; do
+  for fraction in 0.01 0.025 0.05 0.2; do
     LR[${method}_f$fraction]=${LR[$method]} INIT[${method}_f$fraction]=${INIT[$method]}
     CURVE_METHODS="${CURVE_METHODS:-}${CURVE_METHODS:+ }${method}_f$fraction"
   done

@@ -145,7 +145,8 @@ def draw_curve(points: dict, task: str, path: Path) -> None:
         for x, values in zip(xs, fractions.values(), strict=True):
             axes.scatter([x] * len(values), values, color=line.get_color(), alpha=0.35, s=12)
     axes.set_xscale("log")
-    axes.set_xticks([2.5, 5, 10, 20], ["2.5", "5", "10", "20"])
+    shares = sorted({100 * f for fractions in points.values() for f in fractions})
+    axes.set_xticks(shares, [f"{x:g}" for x in shares])
     axes.minorticks_off()
     axes.set_xlabel("% of each skill's rows in the fitting mix")
     axes.set_ylabel("composite accuracy %")

@@ -148,16 +148,21 @@ def moved(model, initial):
     return {"relative_change": round(change, 4), "min": float(flat.min()), "max": float(flat.max())}
 
 
-def fit(model, initial, items, objective, lr, args, seed, pad, penalty=0.0, stop=None):
+def fit(
+    model, initial, items, objective, lr, args, seed, pad, penalty=0.0, stop=None,
+    parameters=coefficient_parameters, warmup=0,
+):  # fmt: skip
     """Fit the coefficients from `initial`; returns (last-50-step mean objective, early-stop
-    record or None). stop: (every N steps, held-out items) for early stopping."""
+    record or None). stop: (every N steps, held-out items) for early stopping. parameters:
+    {name: tensor} of what is trained (the CAT coefficients; scripts/demo/data_curve.py passes
+    a fresh LoRA's), warmup: linear warmup steps before the cosine decay."""
     with torch.no_grad():
-        for name, param in coefficient_parameters(model).items():
+        for name, param in parameters(model).items():
             param.copy_(initial[name])
-    named = coefficient_parameters(model)
+    named = parameters(model)
     params = list(named.values())
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, 0, args.steps)
+    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, args.steps)
     pull = StartPenalty(named, penalty) if penalty else None
     stopping = None
     if stop:
@@ -209,9 +214,10 @@ def held_out(model, items, objective, pad, batch=32):
     return total / count
 
 
-def grade(model, tokenizer, args, folder):
-    """The grader's accuracies of the adapter export_cat writes (loaded as the grader does)."""
-    export_cat(model, folder)
+def grade(model, tokenizer, args, folder, export=export_cat):
+    """The grader's accuracies of the adapter `export` (export_cat by default) writes to
+    `folder`, loaded as the grader loads it: {test: accuracy %}."""
+    export(model, folder)
     graded = grader.load(f"{args.demo}/base", str(folder))
     left = AutoTokenizer.from_pretrained(f"{args.demo}/base", padding_side="left")
     tests = Path(args.demo) / "world" / "data"

@@ -610,9 +610,9 @@ def test_linear_and_embedding_factors_on_one_module_are_refused(bases, tmp_path)
     refused(base, {"emb": emb}, "'emb'", "model.embed_tokens", "both lora_A/lora_B")
 
 
-def test_static_mixes_set_the_saved_modules_coefficients_too(bases, tmp_path):
-    from axolotl_cat_plugin.core.fit.baselines import static_coefficients
-
+def chat_with_saved_head_and_attn(bases, tmp_path):
+    """(base, the chat skill's folder, a CAT model of chat + attn with random coefficients):
+    chat is a q_proj LoRA that also saves lm_head, attn a q_proj LoRA alone."""
     base = bases["llama"]
     chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
                        target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
@@ -620,6 +620,13 @@ def test_static_mixes_set_the_saved_modules_coefficients_too(bases, tmp_path):
                        target_modules=["q_proj"])  # fmt: skip
     model = attach_cat(load(base), CatConfig(skills=adapters({"chat": chat, "attn": attn})))
     randomize(model)
+    return base, chat, model
+
+
+def test_static_mixes_set_the_saved_modules_coefficients_too(bases, tmp_path):
+    from axolotl_cat_plugin.core.fit.baselines import static_coefficients
+
+    base, chat, model = chat_with_saved_head_and_attn(bases, tmp_path)
     fitted = logits(model)
     head = model.base_model.model.lm_head.modules_to_save["default"]
     w0 = load(base).lm_head.weight
@@ -639,13 +646,7 @@ def test_the_saved_module_kind_installs_folds_mixes_and_tears_down_its_modules(b
     from axolotl_cat_plugin.core.layers.saved_modules import SavedModuleKind
     from axolotl_cat_plugin.core.layers.variants import MODULE_KINDS
 
-    base = bases["llama"]
-    chat = build_skill(base, tmp_path / "chat", seed=1, r=2, lora_alpha=4,
-                       target_modules=["q_proj"], modules_to_save=["lm_head"])  # fmt: skip
-    attn = build_skill(base, tmp_path / "attn", seed=2, r=2, lora_alpha=2,
-                       target_modules=["q_proj"])  # fmt: skip
-    model = attach_cat(load(base), CatConfig(skills=adapters({"chat": chat, "attn": attn})))
-    randomize(model)
+    base, chat, model = chat_with_saved_head_and_attn(bases, tmp_path)
     (kind,) = [kind for kind in MODULE_KINDS if isinstance(kind, SavedModuleKind)]
     (name, wrapper), *others = list(saved_module_wrappers(model))
     assert name == "lm_head" and others == [] and state_of(wrapper).strategy is kind

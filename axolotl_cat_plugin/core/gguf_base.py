@@ -85,11 +85,21 @@ def _align_special_tokens(tokenizer, config) -> None:
 
 
 def _clear_gguf_marker(model) -> None:
-    """Forget that the weights came from a GGUF: they are plain tensors once loaded."""
-    for holder in (model, model.config):
-        for attribute in ("gguf_file", "quantization_config", "hf_quantizer"):
-            if getattr(holder, attribute, None) is not None:
-                setattr(holder, attribute, None)
+    """Forget that the weights came from a GGUF: they are plain tensors once loaded.
+
+    The config loses its ``quantization_config`` altogether: set to None, transformers 5.20
+    writes ``"quantization_config": null`` into config.json, and Axolotl (0.19 and 0.21)
+    then fails to train a plain LoRA on the folder ("'NoneType' object is not subscriptable",
+    ``loaders/model.py``: it indexes the attribute whenever the config has one).
+    """
+    for attribute in ("gguf_file", "hf_quantizer"):
+        if getattr(model, attribute, None) is not None:
+            setattr(model, attribute, None)
+    for attribute in ("gguf_file", "quantization_config"):
+        if attribute in vars(model.config):
+            delattr(model.config, attribute)
+    if getattr(model, "quantization_config", None) is not None:
+        model.quantization_config = None
     for attribute in ("is_quantized", "_is_quantized_training_enabled"):
         if getattr(model, attribute, False) is True:
             # a read-only property derived from hf_quantizer is already cleared

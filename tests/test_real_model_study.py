@@ -84,6 +84,14 @@ def test_auto_pick_by_held_out_loss_is_compared_with_the_tests_best():
     assert picks["1"]["pick_composite"] == 8.3
 
 
+def test_auto_pick_reports_nothing_before_two_candidates_share_a_seed():
+    """A cold run reports after every stage: after the skills no candidate exists yet, and a
+    seed with one fitted candidate has nothing to pick among."""
+    assert report.auto_pick({"skill-math": {"-": {"composite": 0.0}}}) == {}
+    one = {"cat_module": {"0": fit(6.7, 0.5)}, "cat_layer": {"1": fit(8.3, 0.4)}}
+    assert report.auto_pick(one) == {}
+
+
 def test_curve_gathers_each_share_with_the_main_tables_runs():
     methods = {
         "cat_module": {"0": {"composite": 10.0}, "1": {"composite": 6.0}},

@@ -91,9 +91,8 @@ def auto_pick(methods: dict) -> dict:
     """What picking the CAT variant by held-out loss (the rows of the skills' data outside the
     mix, as a ``granularity: auto`` on the user's own mix would) gives, seed by seed: the pick,
     its composite, the best variant's composite by the test, and whether they match."""
-    seeds = sorted(
-        set.intersection(*(set(methods[m]) for m in AUTO_CANDIDATES if m in methods)) - {"-"}
-    )
+    # every seed any candidate has (none yet while a cold run is still at its skills)
+    seeds = sorted(set().union(*(methods[m] for m in AUTO_CANDIDATES if m in methods)) - {"-"})
     by_seed = {}
     for seed in seeds:
         runs = {

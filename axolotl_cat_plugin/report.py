@@ -33,16 +33,15 @@ def show_export(folder: str | Path, console: Console) -> None:
     record = read_record(folder)
     config_path = folder / CONFIG_FILE
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    view = record.to_dict()  # the JSON object the summaries read (export/summary.py), once
-    console.print(_overview(folder, record, view, config))
+    console.print(_overview(folder, record, config))
     if not config:
         console.print(f"[yellow]warning: {config_path} is missing: PEFT cannot load this folder")
     console.print(_skills(record))
-    console.print(_coefficients(record, view))
-    console.print(_layers(view))
+    console.print(_coefficients(record))
+    console.print(_layers(record))
 
 
-def _overview(folder: Path, record: CatRecord, view: dict, config: dict) -> Table:
+def _overview(folder: Path, record: CatRecord, config: dict) -> Table:
     rank = config.get("r", record.exported_rank)
     table = Table(title=f"CAT export {folder}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -54,18 +53,18 @@ def _overview(folder: Path, record: CatRecord, view: dict, config: dict) -> Tabl
         f"vLLM --max-lora-rank {vllm_max_lora_rank(int(rank or 1)) or 'too large'})",
     )
     if record.saved_modules:
-        table.add_row("modules_to_save", saved_modules_note(view))
+        table.add_row("modules_to_save", saved_modules_note(record))
     table.add_row("granularity", str(record.granularity))
     table.add_row("parametrization", str(record.parametrization))
     if record.prune_threshold is not None:
         table.add_row(
             "pruned",
-            f"{pruned(view)} with |coefficient| < {record.prune_threshold}",
+            f"{pruned(record)} with |coefficient| < {record.prune_threshold}",
         )
-    error = max_svd_error(view)
+    error = max_svd_error(record)
     if error is not None:
         table.add_row("SVD", f"rank {record.export_rank}, largest relative error {error:.2e}")
-    residuals = core_residuals(view)
+    residuals = core_residuals(record)
     if residuals is not None:
         stats, largest = residuals
         table.add_row(
@@ -73,7 +72,7 @@ def _overview(folder: Path, record: CatRecord, view: dict, config: dict) -> Tabl
             f"mean {stats.mean:.3g}, largest {stats.max:.3g} ({largest}): the share of the "
             "learned core no per-skill weighting explains",
         )
-    training = record.extra.get("training") or {}
+    training = record.training or {}
     if training:
         table.add_row(
             "fitted", f"{training.get('steps')} steps, lr {training.get('learning_rate')}"
@@ -107,22 +106,22 @@ def _skills(record: CatRecord) -> Table:
     return table
 
 
-def _coefficients(record: CatRecord, view: dict) -> Table:
+def _coefficients(record: CatRecord) -> Table:
     over = granularity_labels(record.granularity).over
     table = Table(title=f"Coefficients (over {over})", title_justify="left")
     table.add_column("skill")
     for column in ("mean", "min", "max", over):
         table.add_column(column, justify="right")
-    for name, stats in skill_stats(view).items():
+    for name, stats in skill_stats(record).items():
         table.add_row(
             name, f"{stats.mean:.4f}", f"{stats.min:.4f}", f"{stats.max:.4f}", str(stats.count)
         )
     return table
 
 
-def _layers(view: dict) -> Table:
-    rows, means = layer_table(view)
-    names = skill_names(view)
+def _layers(record: CatRecord) -> Table:
+    rows, means = layer_table(record)
+    names = skill_names(record)
     table = Table(title="Mean coefficient per layer", title_justify="left")
     table.add_column("layer", justify="right")
     for name in names:

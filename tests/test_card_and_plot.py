@@ -24,6 +24,7 @@ from axolotl_cat_plugin import CatConfig, attach_cat, export_cat
 from axolotl_cat_plugin.core.export.card import TAGS, model_card
 from axolotl_cat_plugin.core.export.plot import coefficient_heatmap
 from axolotl_cat_plugin.core.export.serving import VLLM_MAX_LORA_RANKS, vllm_max_lora_rank
+from axolotl_cat_plugin.core.format import CatRecord
 from axolotl_cat_plugin.core.state import is_coefficient
 from axolotl_cat_plugin.integration.trainer import CatModelCardMixin
 
@@ -32,7 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 TOKENS = torch.tensor([[1, 10, 20, 30, 40, 50, 60, 70]])
 
 
-def record(**overrides) -> dict:
+def record(**overrides) -> CatRecord:
     """Two skills on two layers: math on q/v of both, code on q of layer 1 only."""
     base = {
         "format_version": 2,
@@ -74,7 +75,7 @@ def record(**overrides) -> dict:
             "model.layers.1.self_attn.v_proj": {"coefficients": {"math": 2.0}, "rank": 8},
         },
     }
-    return {**base, **overrides}
+    return CatRecord.from_dict({**base, **overrides}, "a hand-written record")
 
 
 def front_matter(card: str) -> dict:

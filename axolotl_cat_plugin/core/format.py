@@ -170,6 +170,20 @@ class CatRecord:
             return bool(self.extra["fit_finished"])
         return True if "training" in self.extra else None
 
+    @property
+    def training(self) -> dict | None:
+        """The Axolotl run's `training` entry (datasets, steps, learning_rate, ...), or None
+        (an export_cat call, or not a dict)."""
+        training = self.extra.get("training")
+        return training if isinstance(training, dict) else None
+
+    @property
+    def baselines(self) -> dict | None:
+        """The plugin's comparison with static mixes (`baselines`: methods, metric, ...), or
+        None when the run measured none."""
+        baselines = self.extra.get("baselines")
+        return baselines if isinstance(baselines, dict) else None
+
     def to_dict(self) -> dict:
         """The record as its JSON object (the order in the class docstring)."""
         record = {"format_version": self.format_version, "skills": self.skills}

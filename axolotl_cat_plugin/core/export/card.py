@@ -11,6 +11,7 @@ import re
 
 import yaml
 
+from ..format import CatRecord
 from ..granularity.base import granularity_labels
 from .serving import VLLM_MAX_LORA_RANKS, saved_modules_note, vllm_max_lora_rank
 from .summary import layer_table, max_svd_error, pruned, skill_names, skill_stats
@@ -28,13 +29,14 @@ def looks_like_hub_id(value) -> bool:
 
 
 def model_card(
-    record: dict,
+    record: CatRecord,
     *,
     config: dict,
     hub_model_id: str | None = None,
     plot_file: str | None = None,
 ) -> str:
-    """README.md for an export: `record` is cat_coefficients.json, `config` adapter_config.json.
+    """README.md for an export: `record` is cat_coefficients.json (format.CatRecord), `config`
+    adapter_config.json.
 
     plot_file: the heatmap's file name beside the card, embedded when given.
     """
@@ -51,10 +53,10 @@ def model_card(
     return "\n\n".join(sections) + "\n"
 
 
-def _front_matter(record: dict) -> str:
+def _front_matter(record: CatRecord) -> str:
     metadata: dict = {}
-    if looks_like_hub_id(record.get("base_model")):
-        metadata["base_model"] = record["base_model"]
+    if looks_like_hub_id(record.base_model):
+        metadata["base_model"] = record.base_model
     metadata["library_name"] = "peft"
     metadata["tags"] = list(TAGS)
     datasets = [path for path in _dataset_paths(record) if looks_like_hub_id(path)]
@@ -63,13 +65,13 @@ def _front_matter(record: dict) -> str:
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False).rstrip("\n") + "\n---"
 
 
-def _introduction(record: dict, config: dict, hub_model_id: str | None) -> str:
+def _introduction(record: CatRecord, config: dict, hub_model_id: str | None) -> str:
     title = hub_model_id.rsplit("/", 1)[-1] if hub_model_id else "CAT adapter"
     names = skill_names(record)
-    learned = granularity_labels(record.get("granularity")).description or "coefficients"
+    learned = granularity_labels(record.granularity).description or "coefficients"
     return (
         f"# {title}\n\n"
-        f"A LoRA adapter for `{record.get('base_model') or 'an unrecorded base model'}` made "
+        f"A LoRA adapter for `{record.base_model or 'an unrecorded base model'}` made "
         f'with CAT ("LoRA Soups", Prabhakar et al., COLING 2025) from {len(names)} frozen '
         f"skill LoRAs ({', '.join(f'`{n}`' for n in names)}): {learned} were learned and "
         "folded into the skills' factors. The result is one standard PEFT LoRA adapter of rank "
@@ -77,7 +79,7 @@ def _introduction(record: dict, config: dict, hub_model_id: str | None) -> str:
     )
 
 
-def _skills(record: dict) -> str:
+def _skills(record: CatRecord) -> str:
     rows = [
         [
             skill.get("name"),
@@ -87,14 +89,14 @@ def _skills(record: dict) -> str:
             _with_pattern(skill.get("lora_alpha"), skill.get("alpha_pattern")),
             "yes" if skill.get("use_rslora") else "no",
         ]
-        for skill in record.get("skills", [])
+        for skill in record.skills
     ]
     header = ["skill", "source", "revision", "r", "lora_alpha", "rsLoRA"]
     return "## Skills\n\n" + _table(header, rows)
 
 
-def _coefficients(record: dict, plot_file: str | None) -> str:
-    labels = granularity_labels(record.get("granularity"))
+def _coefficients(record: CatRecord, plot_file: str | None) -> str:
+    labels = granularity_labels(record.granularity)
     over = labels.over
     rows = [
         [name, f"{s.mean:.4f}", f"{s.min:.4f}", f"{s.max:.4f}", str(s.count)]
@@ -103,8 +105,8 @@ def _coefficients(record: dict, plot_file: str | None) -> str:
     lines = [
         "## Coefficients",
         "",
-        f"Granularity `{record.get('granularity')}`, parametrization "
-        f"`{record.get('parametrization')}`. Effective coefficient of each skill, over the "
+        f"Granularity `{record.granularity}`, parametrization "
+        f"`{record.parametrization}`. Effective coefficient of each skill, over the "
         f"{over} it touches (1.0 everywhere would be the plain sum of the skills).",
         "",
         _table(["skill", "mean", "min", "max", over], rows),
@@ -112,18 +114,15 @@ def _coefficients(record: dict, plot_file: str | None) -> str:
     note = labels.card_note(record)
     if note:
         lines += ["", note]
-    notes = [
-        f"Concatenated rank {record.get('concatenated_rank')}, exported rank "
-        f"{record.get('exported_rank')}."
-    ]
-    if record.get("prune_threshold") is not None:
+    notes = [f"Concatenated rank {record.concatenated_rank}, exported rank {record.exported_rank}."]
+    if record.prune_threshold is not None:
         notes.append(
-            f"Pruned at |coefficient| < {record['prune_threshold']}: {pruned(record)} removed."
+            f"Pruned at |coefficient| < {record.prune_threshold}: {pruned(record)} removed."
         )
     error = max_svd_error(record)
     if error is not None:
         notes.append(
-            f"Compressed to rank {record.get('export_rank')} with a truncated SVD; largest "
+            f"Compressed to rank {record.export_rank} with a truncated SVD; largest "
             f"relative Frobenius error over modules {error:.2e}."
         )
     lines += ["", " ".join(notes)]
@@ -132,7 +131,7 @@ def _coefficients(record: dict, plot_file: str | None) -> str:
     return "\n".join(lines)
 
 
-def _layers(record: dict) -> str:
+def _layers(record: CatRecord) -> str:
     rows, means = layer_table(record)
     names = skill_names(record)
     body = [
@@ -145,13 +144,13 @@ def _layers(record: dict) -> str:
     )
 
 
-def _training(record: dict) -> str:
-    training = record.get("training")
+def _training(record: CatRecord) -> str:
+    training = record.training
     lines = ["## How it was fitted", ""]
-    if not isinstance(training, dict):
+    if training is None:
         lines.append(
-            f"Granularity `{record.get('granularity')}`, parametrization "
-            f"`{record.get('parametrization')}`; no training record was saved with this export."
+            f"Granularity `{record.granularity}`, parametrization "
+            f"`{record.parametrization}`; no training record was saved with this export."
         )
         return "\n".join(lines)
     datasets = _dataset_paths(record)
@@ -159,8 +158,8 @@ def _training(record: dict) -> str:
         f"- datasets: {', '.join(f'`{d}`' for d in datasets) if datasets else 'not recorded'}",
         f"- steps: {training.get('steps', 'not recorded')}",
         f"- learning rate (coefficients): {training.get('learning_rate', 'not recorded')}",
-        f"- granularity: `{record.get('granularity')}`",
-        f"- parametrization: `{record.get('parametrization')}`",
+        f"- granularity: `{record.granularity}`",
+        f"- parametrization: `{record.parametrization}`",
     ]
     for key, value in training.items():
         if key not in ("datasets", "steps", "learning_rate") and _is_scalar(value):
@@ -183,9 +182,9 @@ OWN = (
 )
 
 
-def _baselines(record: dict) -> str:
-    baselines = record.get("baselines")
-    if not isinstance(baselines, dict) or not baselines.get("methods"):
+def _baselines(record: CatRecord) -> str:
+    baselines = record.baselines
+    if baselines is None or not baselines.get("methods"):
         return (
             "## Against static merges\n\nNot measured: the run had no eval split "
             "(`val_set_size` or `test_datasets`) and no `grader`."
@@ -210,10 +209,10 @@ def _baselines(record: dict) -> str:
     )
 
 
-def _usage(record: dict, config: dict, hub_model_id: str | None) -> str:
-    base = record.get("base_model") or "BASE_MODEL"
+def _usage(record: CatRecord, config: dict, hub_model_id: str | None) -> str:
+    base = record.base_model or "BASE_MODEL"
     adapter = hub_model_id or _PLACEHOLDER_ADAPTER
-    rank = int(config.get("r") or record.get("exported_rank") or 1)
+    rank = int(config.get("r") or record.exported_rank or 1)
     max_rank = vllm_max_lora_rank(rank)
     if max_rank is None:
         vllm_note = (
@@ -227,7 +226,7 @@ def _usage(record: dict, config: dict, hub_model_id: str | None) -> str:
             f"--max-lora-rank must be at least the adapter's rank ({rank}); {max_rank} is the "
             "smallest size vLLM accepts that fits."
         )
-    if record.get("saved_modules"):
+    if record.saved_modules:
         vllm_note += " " + saved_modules_note(record)
     return "\n".join(
         [
@@ -262,9 +261,9 @@ def _usage(record: dict, config: dict, hub_model_id: str | None) -> str:
     )
 
 
-def _dataset_paths(record: dict) -> list[str]:
-    training = record.get("training")
-    datasets = training.get("datasets") if isinstance(training, dict) else None
+def _dataset_paths(record: CatRecord) -> list[str]:
+    training = record.training
+    datasets = training.get("datasets") if training is not None else None
     paths = []
     for dataset in datasets or []:
         path = dataset.get("path") if isinstance(dataset, dict) else dataset

@@ -10,13 +10,14 @@ import io
 import logging
 import math
 
+from ..format import CatRecord
 from ..granularity.base import granularity_labels
 from .summary import module_type_grids, skill_names
 
 LOG = logging.getLogger(__name__)
 
 
-def coefficient_heatmap(record: dict) -> bytes | None:
+def coefficient_heatmap(record: CatRecord) -> bytes | None:
     """PNG bytes: one panel per module type, skills x decoder layers, coloured around 0.
 
     None when matplotlib is missing or the record holds no coefficient.
@@ -52,10 +53,10 @@ def coefficient_heatmap(record: dict) -> bytes | None:
         ax.set_xticks(range(len(columns)), [str(c) for c in columns], fontsize=7)
     axes[-1].set_xlabel("decoder layer")
     figure.colorbar(image, ax=list(axes), label="coefficient", shrink=0.9)
-    averaged = granularity_labels(record.get("granularity")).plot_note
+    averaged = granularity_labels(record.granularity).plot_note
     figure.suptitle(
-        f"CAT coefficients (granularity {record.get('granularity')}, "
-        f"parametrization {record.get('parametrization')}{averaged})",
+        f"CAT coefficients (granularity {record.granularity}, "
+        f"parametrization {record.parametrization}{averaged})",
         fontsize=10,
     )
     buffer = io.BytesIO()

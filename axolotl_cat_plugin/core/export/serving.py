@@ -7,6 +7,8 @@ Axolotl load both.
 
 from __future__ import annotations
 
+from ..format import CatRecord
+
 # vLLM's --max-lora-rank accepts only these sizes (vllm/config/lora.py)
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -16,13 +18,13 @@ def vllm_max_lora_rank(rank: int) -> int | None:
     return next((size for size in VLLM_MAX_LORA_RANKS if size >= rank), None)
 
 
-def saved_modules_note(record: dict) -> str:
+def saved_modules_note(record: CatRecord) -> str:
     """What a server needs to know about an export that carries modules_to_save."""
     names = ", ".join(
         f"`{name}` ("
         + ", ".join(f"{skill} {c:.3g}" for skill, c in entry.get("coefficients", {}).items())
         + ")"
-        for name, entry in (record.get("saved_modules") or {}).items()
+        for name, entry in record.saved_modules.items()
     )
     return (
         f"This adapter also carries full modules ({names}) in `modules_to_save`, composed from "

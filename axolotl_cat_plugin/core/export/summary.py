@@ -1,8 +1,8 @@
 """Read a cat_coefficients.json record into the tables people look at.
 
 One place for the summaries the model card, the heatmap and `axolotl-cat inspect` show, so
-the three always agree. Pure functions of the record's JSON object (format.CatRecord's
-to_dict(), as the file holds it): no torch, no I/O.
+the three always agree. Pure functions of the typed record (format.CatRecord, as `read_record`
+returns it and the fold builds it): no torch, no I/O.
 
 A module's coefficient of a skill is a number (granularity module, layer, model) or a list
 with one number per rank-1 component (granularity rank). Statistics over skills use every
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..format import CatRecord
 from ..granularity.base import granularity_labels, layer_index
 
 OTHER = "other"  # column for modules outside the numbered decoder layers (lm_head, ...)
@@ -34,9 +35,9 @@ class Stats:
         return cls(sum(values) / len(values), min(values), max(values), len(values))
 
 
-def skill_names(record: dict) -> list[str]:
+def skill_names(record: CatRecord) -> list[str]:
     """The skills' names in a cat_coefficients.json record, in the config's order."""
-    return [skill["name"] for skill in record.get("skills", [])]
+    return [skill["name"] for skill in record.skills]
 
 
 def module_values(entry: dict) -> dict[str, list[float]]:
@@ -52,20 +53,20 @@ def module_type(module_name: str) -> str:
     return module_name.rsplit(".", 1)[-1]
 
 
-def skill_stats(record: dict) -> dict[str, Stats]:
+def skill_stats(record: CatRecord) -> dict[str, Stats]:
     """Per skill, mean/min/max over the modules it touches (over components for `rank`)."""
     values: dict[str, list[float]] = {}
-    for entry in record.get("modules", {}).values():
+    for entry in record.modules.values():
         for skill, numbers in module_values(entry).items():
             values.setdefault(skill, []).extend(numbers)
     return {skill: Stats.of(values[skill]) for skill in skill_names(record) if skill in values}
 
 
-def layer_table(record: dict) -> tuple[list[int | str], dict[int | str, dict[str, float]]]:
+def layer_table(record: CatRecord) -> tuple[list[int | str], dict[int | str, dict[str, float]]]:
     """Rows (decoder layers in order, then OTHER if any) and, per row, each skill's mean
     coefficient over that layer's modules."""
     per_row: dict[int | str, dict[str, list[float]]] = {}
-    for name, entry in record.get("modules", {}).items():
+    for name, entry in record.modules.items():
         index = layer_index(name)
         row = per_row.setdefault(OTHER if index is None else index, {})
         for skill, numbers in module_values(entry).items():
@@ -76,13 +77,13 @@ def layer_table(record: dict) -> tuple[list[int | str], dict[int | str, dict[str
 
 
 def module_type_grids(
-    record: dict,
+    record: CatRecord,
 ) -> tuple[list[int | str], dict[str, dict[tuple[str, int | str], float]]]:
     """Columns (layers as in layer_table) and, per module type (q_proj, ...), the coefficient
     of (skill, layer), averaged over components and over modules sharing that cell."""
     cells: dict[str, dict[tuple[str, int | str], list[float]]] = {}
     columns: set[int | str] = set()
-    for name, entry in record.get("modules", {}).items():
+    for name, entry in record.modules.items():
         index = layer_index(name)
         column = OTHER if index is None else index
         grid = cells.setdefault(module_type(name), {})
@@ -98,33 +99,33 @@ def module_type_grids(
     return ordered, grids
 
 
-def pruned(record: dict) -> str:
+def pruned(record: CatRecord) -> str:
     """What the export's prune_threshold removed: skill blocks (components for `rank`)."""
-    entries = [e.get("pruned", {}) for e in record.get("modules", {}).values()]
-    if granularity_labels(record.get("granularity")).over == "components":
+    entries = [e.get("pruned", {}) for e in record.modules.values()]
+    if granularity_labels(record.granularity).over == "components":
         count = sum(len(components) for entry in entries for components in entry.values())
         return f"{count} components"
     return f"{sum(len(entry) for entry in entries)} skill blocks"
 
 
-def max_svd_error(record: dict) -> float | None:
+def max_svd_error(record: CatRecord) -> float | None:
     """The largest relative Frobenius error of an SVD export (export_rank) over the modules;
     None when the export was not compressed."""
     errors = [
         entry["svd_relative_error"]
-        for entry in record.get("modules", {}).values()
+        for entry in record.modules.values()
         if "svd_relative_error" in entry
     ]
     return max(errors) if errors else None
 
 
-def core_residuals(record: dict) -> tuple[Stats, str] | None:
+def core_residuals(record: CatRecord) -> tuple[Stats, str] | None:
     """Granularity core: the stats of the modules' core_residual (the share of a learned core
     no per-skill weighting explains, core_space.skill_weights) and the module where it is
     largest; None for a record without residuals."""
     residuals = {
         name: float(entry["core_residual"])
-        for name, entry in record.get("modules", {}).items()
+        for name, entry in record.modules.items()
         if entry.get("core_residual") is not None and entry.get("coefficients")
     }
     if not residuals:

@@ -77,10 +77,9 @@ def compose(
     folded.record.extra.update(extra or {})
     if not card:
         return Export(folded)
-    record = folded.record.to_dict()  # the JSON object the card and the plot read
-    plot = coefficient_heatmap(record)
+    plot = coefficient_heatmap(folded.record)
     text = model_card(
-        record,
+        folded.record,
         config=folded.config.to_dict(),
         hub_model_id=hub_model_id,
         plot_file=PLOT_FILE if plot is not None else None,

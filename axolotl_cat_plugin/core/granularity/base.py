@@ -78,8 +78,9 @@ class GranularityStrategy:
                 f"not '{parametrization}'"
             )
 
-    def card_note(self, record: dict) -> str | None:
-        """A paragraph the model card adds under the coefficients table (None: nothing)."""
+    def card_note(self, record) -> str | None:
+        """A paragraph the model card adds under the coefficients table (None: nothing);
+        record: the export's format.CatRecord."""
         return None
 
     def refuse(self, plans, parameters) -> None:

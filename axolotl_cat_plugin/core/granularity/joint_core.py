@@ -30,11 +30,9 @@ class CoreGranularity(GranularityStrategy):
         "mixes every skill's directions in one core, so no skill can be dropped from a module"
     )
 
-    def card_note(self, record: dict) -> str | None:
+    def card_note(self, record) -> str | None:
         """How the per-skill weights of a core are read, and the largest residual."""
-        residuals = [
-            e["core_residual"] for e in record.get("modules", {}).values() if "core_residual" in e
-        ]
+        residuals = [e["core_residual"] for e in record.modules.values() if "core_residual" in e]
         return (
             f"With granularity `{self.name}` a module's coefficients are the per-skill weights c "
             "that make Σ c_i s_i B_i A_i closest to the learned update (least squares); what no "

@@ -57,8 +57,7 @@ class CatState(nn.Module):
     skill_cores: fp32 (K, R, R), granularity `core` only: each skill's plain sum in the
         joint basis (granularity/core_space.py), M = Σ_i c_i C_i for per-skill weights c.
     module_name: the module's name in the base model; skill_names: the K skills in order;
-    parametrization: how alpha becomes c (granularity/base.py); saved_module: True on a
-        composed modules_to_save wrapper (layers/saved_modules.py), which has no slots.
+    parametrization: how alpha becomes c (granularity/base.py).
     strategy: what shaped the coefficients: on a wrapped layer the GranularityStrategy
         (granularity/), which the forward's `mix`, the fold and the static mixes ask; on a
         composed saved module its kind (layers/saved_modules.SavedModuleKind), which the
@@ -75,14 +74,12 @@ class CatState(nn.Module):
         slot_index: torch.Tensor | None = None,
         slot_scale: torch.Tensor | None = None,
         skill_cores: torch.Tensor | None = None,
-        saved_module: bool = False,
         strategy=None,
     ):
         super().__init__()
         self.module_name = module_name
         self.skill_names = tuple(skill_names)
         self.parametrization = Parametrization.parse(parametrization)
-        self.saved_module = saved_module
         self.strategy = strategy
         self.coefficients = coefficients
         for name, value in (
@@ -92,6 +89,12 @@ class CatState(nn.Module):
             ("skill_cores", skill_cores),
         ):
             self.register_buffer(name, value, persistent=False)
+
+    @property
+    def saved_module(self) -> bool:
+        """Whether this state composes a whole saved module (modules_to_save; no slots): its
+        strategy says so (layers/saved_modules.SavedModuleKind.whole_module)."""
+        return bool(getattr(self.strategy, "whole_module", False))
 
     @property
     def weighted(self) -> bool:

@@ -62,6 +62,9 @@ class GranularityStrategy:
     prune_refusal: ClassVar[str | None] = None
     # whether one coefficient is shared by every decoder layer (FSDP cannot shard it per layer)
     shared_across_layers: ClassVar[bool] = False
+    # False: its states weight a LoRA layer's rank slots (a whole-module kind's are True,
+    # state.CatState.saved_module)
+    whole_module: ClassVar[bool] = False
 
     def group(self, module_name: str) -> str:
         """The key of the coefficients a module shares (default: its own)."""

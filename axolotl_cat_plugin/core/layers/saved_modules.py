@@ -74,6 +74,9 @@ class SavedModuleKind:
     PEFT's ModulesToSaveWrapper copy (the module docstring). A whole-module kind (variants.py
     MODULE_KINDS): its verbs take the skills, the PeftModel or the model, not one layer."""
 
+    # the states it installs compose whole modules, not rank slots (CatState.saved_module)
+    whole_module = True
+
     def modules_to_save(self, skills) -> list[str]:
         """The names get_peft_model must wrap (the LoraConfig's modules_to_save), in order."""
         return saved_module_names(skills)
@@ -147,7 +150,6 @@ class SavedModuleKind:
                 parametrization,
                 coefficients=nn.Parameter(alpha.to(device)),
                 present=present.to(device),
-                saved_module=True,
                 strategy=self,  # the static mixes ask it (set_static), as a granularity's
             )
             put_state(wrapper, state)

@@ -1,6 +1,7 @@
 """The real-model study's measuring sticks (scripts/real_model/): the graders that decide every
 accuracy in docs/real_model.md, and the report's derived figures (what a `granularity: auto`
-by held-out loss would pick, the data curve). Pure Python, no model."""
+by held-out loss would pick, the data curve), and the fitting loop both worlds share
+(scripts/demo/fit_loop.py). No model."""
 
 import sys
 from pathlib import Path
@@ -110,3 +111,59 @@ def test_the_mix_lora_rate_is_picked_among_the_main_tables_runs_only():
         "mix_lora_lr0.002_f0.2": {"0": fit(0.0, 0.31)},  # the data curve: another share
     }
     assert report.pick_by_held_out_loss(methods, "mix_lora") == "mix_lora_lr0.002"
+
+
+def _fit_loop():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "demo"))
+    from fit_loop import fit_loop
+
+    return fit_loop
+
+
+def test_the_fit_loop_draws_every_row_once_an_epoch_and_repeats_a_mix_smaller_than_a_batch():
+    import torch
+
+    fit_loop = _fit_loop()
+    weight = torch.nn.Parameter(torch.ones(3))
+    drawn = []
+
+    def batch_loss(rows):
+        drawn.append(list(rows))
+        return (weight**2).sum()
+
+    fit_loop({"w": weight}, batch_loss, rows=6, steps=3, batch=4, lr=0.1, seed=0)
+    flat = [row for batch in drawn for row in batch]
+    assert [len(batch) for batch in drawn] == [4, 4, 4]
+    assert sorted(flat[:6]) == list(range(6))  # the first epoch: every row once
+    assert len(set(flat[6:])) == 6  # the second epoch's rows, all distinct
+    drawn.clear()
+    fit_loop({"w": weight}, batch_loss, rows=3, steps=2, batch=4, lr=0.1, seed=0)
+    assert [len(batch) for batch in drawn] == [4, 4]  # 3 rows: one repeats within a batch
+    assert set(drawn[0]) == {0, 1, 2}
+
+
+def test_the_fit_loop_keeps_the_parameters_of_the_best_held_out_check():
+    import torch
+
+    fit_loop = _fit_loop()
+    weight = torch.nn.Parameter(torch.tensor([2.0]))
+    held_out = iter([5.0, 1.0, 3.0, 4.0])  # steps 0, 2, 4, 6: the best after step 2
+    seen = {}
+
+    def remember(step, loss):
+        seen[step] = float(weight)
+
+    losses, stopping = fit_loop(
+        {"w": weight},
+        lambda rows: (weight**2).sum(),
+        rows=2,
+        steps=6,
+        batch=1,
+        lr=0.1,
+        seed=0,
+        early_stop=(2, lambda: next(held_out)),
+        on_step=remember,
+    )
+    assert len(losses) == 6 and losses[0] > losses[-1]
+    assert stopping.best_step == 2 and float(weight) == pytest.approx(seen[2])
+    assert [step for step, _ in stopping.history] == [0, 2, 4, 6]

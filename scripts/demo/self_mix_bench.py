@@ -21,10 +21,11 @@ export_cat writes, loaded as the grader loads it. Variants:
 
 Every fit: `--granularity` (core by default), init 1.0 (the plain sum) for core and 0.5 (the
 average) for module, layer and rank, as the demo's YAMLs start them; AdamW without weight
-decay, cosine schedule, `--steps` x `--batch` rows, sequences as Axolotl's completion type
-tokenizes them (no BOS, EOS appended, 64 tokens). The learning rate of each variant is picked on
-seed 0 from `--grid` by the variant's own objective on 10% of its training rows held out
-(nothing reads a test), or given with `--lr VARIANT=LR`; the seeds then fit on all rows.
+decay, cosine schedule (scripts/demo/fit_loop.py, the real model's loop too), `--steps` x
+`--batch` rows, sequences as Axolotl's completion type tokenizes them (no BOS, EOS appended,
+64 tokens). The learning rate of each variant is picked on seed 0 from `--grid` by the
+variant's own objective on 10% of its training rows held out (nothing reads a test), or given
+with `--lr VARIANT=LR`; the seeds then fit on all rows.
 Results are written after every fit, keyed "GRANULARITY/VARIANT" (the uniform start too: for
 module, layer and rank it is the average). The self-written mix depends on the skills, the
 options and the seed only, never the granularity: build_self_mix caches it by hash under
@@ -55,12 +56,12 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import eval_composition as grader  # noqa: E402
-from regularize import EarlyStopping, StartPenalty  # noqa: E402
+from fit_loop import fit_loop  # noqa: E402
 
 from axolotl_cat_plugin import CatConfig, attach_cat, export_cat  # noqa: E402
 from axolotl_cat_plugin.core.fit.distill import distill_loss, skill_names  # noqa: E402
@@ -160,11 +161,12 @@ def fit(
         for name, param in parameters(model).items():
             param.copy_(initial[name])
     named = parameters(model)
-    params = list(named.values())
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, warmup, args.steps)
-    pull = StartPenalty(named, penalty) if penalty else None
-    stopping = None
+
+    def batch_loss(chosen):
+        loss, count = objective_sum(model, collate([items[i] for i in chosen], pad), objective)
+        return loss / count
+
+    early_stop = None
     if stop:
         every, val = stop
 
@@ -173,29 +175,15 @@ def fit(
             model.train()
             return value
 
-        stopping = EarlyStopping(named, evaluate, every)
-    rng = random.Random(seed)
-    order: list[int] = []
+        early_stop = (every, evaluate)
     model.train()
-    losses = []
-    for step in range(1, args.steps + 1):
-        if len(order) < args.batch:
-            fresh = list(range(len(items)))
-            rng.shuffle(fresh)
-            order += fresh
-        chosen, order = order[: args.batch], order[args.batch :]
-        loss, count = objective_sum(model, collate([items[i] for i in chosen], pad), objective)
-        (loss / count + pull() if pull else loss / count).backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss) / count)
-        if stopping:
-            stopping.check(step)
+    losses, stopping = fit_loop(
+        named, batch_loss, rows=len(items), steps=args.steps, batch=args.batch, lr=lr,
+        seed=seed, warmup=warmup, penalty=penalty, early_stop=early_stop,
+    )  # fmt: skip
     model.eval()
     record = None
     if stopping:
-        stopping.restore()
         record = {
             "every": stopping.every,
             "history": stopping.history,

@@ -19,11 +19,12 @@ by a JSONL mix with chat ``messages`` and a ``skill`` column, such as the one ``
 self-mix`` writes from the skills alone (no skill data); the held-out loss stays on the
 skills' own rows.
 
-Two fixes for a fit that follows its mix too far (issue 19, item 4; scripts/demo/regularize.py,
-the same in the miniature's harness): ``--penalty W`` adds W times the squared change of the
-coefficients relative to their start's squared norm to the loss (L2-SP toward the start);
-``--early-stop N`` computes the held-out loss every N steps and keeps the coefficients at its
-best. Neither is on by default; without them the fit is the one the main tables report.
+The loop is the miniature harness's (scripts/demo/fit_loop.py: AdamW, cosine schedule). Two
+fixes for a fit that follows its mix too far (issue 19, item 4; scripts/demo/regularize.py):
+``--penalty W`` adds W times the squared change of the coefficients relative to their start's
+squared norm to the loss (L2-SP toward the start); ``--early-stop N`` computes the held-out
+loss every N steps and keeps the coefficients at its best. Neither is on by default; without
+them the fit is the one the main tables report.
 
 Writes the adapter (a standard PEFT folder) and ``fit.json``: the settings, the training
 loss every 4 steps, the loss on 32 rows of the skills' data outside the mix, before and after
@@ -40,7 +41,7 @@ from pathlib import Path
 
 import torch
 from evaluate import read_jsonl
-from regularize import EarlyStopping, StartPenalty
+from fit_loop import fit_loop  # scripts/demo, on the path as in real_model.sh
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
 GRANULARITY = {"cat_module": "module", "cat_layer": "layer", "cat_rank": "rank", "cat_core": "core"}
@@ -174,51 +175,41 @@ def main() -> None:
     mix_encoded = [encode(tokenizer, row) for row in mix]
     held_encoded = [encode(tokenizer, row) for row in held_out]
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    start = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda step: 0.5 * (1 + torch.cos(torch.tensor(step / args.steps * torch.pi)).item()),
-    )
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    penalty = StartPenalty(named, args.penalty) if args.penalty else None
+    start = {n: p.detach().float().clone() for n, p in named.items()}
     held_before = mean_loss(model.eval(), held_encoded, 8, collator)
-    stopping = None
-    if args.early_stop:
-        stopping = EarlyStopping(
-            named, lambda: mean_loss(model.eval(), held_encoded, 8, collator), args.early_stop
-        )
-    model.train()
-    order, losses, rng = [], [], random.Random(args.seed)
-    for step in range(args.steps):
-        while len(order) < args.batch:
-            epoch = list(range(len(mix_encoded)))
-            rng.shuffle(epoch)
-            order += epoch
-        picked, order = order[: args.batch], order[args.batch :]
+
+    def batch_loss(picked: list[int]) -> torch.Tensor:
         inputs = next(batches([mix_encoded[i] for i in picked], args.batch, collator))
         if args.objective == "distill":
             from axolotl_cat_plugin.core.distill import distill_loss
 
-            loss = distill_loss(model, teachers=[mix[i]["skill"] for i in picked], **inputs)
-        else:
-            loss = model(**inputs).loss
-        (loss + penalty() if penalty else loss).backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-        if stopping:
-            stopping.check(step + 1)
-            model.train()
-        if step % 4 == 3 or step == args.steps - 1:
-            print(
-                f"[{args.method} seed {args.seed}] step {step + 1}/{args.steps} loss {loss:.4f}",
-                flush=True,
-            )
-    if stopping:
-        stopping.restore()
+            return distill_loss(model, teachers=[mix[i]["skill"] for i in picked], **inputs)
+        return model(**inputs).loss
+
+    def held_out_loss() -> float:
+        value = mean_loss(model.eval(), held_encoded, 8, collator)
+        model.train()
+        return value
+
+    def log(step: int, loss: float) -> None:
+        if step % 4 == 0 or step == args.steps:
+            where = f"[{args.method} seed {args.seed}] step {step}/{args.steps}"
+            print(f"{where} loss {loss:.4f}", flush=True)
+
+    model.train()
+    losses, stopping = fit_loop(
+        named,
+        batch_loss,
+        rows=len(mix_encoded),
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        penalty=args.penalty,
+        early_stop=(args.early_stop, held_out_loss) if args.early_stop else None,
+        on_step=log,
+    )
     train_seconds = time.time() - started
     held_after = mean_loss(model.eval(), held_encoded, 8, collator)
     record = {
@@ -233,7 +224,7 @@ def main() -> None:
         "objective": args.objective,
         "mix_file": str(args.mix_file) if args.mix_file else None,
         "skills": skills,
-        "trainable_parameters": sum(p.numel() for p in trainable),
+        "trainable_parameters": sum(p.numel() for p in named.values()),
         "train_loss": [
             round(sum(losses[i : i + 4]) / len(losses[i : i + 4]), 4)
             for i in range(0, len(losses), 4)

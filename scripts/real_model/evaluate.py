@@ -95,7 +95,10 @@ def main() -> None:
         scores["stage_hash"] = stamp
         results[name] = scores
         print(f"{name}: " + ", ".join(f"{t} {scores[t]}%" for t in GRADERS[args.task]), flush=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        # whole or not at all: another task chain's report may read it meanwhile
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(results, indent=1))
+        partial.replace(args.out)
 
 
 if __name__ == "__main__":

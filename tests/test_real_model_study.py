@@ -114,7 +114,10 @@ def test_the_mix_lora_rate_is_picked_among_the_main_tables_runs_only():
 
 
 def _fit_loop():
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "demo"))
+    """scripts/demo/fit_loop.fit_loop, imported on first use (it brings transformers)."""
+    demo = str(Path(__file__).resolve().parent.parent / "scripts" / "demo")
+    if demo not in sys.path:
+        sys.path.insert(0, demo)
     from fit_loop import fit_loop
 
     return fit_loop

@@ -262,10 +262,8 @@ def _usage(record: CatRecord, config: dict, hub_model_id: str | None) -> str:
 
 
 def _dataset_paths(record: CatRecord) -> list[str]:
-    training = record.training
-    datasets = training.get("datasets") if training is not None else None
     paths = []
-    for dataset in datasets or []:
+    for dataset in (record.training or {}).get("datasets") or []:
         path = dataset.get("path") if isinstance(dataset, dict) else dataset
         if isinstance(path, str) and path not in paths:
             paths.append(path)

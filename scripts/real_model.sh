@@ -146,16 +146,17 @@ fit() { # TASK METHOD SEED
   case $method in
     *_distill) kind=${method%_distill} extra=(--objective distill) ;;
     *_init1) kind=${method%_init1} ;;
-    *_l2sp) kind=${method%_l2sp} extra=(--penalty 1.0) stamps="$stamps scripts/demo/regularize.py" ;;
-    *_early)
-      kind=${method%_early} extra=(--early-stop 4) stamps="$stamps scripts/demo/regularize.py" ;;
+    *_l2sp) kind=${method%_l2sp} extra=(--penalty 1.0) ;;
+    *_early) kind=${method%_early} extra=(--early-stop 4) ;;
     *_f0.*) kind=${method%_f0.*} kind=${kind%_lr*} extra=(--fraction "0.${method##*_f0.}") ;;
     *_selfmix)
       kind=${method%_selfmix} stamps="$stamps $OUT/$task/self-mix/.stage-hash"
       extra=(--objective distill --mix-file "$(ls "$OUT/$task"/self-mix/self_mix-*.jsonl)") ;;
   esac
+  # the fit's code: fit.py and the loop it shares with the miniature (fit_loop.py, regularize.py)
   # shellcheck disable=SC2086
   stage "$task-$method-$seed" "$OUT/$task/seed-$seed/$method" scripts/real_model/fit.py \
+    scripts/demo/fit_loop.py scripts/demo/regularize.py \
     <(echo "$method ${LR[$method]} ${INIT[$method]} $seed") $stamps -- \
     python scripts/real_model/fit.py --base "$OUT/base" --task-dir "$OUT/world/$task" \
     --skill "${FIRST[$task]}=$from/$( [ "$from" = "$OUT/$task" ] && echo skill-)${FIRST[$task]}" \

@@ -170,3 +170,32 @@ def test_the_fit_loop_keeps_the_parameters_of_the_best_held_out_check():
     assert len(losses) == 6 and losses[0] > losses[-1]
     assert stopping.best_step == 2 and float(weight) == pytest.approx(seen[2])
     assert [step for step, _ in stopping.history] == [0, 2, 4, 6]
+
+
+def test_scores_added_by_two_runs_at_once_are_all_kept(tmp_path):
+    """Two runs of the study may score one task at once (two parts of its chain): each adds its
+    methods to what is on disk when it writes, never to what it read at its start."""
+    import threading
+
+    _fit_loop()  # scripts/demo on the path: evaluate.py imports eval_composition from there
+    import evaluate
+
+    out = tmp_path / "scores.json"
+    evaluate.add_scores(out, "base", {"composite": 0.0})
+    on_start = evaluate.read_scores(out)
+    evaluate.add_scores(out, "other-run", {"composite": 1.0})  # written meanwhile
+    evaluate.add_scores(out, "seed-0/cat_module", {"composite": 2.0})
+    assert set(on_start) == {"base"}
+    assert set(evaluate.read_scores(out)) == {"base", "other-run", "seed-0/cat_module"}
+
+    def run(part):
+        for i in range(25):
+            evaluate.add_scores(out, f"{part}-{i}", {"composite": float(i)})
+
+    threads = [threading.Thread(target=run, args=(part,)) for part in ("a", "b")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(evaluate.read_scores(out)) == 3 + 50
+    assert not out.with_name("scores.json.partial").exists()

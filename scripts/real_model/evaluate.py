@@ -12,6 +12,7 @@ project) and merged into a fresh copy of the base, as a user would serve it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import time
 from pathlib import Path
@@ -58,6 +59,23 @@ def score(model, tokenizer, task_dir: Path, task: str) -> dict:
     return result
 
 
+def read_scores(path: Path) -> dict:
+    """Every method's scores in ``path`` (a scores.json), or none."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def add_scores(path: Path, name: str, scores: dict) -> None:
+    """Put one method's scores into ``path``, whole or not at all, under a lock: two runs of
+    the study (two task chains, or two parts of one task's chain) may score into it at once."""
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        results = read_scores(path)
+        results[name] = scores
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text(json.dumps(results, indent=1))
+        partial.replace(path)
+
+
 def stage_hash(folder: str) -> str | None:
     """The stage stamp of a folder built by scripts/real_model.sh, if any."""
     stamp = Path(folder) / ".stage-hash"
@@ -79,12 +97,12 @@ def main() -> None:
     )
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    results = json.loads(args.out.read_text()) if args.out.is_file() else {}
     base_state = load(args.base, None).state_dict()
     for spec in args.method:
         name, _, adapter = spec.partition("=")
         stamp = stage_hash(adapter or args.base)
-        if args.skip_scored and results.get(name, {}).get("stage_hash") == stamp:
+        # read afresh for every method: another run may have scored it meanwhile
+        if args.skip_scored and read_scores(args.out).get(name, {}).get("stage_hash") == stamp:
             continue
         started = time.time()
         model = load(args.base, adapter or None)
@@ -93,12 +111,8 @@ def main() -> None:
         scores["update_ratio"] = round(ratio, 5) if ratio is not None else None
         scores["eval_seconds"] = round(time.time() - started, 1)
         scores["stage_hash"] = stamp
-        results[name] = scores
+        add_scores(args.out, name, scores)
         print(f"{name}: " + ", ".join(f"{t} {scores[t]}%" for t in GRADERS[args.task]), flush=True)
-        # whole or not at all: another task chain's report may read it meanwhile
-        partial = args.out.with_name(args.out.name + ".partial")
-        partial.write_text(json.dumps(results, indent=1))
-        partial.replace(args.out)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ Each task has two skills whose composite needs both, and an objective grader:
   and **json** (reading-comprehension questions answered as ``{"answer": "..."}``).
   Composite: the manual's questions answered in JSON with the right fact.
 - ``math_words``: **math** (one-step word problems with small numbers, answered with the
-  number: "12") and **words** (read a number from the question, answer it in English words:
-  "fourteen"). Composite: the word problems answered in words ("twelve").
+  number: "12"; 600 rows, the other skills 240) and **words** (read a number from the
+  question, answer it in English words: "fourteen"). Composite: the word problems answered
+  in words ("twelve"). The math rows hold 59 of the 60 math tests' sums and differences
+  (under other names and objects): the skill is arithmetic it has seen, in new sentences.
 
 Writes, per task, under ``OUT_DIR/<task>/``: ``<skill>.jsonl`` (each skill's training rows,
 chat ``messages``), ``test_<skill>.jsonl`` and ``test_composite.jsonl`` (prompt, expected;
@@ -261,6 +263,10 @@ def math_words(rng: random.Random) -> dict[str, list[dict]]:
     math_test = unique(rng, word_problem, 60, seen)
     words_test = unique(rng, counting_item, 60, seen)
     composite = unique(rng, word_problem, 60, seen)
+    # 360 more math rows, drawn last so that every other file stays as it was built: on 240 rows
+    # the math skill memorised its data and stopped at 86.7% (every miss a subtraction it had
+    # not seen); 600 rows cover most of the ~190 sums and differences the problems can ask
+    math_train += unique(rng, word_problem, 360, seen)
     return {
         "math": [chat(p, f"{v}", "math") for p, v in math_train],
         "words": [chat(p, in_words(v), "words") for p, v in words_train],

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts" / "real_model"))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts" / "real_model"))
 
 import grade  # noqa: E402
 import report  # noqa: E402
@@ -199,3 +201,17 @@ def test_scores_added_by_two_runs_at_once_are_all_kept(tmp_path):
         thread.join()
     assert len(evaluate.read_scores(out)) == 3 + 50
     assert not out.with_name("scores.json.partial").exists()
+
+
+@pytest.mark.parametrize(
+    "task, skills", [("manual_json", ("manual", "json")), ("math_words", ("math", "words"))]
+)
+def test_data_mixing_trains_for_the_skills_steps_together(task, skills):
+    """Data mixing gets the skills' training budget: its max_steps is the sum of theirs (the
+    counts once stayed at the first skills' totals when the skills were trained longer)."""
+    yamls = REPO / "example_yamls" / "smollm2-cpu"
+    steps = {
+        name: yaml.safe_load((yamls / f"{name}.yml").read_text())["max_steps"]
+        for name in (f"data-mix-{task}", *(f"skill-{skill}" for skill in skills))
+    }
+    assert steps[f"data-mix-{task}"] == sum(steps[f"skill-{skill}"] for skill in skills), steps

@@ -8,8 +8,8 @@ Each task has two skills whose composite needs both, and an objective grader:
   and **json** (reading-comprehension questions answered as ``{"answer": "..."}``).
   Composite: the manual's questions answered in JSON with the right fact.
 - ``math_words``: **math** (one-step word problems with small numbers, answered with the
-  number: "12"; 600 rows, the other skills 240) and **words** (read a number from the
-  question, answer it in English words: "fourteen"). Composite: the word problems answered
+  number: "12"; 600 rows) and **words** (read a number from the question, answer it in
+  English words: "fourteen"; 240 rows). Composite: the word problems answered
   in words ("twelve"). The math rows hold 59 of the 60 math tests' sums and differences
   (under other names and objects): the skill is arithmetic it has seen, in new sentences.
 
